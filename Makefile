@@ -1,0 +1,46 @@
+# nnserve entry points. `make serve` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+MODELS ?= models
+HOST   ?= 127.0.0.1
+PORT   ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+.PHONY: venv serve test check protos zoo clean
+
+# One venv for the workspace: the three distributions (editable) and the dev tools, all pinned.
+$(STAMP): constraints.txt requirements-dev.txt clients/pyproject.toml server/pyproject.toml exporters/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt \
+		-e ./clients -e ./server -e ./exporters -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The default model repository is built once, when it is missing.
+$(MODELS): | $(STAMP)
+	$(BIN)/nnserve-export zoo --out $(MODELS)
+
+zoo: $(STAMP)
+	$(BIN)/nnserve-export zoo --out $(MODELS) --force
+
+serve: $(STAMP) | $(MODELS)
+	$(BIN)/nnserve serve --model-repository $(MODELS) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+protos: $(STAMP)
+	$(BIN)/python protos/generate.py
+
+check: $(STAMP)
+	$(BIN)/python protos/generate.py --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,211 @@
+"""`Client` (blocking) and `AsyncClient` (asyncio): the same calls, two transports.
+
+Both build their requests and parse their responses through `_calls`; only the stub invocation
+differs. Every call has a deadline (the client's default, or `timeout=` per call), and every gRPC
+error surfaces as an `nnserve_client.errors` exception carrying the server's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from . import _calls
+from ._proto import grpc_predict_v2_pb2_grpc as kserve_grpc
+from ._proto import tasks_pb2_grpc as tasks_grpc
+from .errors import from_rpc_error
+from .types import Classification, ModelInfo, ServerInfo
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def tls_credentials(
+    root_certificates: bytes | None = None,
+    private_key: bytes | None = None,
+    certificate_chain: bytes | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS credentials: the CA to trust (None: the system's), and a client key pair for mutual TLS."""
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+class _Settings:
+    def __init__(self, timeout: float, metadata: Sequence[tuple[str, str]]) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.timeout = timeout
+        self.metadata = tuple(metadata)
+
+    def deadline(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+
+class Client:
+    """A blocking client for one nnserve (or any KServe v2) endpoint.
+
+    >>> with Client("127.0.0.1:8001") as client:
+    ...     client.classify("digits-fnn", digits)[0].label
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._settings = _Settings(timeout, metadata)
+        options = _channel_options(max_message_bytes)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        self._stubs = {
+            "kserve": kserve_grpc.GRPCInferenceServiceStub(self._channel),
+            "tasks": tasks_grpc.TasksStub(self._channel),
+        }
+
+    def _invoke(self, call: _calls.Call[T], timeout: float | None) -> T:
+        method = getattr(self._stubs[call.service], call.method)
+        try:
+            response = method(call.request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return call.parse(response)
+
+    def live(self, *, timeout: float | None = None) -> bool:
+        return self._invoke(_calls.live(), timeout)
+
+    def ready(self, *, timeout: float | None = None) -> bool:
+        return self._invoke(_calls.ready(), timeout)
+
+    def model_ready(self, model: str, *, version: str = "", timeout: float | None = None) -> bool:
+        return self._invoke(_calls.model_ready(model, version), timeout)
+
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        return self._invoke(_calls.server_info(), timeout)
+
+    def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return self._invoke(_calls.models(), timeout)
+
+    def metadata(self, model: str, *, version: str = "", timeout: float | None = None) -> ModelInfo:
+        return self._invoke(_calls.metadata(model, version), timeout)
+
+    def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Iterable[str] | None = None,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run the model on named input arrays; returns the named outputs (all, or those asked for)."""
+        return self._invoke(_calls.infer(model, inputs, outputs, version), timeout)
+
+    def classify(
+        self, model: str, batch: np.ndarray, *, top_k: int = 5, version: str = "", timeout: float | None = None
+    ) -> list[Classification]:
+        """Top-k labels for each item of `batch` (in the model's natural units, e.g. digit pixels 0..16)."""
+        return self._invoke(_calls.classify(model, batch, top_k, version), timeout)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of `Client`: the same methods, awaited."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self._settings = _Settings(timeout, metadata)
+        options = _channel_options(max_message_bytes)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
+        self._stubs = {
+            "kserve": kserve_grpc.GRPCInferenceServiceStub(self._channel),
+            "tasks": tasks_grpc.TasksStub(self._channel),
+        }
+
+    async def _invoke(self, call: _calls.Call[T], timeout: float | None) -> T:
+        method = getattr(self._stubs[call.service], call.method)
+        try:
+            response = await method(
+                call.request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        return call.parse(response)
+
+    async def live(self, *, timeout: float | None = None) -> bool:
+        return await self._invoke(_calls.live(), timeout)
+
+    async def ready(self, *, timeout: float | None = None) -> bool:
+        return await self._invoke(_calls.ready(), timeout)
+
+    async def model_ready(self, model: str, *, version: str = "", timeout: float | None = None) -> bool:
+        return await self._invoke(_calls.model_ready(model, version), timeout)
+
+    async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        return await self._invoke(_calls.server_info(), timeout)
+
+    async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return await self._invoke(_calls.models(), timeout)
+
+    async def metadata(self, model: str, *, version: str = "", timeout: float | None = None) -> ModelInfo:
+        return await self._invoke(_calls.metadata(model, version), timeout)
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        outputs: Iterable[str] | None = None,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        return await self._invoke(_calls.infer(model, inputs, outputs, version), timeout)
+
+    async def classify(
+        self, model: str, batch: np.ndarray, *, top_k: int = 5, version: str = "", timeout: float | None = None
+    ) -> list[Classification]:
+        return await self._invoke(_calls.classify(model, batch, top_k, version), timeout)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

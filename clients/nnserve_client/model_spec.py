@@ -1,0 +1,103 @@
+"""What an exported model says about itself, stored in its ONNX `metadata_props`.
+
+The exporters write a `ModelSpec`; the server reads it back and needs nothing else to serve the model:
+no per-model Python code on the server. Every key is prefixed `nnserve.`; values are plain strings or
+JSON. A plain ONNX file without these keys is still served through the KServe v2 protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+PREFIX = "nnserve."
+TASKS = ("classify", "generate", "encode", "segment")
+OUTPUT_KINDS = ("logits", "probabilities", "values")
+
+
+class SpecError(ValueError):
+    """Metadata that cannot describe a servable model; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Turns an input in natural units into what the network takes: (x * scale - mean) / std.
+
+    `mean` and `std` hold one value (for every feature) or one per channel; empty means 0 and 1.
+    """
+
+    scale: float = 1.0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def to_json(self) -> str:
+        return json.dumps({"scale": self.scale, "mean": list(self.mean), "std": list(self.std)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Preprocessing:
+        raw = json.loads(text)
+        return cls(float(raw.get("scale", 1.0)), tuple(raw.get("mean", ())), tuple(raw.get("std", ())))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    task: str
+    family: str
+    labels: tuple[str, ...] = ()
+    output_kind: str = "logits"
+    input_layout: str = "features"  # features | NCHW | tokens
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    quality: Mapping[str, float] = field(default_factory=dict)
+    training_data: str = ""
+    description: str = ""
+    exporter_version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise SpecError(f"{PREFIX}task is {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.output_kind not in OUTPUT_KINDS:
+            raise SpecError(f"{PREFIX}output_kind is {self.output_kind!r}; expected one of {', '.join(OUTPUT_KINDS)}")
+        if self.task == "classify" and not self.labels:
+            raise SpecError(f"a classify model needs {PREFIX}labels")
+
+    def to_props(self) -> dict[str, str]:
+        return {
+            PREFIX + "task": self.task,
+            PREFIX + "family": self.family,
+            PREFIX + "labels": json.dumps(list(self.labels)),
+            PREFIX + "output_kind": self.output_kind,
+            PREFIX + "input_layout": self.input_layout,
+            PREFIX + "preprocessing": self.preprocessing.to_json(),
+            PREFIX + "quality": json.dumps(dict(self.quality)),
+            PREFIX + "training_data": self.training_data,
+            PREFIX + "description": self.description,
+            PREFIX + "exporter_version": self.exporter_version,
+        }
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str]) -> ModelSpec | None:
+        """The spec in `props`, None when the model carries none; SpecError when it is broken."""
+        if PREFIX + "task" not in props:
+            return None
+
+        def get(key: str, default: str = "") -> str:
+            return props.get(PREFIX + key, default)
+
+        try:
+            return cls(
+                task=get("task"),
+                family=get("family"),
+                labels=tuple(str(label) for label in json.loads(get("labels", "[]"))),
+                output_kind=get("output_kind", "logits"),
+                input_layout=get("input_layout", "features"),
+                preprocessing=Preprocessing.from_json(get("preprocessing", "{}")),
+                quality={k: float(v) for k, v in json.loads(get("quality", "{}")).items()},
+                training_data=get("training_data"),
+                description=get("description"),
+                exporter_version=get("exporter_version"),
+            )
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as error:
+            if isinstance(error, SpecError):
+                raise
+            raise SpecError(f"unreadable {PREFIX}* metadata: {error}") from None

@@ -1,0 +1,7 @@
+"""Train PyTorch models and export them as self-describing, verified ONNX files for nnserve."""
+
+__version__ = "0.1.0"
+
+from .api import ParityError, export, verify  # noqa: E402
+
+__all__ = ["ParityError", "export", "verify"]

@@ -1,0 +1,58 @@
+"""FNN: a feed-forward digits classifier on scikit-learn's digits (8x8 images as 64 features)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnserve_client.model_spec import Preprocessing
+from torch import nn
+
+from .. import api, datasets
+from ..training import Trained, fit_classifier
+
+NAME = "digits-fnn"
+FAMILY = "fnn"
+TASK = "classify"
+LABELS = tuple(str(d) for d in range(10))
+PREPROCESSING = Preprocessing(scale=1 / 16)  # pixel intensities 0..16 -> 0..1
+QUALITY_BAR = {"accuracy": 0.96}
+
+
+def build(fast: bool = False) -> nn.Module:
+    hidden = 32 if fast else 128
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def train(model: nn.Module, fast: bool = False) -> Trained:
+    data = datasets.digits()
+    scale = PREPROCESSING.scale
+    return fit_classifier(
+        model,
+        torch.from_numpy(data.x_train * scale),
+        torch.from_numpy(data.y_train),
+        torch.from_numpy(data.x_test * scale),
+        torch.from_numpy(data.y_test),
+        epochs=3 if fast else 60,
+        seed=0,
+    )
+
+
+def export(model: nn.Module, out: Path, quality: dict[str, float]) -> float:
+    example = torch.from_numpy(np.full((2, 64), 0.5, dtype=np.float32))
+    return api.export(
+        model,
+        example,
+        task=TASK,
+        out=out,
+        family=FAMILY,
+        labels=LABELS,
+        output_kind="logits",
+        input_layout="features",
+        preprocessing=PREPROCESSING,
+        quality=quality,
+        training_data=datasets.DIGITS_SOURCE,
+        description="Feed-forward network (64-128-128-10, ReLU) classifying 8x8 handwritten digits",
+        output_names=("logits",),
+    )

@@ -1,0 +1,126 @@
+"""Assembles the server: repository, servicers, health, reflection, metrics; runs it until a signal.
+
+`create_server` builds and binds (port 0 picks a free port, which it returns) without starting, so
+tests and `serve` share it. `serve` adds the life cycle: load, start, wait for SIGTERM or SIGINT,
+go NOT_SERVING, let in-flight requests finish within the grace period, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from nnserve_client._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from .errors import StartupError
+from .interceptor import StatusInterceptor
+from .metrics import ServerMetrics, start_metrics_endpoint
+from .repository import ModelRepository
+from .runtime import Runtime
+from .servicers.kserve import KServeServicer, ServerState
+from .servicers.tasks import TasksServicer
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    tasks_pb2.DESCRIPTOR.services_by_name["Tasks"].full_name,
+)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@dataclass
+class Server:
+    grpc_server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    state: ServerState
+
+
+def create_server(settings: Settings, repository: ModelRepository, metrics: ServerMetrics) -> Server:
+    """Build the gRPC server with every service registered, bound but not started."""
+    server = grpc.aio.server(
+        interceptors=[StatusInterceptor(metrics, lambda name: name in repository.names())],
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    state = ServerState()
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(repository, state), server)
+    tasks_pb2_grpc.add_TasksServicer_to_server(TasksServicer(repository), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise StartupError(f"cannot bind {settings.host}:{settings.port}; is it in use?")
+
+    async def model_health(name: str, ready: bool) -> None:
+        await health_servicer.set(name, SERVING if ready and state.ready else NOT_SERVING)
+
+    repository.on_state_change(model_health)
+    repository.on_state_change(metrics.model_state_changed)
+    return Server(server, port, health_servicer, state)
+
+
+async def set_serving(server: Server, repository: ModelRepository, serving: bool) -> None:
+    """Flip overall, per-service and per-model health together."""
+    server.state.ready = serving
+    if not serving:
+        await server.health.enter_graceful_shutdown()  # every name NOT_SERVING, and it stays so
+        return
+    for name in ("", *SERVICE_NAMES):
+        await server.health.set(name, SERVING)
+    for name in repository.names():
+        await server.health.set(name, SERVING if repository.is_ready(name) else NOT_SERVING)
+
+
+async def serve(settings: Settings) -> None:
+    runtime = Runtime.from_settings(settings)
+    registry = CollectorRegistry()
+    metrics = ServerMetrics(registry)
+    for provider in runtime.missing_providers:
+        metrics.provider_fallbacks.labels(provider).inc()
+    repository = ModelRepository(settings.model_repository, runtime, settings.max_batch_size)
+    server = create_server(settings, repository, metrics)
+    await repository.load_all()
+    metrics_address = "off"
+    if settings.metrics_port >= 0:
+        http_server, _, metrics_port = start_metrics_endpoint(settings.metrics_host, settings.metrics_port, registry)
+        metrics_address = f"http://{settings.metrics_host}:{metrics_port}/metrics"
+    await server.grpc_server.start()
+    await set_serving(server, repository, True)
+    ready = [n for n in repository.names() if repository.is_ready(n)]
+    print(
+        f"nnserve listening on {settings.host}:{server.port} (gRPC: KServe v2 + nnserve.v1.Tasks); "
+        f"metrics at {metrics_address}; {len(ready)} models ready: {', '.join(ready) or 'none'}",
+        flush=True,
+    )
+    print(f"try: .venv/bin/python -c \"from nnserve_client import Client; print(Client('{settings.host}:{server.port}').models())\"", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.info("shutting down: NOT_SERVING, draining for up to %.1f s", settings.grace_period_s)
+    await set_serving(server, repository, False)
+    await server.grpc_server.stop(settings.grace_period_s)
+    await repository.close()
+    if settings.metrics_port >= 0:
+        http_server.shutdown()
+    log.info("stopped")

@@ -1,0 +1,41 @@
+"""`nnserve serve [flags]`: build the settings once and run the server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from .app import serve
+from .errors import StartupError
+from .settings import Settings, build_parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: nnserve serve [flags]\n")
+        build_parser().print_help()
+        return 0 if args else 2
+    if args[0] != "serve":
+        print(f"nnserve: unknown command {args[0]!r}; try: nnserve serve --help", file=sys.stderr)
+        return 2
+    try:
+        settings = Settings.load(args[1:])
+    except ValueError as error:
+        print(f"nnserve: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as error:
+        logging.getLogger("nnserve").error("cannot start: %s", error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

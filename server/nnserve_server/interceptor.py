@@ -1,0 +1,100 @@
+"""The one place where errors become gRPC status codes, and where every request is counted.
+
+Servicers raise domain errors (`errors.py`) and never touch status codes. This interceptor maps
+them, turns anything unexpected into INTERNAL with a fixed message (the traceback goes to the
+log), and records each request's status and duration in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+from nnserve_client.codec import TensorError
+
+from .errors import InvalidInput, ModelNotFound, ModelNotReady, Overloaded, ServingError, Unsupported
+from .metrics import ServerMetrics
+
+log = logging.getLogger(__name__)
+
+SERVICE_PREFIXES = ("/inference.GRPCInferenceService/", "/nnserve.v1.Tasks/")
+
+_STATUS: dict[type[Exception], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    TensorError: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unsupported: grpc.StatusCode.UNIMPLEMENTED,
+    NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def status_for(error: Exception) -> grpc.StatusCode | None:
+    for kind, code in _STATUS.items():
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.UNKNOWN if isinstance(error, ServingError) else None
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: ServerMetrics, known_model: Callable[[str], bool]) -> None:
+        self._metrics = metrics
+        self._known_model = known_model
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or not method.startswith(SERVICE_PREFIXES) or handler.unary_unary is None:
+            return handler
+        rpc = method.rsplit("/", 1)[-1]
+        behavior = self._wrap(rpc, handler.unary_unary)
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code, response = "OK", None
+            try:
+                response = await inner(request, context)
+                return response
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as error:
+                status = status_for(error)
+                if status is None:
+                    log.exception("unexpected error in %s", rpc)
+                    status, message = grpc.StatusCode.INTERNAL, "internal server error; the server log has details"
+                else:
+                    message = str(error)
+                code = status.name
+                await context.abort(status, message)
+            finally:
+                model, version = self._labels(request, response)
+                self._metrics.observe_request(model, version, rpc, code, time.perf_counter() - started)
+
+        return behavior
+
+    def _labels(self, request: Any, response: Any) -> tuple[str, str]:
+        # Only names the repository knows become label values: callers cannot grow the series.
+        name = getattr(request, "model_name", None) or getattr(request, "name", None) or ""
+        if not name:
+            return "", ""
+        if not self._known_model(name):
+            return "unknown", ""
+        version = getattr(response, "model_version", "") if response is not None else ""
+        return name, version

@@ -1,0 +1,154 @@
+"""The model repository: `<root>/<model>/<version>/model.onnx`, Triton's layout.
+
+It loads every version it finds, answers `get(name, version)` with a ready model (or ModelNotFound /
+ModelNotReady naming what exists), and loads or unloads models on request. A model that fails to
+load is kept as UNAVAILABLE with its reason while the others serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InvalidInput, ModelNotFound, ModelNotReady
+from .model import OnnxModel
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+READY, UNAVAILABLE, UNLOADED = "READY", "UNAVAILABLE", "UNLOADED"
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+StateListener = Callable[[str, bool], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    version: str
+    state: str
+    reason: str = ""
+    model: OnnxModel | None = None
+
+
+def _version_key(version: str) -> tuple[int, int | str]:
+    return (0, int(version)) if version.isdigit() else (1, version)
+
+
+def _listing(names: list[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+class ModelRepository:
+    def __init__(self, root: Path, runtime: Runtime, max_batch_size: int) -> None:
+        self.root = root
+        self._runtime = runtime
+        self._max_batch_size = max_batch_size
+        self._models: dict[str, dict[str, VersionEntry]] = {}
+        self._listeners: list[StateListener] = []
+
+    def on_state_change(self, listener: StateListener) -> None:
+        """`listener(model_name, ready)` is awaited after every load or unload."""
+        self._listeners.append(listener)
+
+    async def load_all(self) -> None:
+        if not self.root.is_dir():
+            log.warning("model repository %s does not exist; serving no models", self.root)
+            return
+        for model_dir in sorted(self.root.iterdir()):
+            if model_dir.is_dir() and _MODEL_NAME.fullmatch(model_dir.name):
+                await self.load(model_dir.name)
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) every version of `name` from disk, then swap them in at once."""
+        model_dir = self._model_dir(name)
+        if not model_dir.is_dir():
+            raise ModelNotFound(f"no model '{name}' in the repository {self.root}")
+        versions = sorted(
+            (p.name for p in model_dir.iterdir() if (p / MODEL_FILE).is_file()), key=_version_key
+        )
+        if not versions:
+            raise ModelNotFound(f"model '{name}' has no <version>/{MODEL_FILE} under {model_dir}")
+        entries = {}
+        for version in versions:
+            entries[version] = await asyncio.to_thread(self._load_version, name, version)
+        # Requests that already hold an old version finish on it; its session and threads are
+        # released when the last of them lets go (no explicit close, so none of them can fail).
+        self._models[name] = entries
+        await self._notify(name)
+
+    def _load_version(self, name: str, version: str) -> VersionEntry:
+        path = self.root / name / version / MODEL_FILE
+        try:
+            model = OnnxModel(name, version, path, self._runtime, self._max_batch_size)
+        except Exception as error:  # a corrupt file or broken metadata must not take the others down
+            log.error("model %s version %s failed to load: %s", name, version, error)
+            return VersionEntry(version, UNAVAILABLE, f"failed to load: {error}")
+        log.info("loaded model %s version %s on %s", name, version, ",".join(model.providers))
+        return VersionEntry(version, READY, "", model)
+
+    async def unload(self, name: str) -> None:
+        self._model_dir(name)  # refuse names that could reach outside the repository
+        if name not in self._models:
+            raise ModelNotFound(f"unknown model '{name}'; the server has {_listing(self.names())}")
+        self._models[name] = {v: VersionEntry(v, UNLOADED, "unloaded by request") for v in self._models[name]}
+        await self._notify(name)
+
+    def get(self, name: str, version: str = "") -> OnnxModel:
+        """The ready model for `name` at `version` (empty: the latest ready version)."""
+        entries = self._models.get(name)
+        if entries is None:
+            raise ModelNotFound(f"unknown model '{name}'; the server has {_listing(self.names())}")
+        if version:
+            entry = entries.get(version)
+            if entry is None:
+                raise ModelNotFound(f"model '{name}' has no version '{version}'; it has {_listing(list(entries))}")
+            if entry.model is None:
+                raise ModelNotReady(f"model '{name}' version {version} is {entry.state}: {entry.reason}")
+            return entry.model
+        for entry in sorted(entries.values(), key=lambda e: _version_key(e.version), reverse=True):
+            if entry.model is not None:
+                return entry.model
+        reasons = "; ".join(f"version {e.version}: {e.state} ({e.reason})" for e in entries.values())
+        raise ModelNotReady(f"model '{name}' has no ready version: {reasons}")
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def versions(self, name: str) -> list[VersionEntry]:
+        return sorted(self._models.get(name, {}).values(), key=lambda e: _version_key(e.version))
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except (ModelNotFound, ModelNotReady):
+            return False
+        return True
+
+    def _model_dir(self, name: str) -> Path:
+        if not _MODEL_NAME.fullmatch(name) or ".." in name:
+            raise InvalidInput(
+                f"model name {name!r} is not allowed: use letters, digits, '_', '.', '-' (at most 128), "
+                "starting with a letter or digit"
+            )
+        model_dir = self.root / name
+        if model_dir.exists() and not model_dir.resolve().is_relative_to(self.root.resolve()):
+            raise InvalidInput(f"model '{name}' resolves outside the model repository")
+        return model_dir
+
+    async def _notify(self, name: str) -> None:
+        ready = self.is_ready(name)
+        for listener in self._listeners:
+            await listener(name, ready)
+
+    async def close(self) -> None:
+        """At shutdown: wait for every model's in-flight runs, then release the sessions."""
+        for entries in self._models.values():
+            for entry in entries.values():
+                if entry.model is not None:
+                    await asyncio.to_thread(entry.model.close)

@@ -1,0 +1,178 @@
+"""`inference.GRPCInferenceService`: KServe v2 / Open Inference Protocol, as Triton's clients speak it.
+
+Each method decodes with the codec, makes one call into the repository or model, and encodes.
+RPCs not overridden here (shared memory, trace, log settings, streaming) answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc.aio
+import numpy as np
+from nnserve_client import codec
+from nnserve_client._proto import grpc_predict_v2_pb2 as pb
+from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_client._proto import model_config_pb2 as config_pb
+
+from .. import __version__
+from ..errors import InvalidInput
+from ..model import Duration, OnnxModel
+from ..repository import ModelRepository
+
+EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+PLATFORM = "onnxruntime_onnx"
+Context = grpc.aio.ServicerContext
+
+
+class ServerState:
+    """Whether the server takes traffic: ready after start-up, not ready once draining."""
+
+    def __init__(self) -> None:
+        self.ready = False
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input"
+        )
+    arrays = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name in arrays:
+            raise InvalidInput(f"input '{tensor.name}' is given twice")
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"input '{tensor.name}' has typed contents as well as raw_input_contents; use one")
+            arrays[tensor.name] = codec.from_raw(raw[index], tensor.datatype, tensor.shape)
+        else:
+            arrays[tensor.name] = codec.from_contents(tensor.contents, tensor.datatype, tensor.shape)
+    return arrays
+
+
+def _duration(d: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def model_statistics(model: OnnxModel) -> pb.ModelStatistics:
+    s = model.stats
+    return pb.ModelStatistics(
+        name=model.name,
+        version=model.version,
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_infer=_duration(s.compute_infer),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
+            for size, d in sorted(s.by_batch_size.items())
+        ],
+    )
+
+
+def model_config(model: OnnxModel) -> config_pb.ModelConfig:
+    skip = 1 if model.max_batch_size else 0  # Triton states dims without the batch dimension
+    return config_pb.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=model.max_batch_size,
+        input=[
+            config_pb.ModelInput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape[skip:])
+            for s in model.inputs.values()
+        ],
+        output=[
+            config_pb.ModelOutput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape[skip:])
+            for s in model.outputs.values()
+        ],
+        instance_group=[config_pb.ModelInstanceGroup(count=model.instances, kind=config_pb.ModelInstanceGroup.KIND_CPU)],
+    )
+
+
+def _config_type(datatype: str) -> Any:
+    return config_pb.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+
+
+class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository, state: ServerState) -> None:
+        self._repository = repository
+        self._state = state
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._state.ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._state.ready and self._repository.is_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="nnserve", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        model = self._repository.get(request.name, request.version)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[e.version for e in self._repository.versions(model.name) if e.model is not None],
+            platform=PLATFORM,
+            inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs.values()],
+            outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs.values()],
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        model = self._repository.get(request.model_name, request.model_version)
+        inputs = decode_inputs(request)
+        results = await model.infer(inputs, [o.name for o in request.outputs])
+        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        for name, array in results.items():
+            response.outputs.add(name=name, datatype=codec.datatype_of(array.dtype), shape=array.shape)
+            response.raw_output_contents.append(codec.to_raw(array))
+        return response
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=model_config(self._repository.get(request.name, request.version)))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            if request.version:
+                models = [self._repository.get(request.name, request.version)]
+            else:
+                self._repository.get(request.name)  # NOT_FOUND / UNAVAILABLE with the reason
+                models = [e.model for e in self._repository.versions(request.name) if e.model is not None]
+        else:
+            models = [
+                e.model for name in self._repository.names() for e in self._repository.versions(name) if e.model
+            ]
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        index = pb.RepositoryIndexResponse()
+        for name in self._repository.names():
+            for entry in self._repository.versions(name):
+                if not request.ready or entry.model is not None:
+                    index.models.add(name=name, version=entry.version, state=entry.state, reason=entry.reason)
+        return index
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        await self._repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()

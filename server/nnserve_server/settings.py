@@ -1,0 +1,119 @@
+"""The server's one settings object: defaults, then `NNSERVE_*` environment variables, then flags.
+
+Each field declares its help text once; the command line flags (`--model-repository`) and the
+environment variables (`NNSERVE_MODEL_REPOSITORY`) are derived from the field names, so they cannot
+drift apart. Built once in `main()` and passed down; nothing reads the environment elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "NNSERVE_"
+
+
+def _setting(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_repository: Path = _setting(Path("models"), "model repository: <dir>/<model>/<version>/model.onnx")
+    host: str = _setting("127.0.0.1", "address the gRPC server binds")
+    port: int = _setting(8001, "gRPC port; 0 picks a free one (printed at start)")
+    metrics_host: str = _setting("127.0.0.1", "address of the Prometheus metrics endpoint")
+    metrics_port: int = _setting(8002, "metrics port; 0 picks a free one, -1 turns the endpoint off")
+    providers: tuple[str, ...] = _setting(
+        ("cpu",), "onnxruntime execution providers in order of preference, e.g. cuda,cpu"
+    )
+    allow_provider_fallback: bool = _setting(
+        False, "start even when a requested provider is missing (logged and counted); else refuse to start"
+    )
+    intra_op_threads: int = _setting(0, "onnxruntime threads per session; 0 sizes them from the CPU quota")
+    instances: int = _setting(1, "concurrent onnxruntime runs per model")
+    max_batch_size: int = _setting(64, "largest batch a request may carry, for models with a batch dimension")
+    max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
+    grace_period_s: float = _setting(10.0, "seconds in-flight requests get to finish on SIGTERM or SIGINT")
+    reflection: bool = _setting(True, "serve gRPC server reflection")
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port {self.port} is not in 0..65535")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
+        if self.intra_op_threads < 0:
+            problems.append("intra-op threads must be >= 0")
+        if self.instances < 1:
+            problems.append("instances must be >= 1")
+        if self.max_batch_size < 1:
+            problems.append("max batch size must be >= 1")
+        if self.max_message_bytes < 1024:
+            problems.append("max message bytes must be >= 1024")
+        if self.grace_period_s < 0:
+            problems.append("grace period must be >= 0")
+        if not self.providers:
+            problems.append("name at least one provider")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            problems.append(f"log level {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+    @classmethod
+    def load(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+        """Defaults, overridden by `NNSERVE_*` variables, overridden by flags."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        flags = vars(build_parser().parse_args(argv))
+        values.update({name: value for name, value in flags.items() if value is not None})
+        return cls(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nnserve serve",
+        description=f"Serve a repository of ONNX models over gRPC. Every flag has an {ENV_PREFIX}* variable.",
+    )
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        help_text = f"{f.metadata['help']} (env {env}; default {_show(f.default)})"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, type=lambda raw, f=f: _parse(f, raw), default=None, help=help_text)
+    return parser
+
+
+def _show(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "bool":
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{f.name}: {raw!r} is not a boolean (true/false)")
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "Path":
+        return Path(raw)
+    if kind.startswith("tuple"):
+        return tuple(part.strip().lower() for part in raw.split(",") if part.strip())
+    return raw
