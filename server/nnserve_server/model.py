@@ -138,8 +138,9 @@ class OnnxModel:
         try:
             self.validate(inputs, outputs)
             names = list(outputs) or list(self.outputs)
+            feed = {name: _text(name, array) if array.dtype == object else array for name, array in inputs.items()}
             loop = asyncio.get_running_loop()
-            queued, ran, results = await loop.run_in_executor(self._executor, self._run, started, names, inputs)
+            queued, ran, results = await loop.run_in_executor(self._executor, self._run, started, names, feed)
         except BaseException:
             self.stats.fail.add(time.perf_counter_ns() - started)
             raise
@@ -166,3 +167,17 @@ class OnnxModel:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _text(name: str, array: np.ndarray) -> np.ndarray:
+    """onnxruntime's string tensors hold UTF-8 text: decode BYTES elements, refusing binary ones."""
+    flat = array.reshape(-1)
+    text = np.empty(flat.shape, dtype=object)
+    for index, item in enumerate(flat):
+        try:
+            text[index] = item.decode("utf-8") if isinstance(item, bytes) else str(item)
+        except UnicodeDecodeError as error:
+            raise InvalidInput(
+                f"input '{name}' element {index} is not valid UTF-8 ({error.reason}); string tensors hold text"
+            ) from None
+    return text.reshape(array.shape)

@@ -37,7 +37,7 @@ class Settings:
     )
     intra_op_threads: int = _setting(0, "onnxruntime threads per session; 0 sizes them from the CPU quota")
     instances: int = _setting(1, "concurrent onnxruntime runs per model")
-    max_batch_size: int = _setting(64, "largest batch a request may carry, for models with a batch dimension")
+    max_batch_size: int = _setting(256, "largest batch a request may carry, for models with a batch dimension")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
     grace_period_s: float = _setting(10.0, "seconds in-flight requests get to finish on SIGTERM or SIGINT")
     reflection: bool = _setting(True, "serve gRPC server reflection")

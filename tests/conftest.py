@@ -1,0 +1,188 @@
+"""Shared fixtures: real exported models, and real servers started as processes on port 0."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+LISTENING = re.compile(r"listening on [\d.]+:(\d+) .*metrics at (?:http://[\d.]+:(\d+)/metrics|off)")
+
+# KServe datatype -> (ONNX element type, numpy dtype) for the echo model.
+ECHO_TYPES = {
+    "BOOL": (TensorProto.BOOL, np.bool_),
+    "UINT8": (TensorProto.UINT8, np.uint8),
+    "UINT16": (TensorProto.UINT16, np.uint16),
+    "UINT32": (TensorProto.UINT32, np.uint32),
+    "UINT64": (TensorProto.UINT64, np.uint64),
+    "INT8": (TensorProto.INT8, np.int8),
+    "INT16": (TensorProto.INT16, np.int16),
+    "INT32": (TensorProto.INT32, np.int32),
+    "INT64": (TensorProto.INT64, np.int64),
+    "FP16": (TensorProto.FLOAT16, np.float16),
+    "FP32": (TensorProto.FLOAT, np.float32),
+    "FP64": (TensorProto.DOUBLE, np.float64),
+    "BYTES": (TensorProto.STRING, np.object_),
+}
+
+
+class RunningServer:
+    """An `nnserve serve` process; its log is kept so a failing test can show it."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log_path: Path, port: int, metrics_port: int | None):
+        self.process = process
+        self.log_path = log_path
+        self.port = port
+        self.metrics_port = metrics_port
+        self.target = f"127.0.0.1:{port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> str:
+        assert self.metrics_port is not None, "metrics endpoint is off"
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
+            return str(response.read().decode())
+
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise
+
+
+def start_server(repository: Path, *flags: str, env: dict[str, str] | None = None) -> RunningServer:
+    log_path = Path(tempfile.mkstemp(prefix="nnserve-", suffix=".log")[1])
+    command = [
+        sys.executable, "-m", "nnserve_server.cli", "serve",
+        "--model-repository", str(repository), "--port", "0", "--metrics-port", "0", *flags,
+    ]  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        match = LISTENING.search(log_path.read_text(errors="replace"))
+        if match:
+            metrics_port = int(match.group(2)) if match.group(2) else None
+            return RunningServer(process, log_path, int(match.group(1)), metrics_port)
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"server did not start within 60 s:\n{log_path.read_text()}")
+
+
+def echo_model(path: Path, datatypes: Iterable[str] = ECHO_TYPES) -> None:
+    """A plain ONNX model (no nnserve metadata): out_<T> = in_<T> for each KServe datatype given."""
+    nodes, inputs, outputs = [], [], []
+    for datatype in datatypes:
+        elem = ECHO_TYPES[datatype][0]
+        inputs.append(helper.make_tensor_value_info(f"in_{datatype}", elem, ["batch", 3]))
+        outputs.append(helper.make_tensor_value_info(f"out_{datatype}", elem, ["batch", 3]))
+        nodes.append(helper.make_node("Identity", [f"in_{datatype}"], [f"out_{datatype}"]))
+    graph = helper.make_graph(nodes, "echo", inputs, outputs)
+    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def slow_model(path: Path, width: int = 1024, layers: int = 24) -> None:
+    """y = tanh(x W) applied `layers` times with one shared weight: slow enough to be in flight."""
+    weight = numpy_helper.from_array(
+        (np.random.default_rng(0).standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "w"
+    )
+    nodes, current = [], "x"
+    for layer in range(layers):
+        nodes.append(helper.make_node("MatMul", [current, "w"], [f"m{layer}"]))
+        current = f"t{layer}" if layer < layers - 1 else "y"
+        nodes.append(helper.make_node("Tanh", [f"m{layer}"], [current]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=[weight],
+    )
+    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="session")
+def fnn_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The digits FNN, fully trained and exported by the zoo, as a one-model repository."""
+    from nnserve_exporters.zoo import build_zoo
+
+    out = tmp_path_factory.mktemp("zoo") / "models"
+    build_zoo(out, only=["fnn"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_repository(fnn_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The FNN plus the plain ONNX test models, with two versions of the FNN."""
+    repo = tmp_path_factory.mktemp("repo") / "models"
+    shutil.copytree(fnn_repository, repo)
+    shutil.copytree(repo / "digits-fnn" / "1", repo / "digits-fnn" / "2")
+    echo_model(repo / "echo" / "1" / "model.onnx")
+    # FP16 travels only as raw contents, so the typed-contents twin leaves it out.
+    echo_model(repo / "echo-typed" / "1" / "model.onnx", [t for t in ECHO_TYPES if t != "FP16"])
+    slow_model(repo / "slow" / "1" / "model.onnx")
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(model_repository: Path) -> Iterator[RunningServer]:
+    """One server shared by the tests that do not change its state."""
+    running = start_server(model_repository)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def own_server(model_repository: Path) -> Iterator[Callable[..., RunningServer]]:
+    """Start servers private to one test (for tests that unload models or stop the server)."""
+    started: list[RunningServer] = []
+
+    def start(*flags: str, repository: Path | None = None, env: dict[str, str] | None = None) -> RunningServer:
+        running = start_server(repository or model_repository, *flags, env=env)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.process.poll() is None:
+            running.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def digits_holdout() -> tuple[np.ndarray, np.ndarray]:
+    from nnserve_exporters import datasets
+
+    split = datasets.digits()
+    return split.x_test, split.y_test
+
+
+def run_python(script: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
