@@ -20,7 +20,7 @@ from nnserve_client._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc,
 from prometheus_client import CollectorRegistry
 
 from .errors import StartupError
-from .interceptor import StatusInterceptor
+from .interceptor import InFlight, StatusInterceptor
 from .metrics import ServerMetrics, start_metrics_endpoint
 from .repository import ModelRepository
 from .runtime import Runtime
@@ -44,12 +44,26 @@ class Server:
     port: int
     health: health.aio.HealthServicer
     state: ServerState
+    in_flight: InFlight
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new calls, let the requests in flight finish (up to `grace_s`), then stop.
+
+        Long-lived streams (health Watch, reflection) would hold grpc's own grace period open
+        to its end, so they are cut as soon as the requests are done. True if all finished.
+        """
+        stopping = asyncio.ensure_future(self.grpc_server.stop(grace_s))
+        finished = await self.in_flight.wait_idle(grace_s)
+        await self.grpc_server.stop(0)
+        await stopping
+        return finished
 
 
 def create_server(settings: Settings, repository: ModelRepository, metrics: ServerMetrics) -> Server:
     """Build the gRPC server with every service registered, bound but not started."""
+    interceptor = StatusInterceptor(metrics, lambda name: name in repository.names())
     server = grpc.aio.server(
-        interceptors=[StatusInterceptor(metrics, lambda name: name in repository.names())],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -73,7 +87,7 @@ def create_server(settings: Settings, repository: ModelRepository, metrics: Serv
 
     repository.on_state_change(model_health)
     repository.on_state_change(metrics.model_state_changed)
-    return Server(server, port, health_servicer, state)
+    return Server(server, port, health_servicer, state, interceptor.in_flight)
 
 
 async def set_serving(server: Server, repository: ModelRepository, serving: bool) -> None:
@@ -117,9 +131,10 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
 
-    log.info("shutting down: NOT_SERVING, draining for up to %.1f s", settings.grace_period_s)
+    log.info("shutting down: NOT_SERVING, draining %d requests for up to %.1f s", server.in_flight.count, settings.grace_period_s)
     await set_serving(server, repository, False)
-    await server.grpc_server.stop(settings.grace_period_s)
+    if not await server.drain(settings.grace_period_s):
+        log.warning("grace period over: requests still in flight were cancelled")
     await repository.close()
     if settings.metrics_port >= 0:
         http_server.shutdown()

@@ -42,10 +42,58 @@ def status_for(error: Exception) -> grpc.StatusCode | None:
     return grpc.StatusCode.UNKNOWN if isinstance(error, ServingError) else None
 
 
+class _Malformed:
+    """Stands in for a request whose bytes did not parse, so the behavior can refuse it properly."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    # grpc answers a parse failure inside its own deserializer with UNKNOWN; callers deserve
+    # INVALID_ARGUMENT and a message, so the failure is carried into the behavior instead.
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as error:
+            return _Malformed(error)
+
+    return parse
+
+
+class InFlight:
+    """Counts requests being answered, so shutdown can wait for them and not for endless streams."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: ServerMetrics, known_model: Callable[[str], bool]) -> None:
         self._metrics = metrics
         self._known_model = known_model
+        self.in_flight = InFlight()
 
     async def intercept_service(
         self,
@@ -60,7 +108,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         behavior = self._wrap(rpc, handler.unary_unary)
         return grpc.unary_unary_rpc_method_handler(
             behavior,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=_tolerant(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )
 
@@ -68,7 +116,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             code, response = "OK", None
+            self.in_flight.enter()
             try:
+                if isinstance(request, _Malformed):
+                    raise InvalidInput(f"the request is not a valid {rpc} request message: {request.error}")
                 response = await inner(request, context)
                 return response
             except asyncio.CancelledError:
@@ -84,6 +135,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 code = status.name
                 await context.abort(status, message)
             finally:
+                self.in_flight.exit()
                 model, version = self._labels(request, response)
                 self._metrics.observe_request(model, version, rpc, code, time.perf_counter() - started)
 

@@ -1,0 +1,225 @@
+"""Every bad request gets the right status and a message saying what to fix; the server keeps serving."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from conftest import RunningServer
+from nnserve_client import codec
+from nnserve_client._proto import grpc_predict_v2_pb2 as pb
+from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_client._proto import tasks_pb2, tasks_pb2_grpc
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def channel(server: RunningServer) -> Iterator[grpc.Channel]:
+    # The client may send more than the server accepts, to see the server refuse it.
+    options = [("grpc.max_send_message_length", 256 * 1024 * 1024)]
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        yield channel
+
+
+@pytest.fixture
+def stub(channel: grpc.Channel) -> pb_grpc.GRPCInferenceServiceStub:
+    return pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def fnn_request(x: np.ndarray | None = None, **overrides: object) -> pb.ModelInferRequest:
+    x = np.zeros((1, 64), np.float32) if x is None else x
+    request = pb.ModelInferRequest(model_name="digits-fnn")
+    request.inputs.add(name="input", datatype=codec.datatype_of(x.dtype), shape=x.shape)
+    request.raw_input_contents.append(codec.to_raw(x))
+    for key, value in overrides.items():
+        setattr(request, key, value)
+    return request
+
+
+def refused(stub: pb_grpc.GRPCInferenceServiceStub, request: pb.ModelInferRequest) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request)
+    return caught.value
+
+
+@pytest.fixture(autouse=True)
+def _still_serving(stub: pb_grpc.GRPCInferenceServiceStub) -> Iterator[None]:
+    """After each bad request, a good one is still answered correctly."""
+    yield
+    response = stub.ModelInfer(fnn_request())
+    assert codec.from_raw(response.raw_output_contents[0], "FP32", [1, 10]).shape == (1, 10)
+
+
+def test_unknown_model(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    error = refused(stub, fnn_request(model_name="digits-cnn"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "unknown model 'digits-cnn'" in error.details()
+    assert "digits-fnn" in error.details()  # says what exists
+
+
+def test_unknown_version(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    error = refused(stub, fnn_request(model_version="7"))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "no version '7'" in error.details()
+
+
+def test_missing_input(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = pb.ModelInferRequest(model_name="digits-fnn")
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "missing ['input']" in error.details()
+
+
+def test_extra_input(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = fnn_request()
+    request.inputs.add(name="bonus", datatype="FP32", shape=[1])
+    request.raw_input_contents.append(np.zeros(1, np.float32).tobytes())
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "unexpected ['bonus']" in error.details()
+
+
+def test_duplicate_input(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = fnn_request()
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+    request.raw_input_contents.append(np.zeros((1, 64), np.float32).tobytes())
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "given twice" in error.details()
+
+
+def test_wrong_dtype(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    error = refused(stub, fnn_request(np.zeros((1, 64), np.float64)))
+    assert error.code() == INVALID
+    assert "input 'input' is FP64, but model 'digits-fnn' takes FP32" in error.details()
+
+
+def test_wrong_rank(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    error = refused(stub, fnn_request(np.zeros((1, 8, 8), np.float32)))
+    assert error.code() == INVALID
+    assert "shape [1, 8, 8]" in error.details() and "[-1, 64]" in error.details()
+
+
+def test_wrong_shape(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    error = refused(stub, fnn_request(np.zeros((2, 65), np.float32)))
+    assert error.code() == INVALID
+    assert "shape [2, 65]" in error.details()
+
+
+def test_raw_length_does_not_match_shape(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = fnn_request()
+    request.raw_input_contents[0] = b"\x00" * 100
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "100 bytes, but shape [1, 64] of FP32 needs 256" in error.details()
+
+
+def test_negative_dimension(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = fnn_request()
+    request.inputs[0].shape[:] = [-1, 64]
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "negative dimension" in error.details()
+
+
+def test_absurd_dimensions_are_refused_before_allocating(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = fnn_request()
+    request.inputs[0].shape[:] = [2**62, 2**62]
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "needs" in error.details()
+
+
+def test_batch_larger_than_max_batch_size(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    error = refused(stub, fnn_request(np.zeros((257, 64), np.float32)))
+    assert error.code() == INVALID
+    assert "batch size 257 is outside 1..256" in error.details()
+
+
+def test_unknown_datatype(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = fnn_request()
+    request.inputs[0].datatype = "FLOAT32"
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "unknown datatype 'FLOAT32'" in error.details()
+
+
+def test_raw_and_typed_contents_mixed(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = fnn_request()
+    request.inputs[0].contents.fp32_contents.extend([0.0] * 64)
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "typed contents as well as raw_input_contents" in error.details()
+
+
+def test_raw_contents_count_differs_from_inputs(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = fnn_request()
+    request.raw_input_contents.append(b"")
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "2 entries for 1 inputs" in error.details()
+
+
+def test_typed_contents_with_wrong_count(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = pb.ModelInferRequest(model_name="digits-fnn")
+    request.inputs.add(name="input", datatype="FP32", shape=[1, 64], contents=pb.InferTensorContents(fp32_contents=[1.0]))
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "fp32_contents holds 1 elements, but shape [1, 64] needs 64" in error.details()
+
+
+def test_unknown_requested_output(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = fnn_request()
+    request.outputs.add(name="probabilities")
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "no outputs ['probabilities']" in error.details()
+
+
+def test_binary_bytes_for_a_string_tensor(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = pb.ModelInferRequest(model_name="echo-typed")
+    from conftest import ECHO_TYPES
+
+    for datatype, (_, dtype) in ECHO_TYPES.items():
+        if datatype == "FP16":
+            continue
+        array = np.array([[b"\xff\xfe", b"", b""]], dtype=object) if datatype == "BYTES" else np.zeros((1, 3), dtype)
+        request.inputs.add(name=f"in_{datatype}", datatype=datatype, shape=[1, 3])
+        request.raw_input_contents.append(codec.to_raw(array))
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "not valid UTF-8" in error.details()
+
+
+def test_message_over_the_limit_is_resource_exhausted(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    big = np.zeros((70 * 1024 * 1024 // 256, 64), np.float32)  # 70 MiB > the 64 MiB default limit
+    error = refused(stub, fnn_request(big))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_classify_errors(channel: grpc.Channel) -> None:
+    tasks = tasks_pb2_grpc.TasksStub(channel)
+    with pytest.raises(grpc.RpcError) as caught:
+        tasks.Classify(tasks_pb2.ClassifyRequest(model_name="digits-fnn"))
+    assert caught.value.code() == INVALID
+    assert "carries no input" in caught.value.details()
+    bad = tasks_pb2.Tensor(datatype="FP32", shape=[1, 64], raw=b"\x00" * 3)
+    with pytest.raises(grpc.RpcError) as caught:
+        tasks.Classify(tasks_pb2.ClassifyRequest(model_name="digits-fnn", tensor=bad))
+    assert caught.value.code() == INVALID
+    with pytest.raises(grpc.RpcError) as caught:
+        strings = tasks_pb2.Tensor(datatype="BYTES", shape=[1], raw=codec.to_raw(np.array([b"x"], dtype=object)))
+        tasks.Classify(tasks_pb2.ClassifyRequest(model_name="digits-fnn", tensor=strings))
+    assert caught.value.code() == INVALID
+    assert "numeric tensor" in caught.value.details()
+
+
+def test_garbage_bytes_instead_of_a_protobuf(channel: grpc.Channel) -> None:
+    raw_call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_call(b"\xff\xff\xff\xff\x0f garbage", timeout=5)
+    assert caught.value.code() == INVALID
+    assert "not a valid ModelInfer request message" in caught.value.details()
