@@ -116,7 +116,7 @@ def test_graceful_shutdown_finishes_requests_in_flight(
 
     async def load() -> list[object]:
         async with AsyncClient(running.target, timeout=60) as client:
-            x = np.ones((64, 1024), np.float32)
+            x = np.ones((256, 1024), np.float32)  # about 13 GFLOP a request: seconds for all eight
             calls = [asyncio.ensure_future(client.infer("slow", {"x": x})) for _ in range(8)]
             await asyncio.sleep(0.3)  # all eight sent, most still queued or running
             running.process.send_signal(signum)
@@ -127,7 +127,7 @@ def test_graceful_shutdown_finishes_requests_in_flight(
     watcher.join(10)
     failures = [r for r in results if isinstance(r, BaseException)]
     assert failures == []
-    assert all(r["y"].shape == (64, 1024) for r in results)  # type: ignore[index]
+    assert all(r["y"].shape == (256, 1024) for r in results)  # type: ignore[index]
     assert statuses[0] == SERVING
     assert NOT_SERVING in statuses
     draining = re.search(r"draining (\d+) requests", running.log())
