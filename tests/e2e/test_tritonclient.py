@@ -1,0 +1,41 @@
+"""Triton's own client (`tritonclient[grpc]`) works against nnserve unchanged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from conftest import RunningServer, run_python
+from nnserve_client import Client
+
+CHECKS = Path(__file__).with_name("tritonclient_checks.py")
+
+
+def test_tritonclient_end_to_end(server: RunningServer) -> None:
+    done = run_python(CHECKS, server.target)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["live"] is True
+    assert seen["ready"] is True
+    assert seen["model_ready"] is True
+    assert "statistics" in seen["server_extensions"]
+    assert seen["metadata"]["versions"] == ["1", "2"]
+    assert seen["metadata"]["inputs"] == [{"name": "input", "datatype": "FP32", "shape": ["-1", "64"]}]
+    assert seen["metadata"]["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": ["-1", "10"]}]
+    assert seen["config"] == {
+        "max_batch_size": 256,
+        "input": [["input", "TYPE_FP32", ["64"]]],
+        "output": [["logits", "TYPE_FP32", ["10"]]],
+    }
+    assert seen["raw"] == {"shape": [3, 10], "id": "t-1"}
+    assert seen["typed_equals_raw"] is True
+    assert seen["stats_inference_count"] >= 6
+    assert ["digits-fnn", "2", "READY"] in seen["index"]
+    assert seen["unknown_model_status"] == "StatusCode.NOT_FOUND"
+
+    # The same numbers as our own SDK gives for the same input.
+    x = (np.arange(3 * 64, dtype=np.float32).reshape(3, 64) % 17) / 16
+    with Client(server.target) as client:
+        ours = client.infer("digits-fnn", {"input": x})["logits"]
+    assert ours.argmax(axis=1).tolist() == seen["argmax"]
