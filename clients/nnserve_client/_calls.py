@@ -93,8 +93,7 @@ def _infer_outputs(response: kserve.ModelInferResponse) -> dict[str, np.ndarray]
 
 def _classifications(response: tasks.ClassifyResponse) -> list[Classification]:
     return [
-        Classification(tuple(LabelScore(s.label, s.index, s.probability) for s in item.top))
-        for item in response.items
+        Classification(tuple(LabelScore(s.label, s.index, s.probability) for s in item.top)) for item in response.items
     ]
 
 

@@ -110,9 +110,7 @@ def from_contents(contents: kserve.InferTensorContents, datatype: str, shape: Se
     count = element_count(shape)
     values = getattr(contents, field)
     if len(values) != count:
-        raise TensorError(
-            f"{field} holds {len(values)} elements, but shape {list(shape)} needs {count}"
-        )
+        raise TensorError(f"{field} holds {len(values)} elements, but shape {list(shape)} needs {count}")
     if datatype == "BYTES":
         array = np.empty(count, dtype=object)
         array[:] = list(values)
@@ -150,9 +148,7 @@ def _join_bytes(array: np.ndarray) -> bytes:
 
 def _split_bytes(raw: bytes, count: int) -> np.ndarray:
     if count > len(raw) // _LENGTH_PREFIX.size and count > 0:
-        raise TensorError(
-            f"raw BYTES contents of {len(raw)} bytes cannot hold {count} elements (4-byte length each)"
-        )
+        raise TensorError(f"raw BYTES contents of {len(raw)} bytes cannot hold {count} elements (4-byte length each)")
     items = np.empty(count, dtype=object)
     offset = 0
     for index in range(count):

@@ -1,17 +1,17 @@
 """Errors the SDK raises: every failed call becomes one of these, carrying the server's message.
 
-    NNServeError                 any failed call (.code: the gRPC status name, .details: the message)
-    ├── InvalidArgument          the request is wrong: fix it before retrying
-    ├── NotFound                 no such model or version
-    ├── ResourceExhausted        too large, or the server is full: back off
-    ├── DeadlineExceeded         the deadline passed before an answer
-    ├── Unavailable              server or model not serving now: retry, maybe elsewhere
-    ├── Unauthenticated          missing or wrong credentials
-    ├── PermissionDenied
-    ├── FailedPrecondition
-    ├── Cancelled
-    ├── Unimplemented            the server does not offer this call
-    └── ServerError              INTERNAL, UNKNOWN and the rest: the server failed
+NNServeError                 any failed call (.code: the gRPC status name, .details: the message)
+├── InvalidArgument          the request is wrong: fix it before retrying
+├── NotFound                 no such model or version
+├── ResourceExhausted        too large, or the server is full: back off
+├── DeadlineExceeded         the deadline passed before an answer
+├── Unavailable              server or model not serving now: retry, maybe elsewhere
+├── Unauthenticated          missing or wrong credentials
+├── PermissionDenied
+├── FailedPrecondition
+├── Cancelled
+├── Unimplemented            the server does not offer this call
+└── ServerError              INTERNAL, UNKNOWN and the rest: the server failed
 """
 
 from __future__ import annotations

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .api import ParityError, export, verify  # noqa: E402
+from .api import ParityError, export, verify
 
 __all__ = ["ParityError", "export", "verify"]

@@ -8,7 +8,6 @@ names the output and the size of the error.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 import warnings
@@ -19,6 +18,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+
 from nnserve_client.model_spec import ModelSpec, Preprocessing
 
 from . import __version__
@@ -67,13 +67,13 @@ def export(
     )
     model = model.eval()
     dynamic_axes = {name: {0: "batch"} for name in (input_name, *output_names)}
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        scratch_file = Path(scratch) / "model.onnx"
         torch.onnx.export(
             model,
             (example,),
-            buffer,
+            scratch_file,
             dynamo=False,
             input_names=[input_name],
             output_names=list(output_names),
@@ -81,7 +81,7 @@ def export(
             opset_version=OPSET,
             do_constant_folding=True,
         )
-    proto = onnx.load_from_string(buffer.getvalue())
+        proto = onnx.load(str(scratch_file))
     onnx.helper.set_model_props(proto, spec.to_props())
     proto.producer_name = "nnserve-exporters"
     proto.producer_version = __version__
@@ -91,9 +91,7 @@ def export(
     return verify(model, path, example, verify_batch_sizes)
 
 
-def verify(
-    model: torch.nn.Module, path: Path, example: torch.Tensor, batch_sizes: Sequence[int] = (1, 7)
-) -> float:
+def verify(model: torch.nn.Module, path: Path, example: torch.Tensor, batch_sizes: Sequence[int] = (1, 7)) -> float:
     """Largest relative error of onnxruntime against PyTorch over fresh random batches."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name

@@ -27,7 +27,5 @@ def digits(seed: int = 0, test_fraction: float = 0.2) -> Split:
     bunch = load_digits()
     x = bunch.data.astype(np.float32)
     y = bunch.target.astype(np.int64)
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, y, test_size=test_fraction, random_state=seed, stratify=y
-    )
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
     return Split(x_train, y_train, x_test, y_test)

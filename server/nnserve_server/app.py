@@ -16,8 +16,9 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from nnserve_client._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from prometheus_client import CollectorRegistry
+
+from nnserve_client._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 from .errors import StartupError
 from .interceptor import InFlight, StatusInterceptor
@@ -123,7 +124,8 @@ async def serve(settings: Settings) -> None:
         f"metrics at {metrics_address}; {len(ready)} models ready: {', '.join(ready) or 'none'}",
         flush=True,
     )
-    print(f"try: .venv/bin/python -c \"from nnserve_client import Client; print(Client('{settings.host}:{server.port}').models())\"", flush=True)
+    hint = f"from nnserve_client import Client; print(Client('{settings.host}:{server.port}').models())"
+    print(f'try: .venv/bin/python -c "{hint}"', flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -131,7 +133,11 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
 
-    log.info("shutting down: NOT_SERVING, draining %d requests for up to %.1f s", server.in_flight.count, settings.grace_period_s)
+    log.info(
+        "shutting down: NOT_SERVING, draining %d requests for up to %.1f s",
+        server.in_flight.count,
+        settings.grace_period_s,
+    )
     await set_serving(server, repository, False)
     if not await server.drain(settings.grace_period_s):
         log.warning("grace period over: requests still in flight were cancelled")

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
 from nnserve_client.codec import TensorError
 
 from .errors import InvalidInput, ModelNotFound, ModelNotReady, Overloaded, ServingError, Unsupported
@@ -89,7 +90,7 @@ class InFlight:
         return True
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
+class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     def __init__(self, metrics: ServerMetrics, known_model: Callable[[str], bool]) -> None:
         self._metrics = metrics
         self._known_model = known_model

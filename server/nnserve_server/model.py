@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
 from nnserve_client.codec import datatype_of
 from nnserve_client.model_spec import ModelSpec
 
@@ -130,9 +131,7 @@ class OnnxModel:
             if not 1 <= batch <= self.max_batch_size:
                 raise InvalidInput(f"batch size {batch} is outside 1..{self.max_batch_size} for model '{self.name}'")
 
-    async def infer(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = ()
-    ) -> dict[str, np.ndarray]:
+    async def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = ()) -> dict[str, np.ndarray]:
         """Run the model; returns the requested outputs (all when none are named), by name."""
         started = time.perf_counter_ns()
         try:

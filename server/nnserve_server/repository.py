@@ -69,9 +69,7 @@ class ModelRepository:
         model_dir = self._model_dir(name)
         if not model_dir.is_dir():
             raise ModelNotFound(f"no model '{name}' in the repository {self.root}")
-        versions = sorted(
-            (p.name for p in model_dir.iterdir() if (p / MODEL_FILE).is_file()), key=_version_key
-        )
+        versions = sorted((p.name for p in model_dir.iterdir() if (p / MODEL_FILE).is_file()), key=_version_key)
         if not versions:
             raise ModelNotFound(f"model '{name}' has no <version>/{MODEL_FILE} under {model_dir}")
         entries = {}

@@ -62,7 +62,8 @@ class Runtime:
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
         available = set(ort.get_available_providers())
-        chosen, missing = [], []
+        chosen: list[str] = []
+        missing: list[str] = []
         for short in settings.providers:
             name = PROVIDERS.get(short, short)
             (chosen if name in available else missing).append(name)

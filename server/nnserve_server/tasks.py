@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from nnserve_client.codec import DTYPES
 from nnserve_client.model_spec import ModelSpec, Preprocessing
 
@@ -42,7 +43,8 @@ def preprocess(batch: np.ndarray, prep: Preprocessing, layout: str) -> np.ndarra
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
+    probabilities: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
+    return probabilities
 
 
 @dataclass(frozen=True)

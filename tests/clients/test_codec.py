@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from nnserve_client import codec
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 

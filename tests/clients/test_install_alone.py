@@ -34,9 +34,19 @@ def test_sdk_alone_in_a_fresh_venv(server: RunningServer, tmp_path: Path) -> Non
     )  # fmt: skip
     assert install.returncode == 0, install.stderr
     done = subprocess.run(
-        [str(python), "-c", USE_SDK, server.target], capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path
+        [str(python), "-c", USE_SDK, server.target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
-    assert seen == {"found": {"torch": False, "onnxruntime": False, "nnserve_server": False}, "items": 2, "top": 2, "live": True}
+    assert seen == {
+        "found": {"torch": False, "onnxruntime": False, "nnserve_server": False},
+        "items": 2,
+        "top": 2,
+        "live": True,
+    }
     assert sys.prefix not in str(python)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 from conftest import RunningServer, run_python
+
 from nnserve_client import Client
 
 CHECKS = Path(__file__).with_name("tritonclient_checks.py")

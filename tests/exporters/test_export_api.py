@@ -9,10 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
+
 from nnserve_client.model_spec import ModelSpec, Preprocessing, SpecError
 from nnserve_exporters import ParityError, export, verify
 from nnserve_exporters.zoo import build_zoo, table
-from torch import nn
 
 
 def small_classifier(seed: int) -> nn.Module:

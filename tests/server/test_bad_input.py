@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import RunningServer
+
 from nnserve_client import codec
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -100,7 +101,8 @@ def test_wrong_dtype(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
 def test_wrong_rank(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     error = refused(stub, fnn_request(np.zeros((1, 8, 8), np.float32)))
     assert error.code() == INVALID
-    assert "shape [1, 8, 8]" in error.details() and "[-1, 64]" in error.details()
+    assert "shape [1, 8, 8]" in error.details()
+    assert "[-1, 64]" in error.details()
 
 
 def test_wrong_shape(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
@@ -165,7 +167,9 @@ def test_raw_contents_count_differs_from_inputs(stub: pb_grpc.GRPCInferenceServi
 
 def test_typed_contents_with_wrong_count(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     request = pb.ModelInferRequest(model_name="digits-fnn")
-    request.inputs.add(name="input", datatype="FP32", shape=[1, 64], contents=pb.InferTensorContents(fp32_contents=[1.0]))
+    request.inputs.add(
+        name="input", datatype="FP32", shape=[1, 64], contents=pb.InferTensorContents(fp32_contents=[1.0])
+    )
     error = refused(stub, request)
     assert error.code() == INVALID
     assert "fp32_contents holds 1 elements, but shape [1, 64] needs 64" in error.details()
@@ -210,8 +214,8 @@ def test_classify_errors(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         tasks.Classify(tasks_pb2.ClassifyRequest(model_name="digits-fnn", tensor=bad))
     assert caught.value.code() == INVALID
+    strings = tasks_pb2.Tensor(datatype="BYTES", shape=[1], raw=codec.to_raw(np.array([b"x"], dtype=object)))
     with pytest.raises(grpc.RpcError) as caught:
-        strings = tasks_pb2.Tensor(datatype="BYTES", shape=[1], raw=codec.to_raw(np.array([b"x"], dtype=object)))
         tasks.Classify(tasks_pb2.ClassifyRequest(model_name="digits-fnn", tensor=strings))
     assert caught.value.code() == INVALID
     assert "numeric tensor" in caught.value.details()

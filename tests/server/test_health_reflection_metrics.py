@@ -11,6 +11,7 @@ import pytest
 from conftest import RunningServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from nnserve_client import Client, NotFound
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -19,7 +20,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def check(target: str, service: str) -> int:
     with grpc.insecure_channel(target) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        )
 
 
 def test_health_overall_services_and_models(server: RunningServer) -> None:
@@ -32,7 +35,9 @@ def test_health_overall_services_and_models(server: RunningServer) -> None:
 
 def test_health_watch_streams_the_current_status(server: RunningServer) -> None:
     with grpc.insecure_channel(server.target) as channel:
-        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service="digits-fnn"), timeout=5)
+        stream = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="digits-fnn"), timeout=5
+        )
         first = next(stream)
         stream.cancel()
     assert first.status == SERVING
@@ -41,7 +46,9 @@ def test_health_watch_streams_the_current_status(server: RunningServer) -> None:
 def list_services(target: str) -> list[str]:
     with grpc.insecure_channel(target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
         return sorted(s.name for r in responses for s in r.list_services_response.service)
 
 

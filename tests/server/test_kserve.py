@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import ECHO_TYPES, RunningServer
+
 from nnserve_client import codec
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -74,7 +75,9 @@ def test_every_datatype_round_trips_as_typed_contents(stub: pb_grpc.GRPCInferenc
 def test_typed_contents_for_the_fnn(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
     x = np.linspace(0, 1, 128, dtype=np.float32).reshape(2, 64)
     request = pb.ModelInferRequest(model_name="digits-fnn")
-    request.inputs.add(name="input", datatype="FP32", shape=[2, 64], contents=pb.InferTensorContents(fp32_contents=x.reshape(-1)))
+    request.inputs.add(
+        name="input", datatype="FP32", shape=[2, 64], contents=pb.InferTensorContents(fp32_contents=x.reshape(-1))
+    )
     typed = stub.ModelInfer(request)
     raw_request = pb.ModelInferRequest(model_name="digits-fnn", raw_input_contents=[x.tobytes()])
     raw_request.inputs.add(name="input", datatype="FP32", shape=[2, 64])
@@ -134,7 +137,11 @@ def test_model_statistics_count_inferences(server: RunningServer, stub: pb_grpc.
     assert after.last_inference > 0
     assert any(b.batch_size == 3 and b.compute_infer.count >= 4 for b in after.batch_stats)
     everything = stub.ModelStatistics(pb.ModelStatisticsRequest())
-    assert {(s.name, s.version) for s in everything.model_stats} >= {("digits-fnn", "1"), ("digits-fnn", "2"), ("echo", "1")}
+    assert {(s.name, s.version) for s in everything.model_stats} >= {
+        ("digits-fnn", "1"),
+        ("digits-fnn", "2"),
+        ("echo", "1"),
+    }
 
 
 def test_repository_index(stub: pb_grpc.GRPCInferenceServiceStub) -> None:

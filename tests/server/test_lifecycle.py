@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from conftest import RunningServer, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_health_reflection_metrics import NOT_SERVING, SERVING, check, sample
+
 from nnserve_client import AsyncClient, Client, InvalidArgument, NotFound, Unavailable
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from test_health_reflection_metrics import NOT_SERVING, SERVING, check, sample
 
 
 def test_unload_then_load(own_server: Callable[..., RunningServer]) -> None:
@@ -93,9 +94,7 @@ def test_provider_fallback_is_logged_and_counted(own_server: Callable[..., Runni
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_graceful_shutdown_finishes_requests_in_flight(
-    own_server: Callable[..., RunningServer], signum: int
-) -> None:
+def test_graceful_shutdown_finishes_requests_in_flight(own_server: Callable[..., RunningServer], signum: int) -> None:
     running = own_server("--grace-period-s", "30")
     statuses: list[int] = []
     watching = threading.Event()
@@ -131,5 +130,6 @@ def test_graceful_shutdown_finishes_requests_in_flight(
     assert statuses[0] == SERVING
     assert NOT_SERVING in statuses
     draining = re.search(r"draining (\d+) requests", running.log())
-    assert draining is not None and int(draining.group(1)) >= 1  # the signal really came mid-load
+    assert draining is not None
+    assert int(draining.group(1)) >= 1  # the signal really came mid-load
     assert "stopped" in running.log()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from nnserve_server.errors import StartupError
 from nnserve_server.runtime import Runtime, cpu_quota
 from nnserve_server.settings import Settings
-from nnserve_server.errors import StartupError
 
 
 def test_defaults() -> None:

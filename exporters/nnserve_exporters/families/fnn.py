@@ -6,8 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from nnserve_client.model_spec import Preprocessing
 from torch import nn
+
+from nnserve_client.model_spec import Preprocessing
 
 from .. import api, datasets
 from ..training import Trained, fit_classifier

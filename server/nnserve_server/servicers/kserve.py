@@ -6,10 +6,10 @@ RPCs not overridden here (shared memory, trace, log settings, streaming) answer 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
-import grpc.aio
 import numpy as np
+
 from nnserve_client import codec
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -22,7 +22,7 @@ from ..repository import ModelRepository
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 PLATFORM = "onnxruntime_onnx"
-Context = grpc.aio.ServicerContext
+Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
 
 
 class ServerState:
@@ -91,7 +91,9 @@ def model_config(model: OnnxModel) -> config_pb.ModelConfig:
             config_pb.ModelOutput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape[skip:])
             for s in model.outputs.values()
         ],
-        instance_group=[config_pb.ModelInstanceGroup(count=model.instances, kind=config_pb.ModelInstanceGroup.KIND_CPU)],
+        instance_group=[
+            config_pb.ModelInstanceGroup(count=model.instances, kind=config_pb.ModelInstanceGroup.KIND_CPU)
+        ],
     )
 
 
@@ -111,7 +113,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self._state.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        return pb.ModelReadyResponse(ready=self._state.ready and self._repository.is_ready(request.name, request.version))
+        return pb.ModelReadyResponse(
+            ready=self._state.ready and self._repository.is_ready(request.name, request.version)
+        )
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="nnserve", version=__version__, extensions=EXTENSIONS)
@@ -140,9 +144,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=model_config(self._repository.get(request.name, request.version)))
 
-    async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: Context
-    ) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         if request.name:
             if request.version:
                 models = [self._repository.get(request.name, request.version)]
@@ -150,14 +152,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._repository.get(request.name)  # NOT_FOUND / UNAVAILABLE with the reason
                 models = [e.model for e in self._repository.versions(request.name) if e.model is not None]
         else:
-            models = [
-                e.model for name in self._repository.names() for e in self._repository.versions(name) if e.model
-            ]
+            models = [e.model for name in self._repository.names() for e in self._repository.versions(name) if e.model]
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
 
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: Context
-    ) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse()
         for name in self._repository.names():
             for entry in self._repository.versions(name):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import grpc.aio
+from typing import Any, TypeAlias
+
 from nnserve_client import codec
 from nnserve_client._proto import tasks_pb2 as pb
 from nnserve_client._proto import tasks_pb2_grpc as pb_grpc
@@ -12,7 +13,7 @@ from ..errors import InvalidInput
 from ..model import OnnxModel
 from ..repository import ModelRepository
 
-Context = grpc.aio.ServicerContext
+Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
 
 
 def describe(repository: ModelRepository, model: OnnxModel) -> pb.ModelDescription:
