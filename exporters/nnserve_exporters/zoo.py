@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 from .families import fnn
 
 FAMILIES: dict[str, ModuleType] = {"fnn": fnn}
@@ -33,7 +35,8 @@ class ZooRow:
     train_seconds: float
 
 
-def build_model(family: ModuleType, out: Path, fast: bool) -> ZooRow:
+def build_model(family: ModuleType, out: Path, fast: bool, seed: int = 0) -> ZooRow:
+    torch.manual_seed(seed)  # the initial weights too: the same zoo every time
     model = family.build(fast=fast)
     trained = family.train(model, fast=fast)
     path = out / family.NAME / "1" / "model.onnx"

@@ -97,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def flags_table() -> str:
+    """The README's table of flags, made from the fields so it cannot drift (a test compares)."""
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            flag += " / --no-" + f.name.replace("_", "-")
+        rows.append(f"| `{flag}` | `{ENV_PREFIX}{f.name.upper()}` | `{_show(f.default)}` | {f.metadata['help']} |")
+    return "\n".join(rows)
+
+
 def _show(value: Any) -> str:
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
