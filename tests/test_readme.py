@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from conftest import ROOT
+
 from nnserve_server.settings import build_parser, flags_table
 
 
