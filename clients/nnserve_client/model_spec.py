@@ -52,6 +52,15 @@ class ModelSpec:
     training_data: str = ""
     description: str = ""
     exporter_version: str = ""
+    # What each output means, e.g. {"logits": "next-character logits over the vocabulary"}.
+    outputs: Mapping[str, str] = field(default_factory=dict)
+    # Step models (RNN/LSTM/GRU state, Transformer key/value cache): state input -> the output
+    # that feeds it on the next step, so a token costs one step, not a rerun of the prefix.
+    state: Mapping[str, str] = field(default_factory=dict)
+    vocabulary: tuple[str, ...] = ()  # character models: token id -> text
+    tokenizer: str = ""  # a `tokenizers` JSON, for word-piece and BPE models
+    image_size: tuple[int, ...] = ()  # (height, width) the model was trained on
+    extra: Mapping[str, str] = field(default_factory=dict)  # family-specific knobs, as strings
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -73,6 +82,12 @@ class ModelSpec:
             PREFIX + "training_data": self.training_data,
             PREFIX + "description": self.description,
             PREFIX + "exporter_version": self.exporter_version,
+            PREFIX + "outputs": json.dumps(dict(self.outputs)),
+            PREFIX + "state": json.dumps(dict(self.state)),
+            PREFIX + "vocabulary": json.dumps(list(self.vocabulary)),
+            PREFIX + "tokenizer": self.tokenizer,
+            PREFIX + "image_size": json.dumps(list(self.image_size)),
+            PREFIX + "extra": json.dumps(dict(self.extra)),
         }
 
     @classmethod
@@ -96,6 +111,12 @@ class ModelSpec:
                 training_data=get("training_data"),
                 description=get("description"),
                 exporter_version=get("exporter_version"),
+                outputs={str(k): str(v) for k, v in json.loads(get("outputs", "{}")).items()},
+                state={str(k): str(v) for k, v in json.loads(get("state", "{}")).items()},
+                vocabulary=tuple(str(t) for t in json.loads(get("vocabulary", "[]"))),
+                tokenizer=get("tokenizer"),
+                image_size=tuple(int(d) for d in json.loads(get("image_size", "[]"))),
+                extra={str(k): str(v) for k, v in json.loads(get("extra", "{}")).items()},
             )
         except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as error:
             if isinstance(error, SpecError):

@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -27,13 +29,27 @@ OPSET = 17
 PARITY_TOLERANCE = 1e-4
 
 
+@dataclass(frozen=True)
+class Exported:
+    """One model file a family wrote into the repository."""
+
+    name: str
+    task: str
+    path: Path
+    parity_error: float
+
+
 class ParityError(AssertionError):
     """onnxruntime and PyTorch disagree on an exported model."""
 
 
+Inputs = tuple[torch.Tensor, ...]
+Sampler = Callable[[int, int], Inputs]  # (batch, variant) -> fresh inputs; variant varies other dynamic axes
+
+
 def export(
     model: torch.nn.Module,
-    example: torch.Tensor,
+    example: torch.Tensor | Inputs,
     *,
     task: str,
     out: str | os.PathLike[str],
@@ -45,14 +61,21 @@ def export(
     quality: Mapping[str, float] | None = None,
     training_data: str = "",
     description: str = "",
-    input_name: str = "input",
+    input_names: Sequence[str] = ("input",),
     output_names: Sequence[str] = ("output",),
-    verify_batch_sizes: Sequence[int] = (1, 7),
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+    sample: Sampler | None = None,
+    **spec_fields: Any,
 ) -> float:
-    """Export `model` (eval mode, batch dimension dynamic) to `out`; returns the parity error.
+    """Export `model` (eval mode) to `out` with its `ModelSpec` in the metadata; returns the parity error.
 
-    `example` is one batch the model accepts; its non-batch dimensions fix the input shape.
+    `example` is one input (or a tuple, one per `input_names`) the model accepts. By default axis 0
+    of every input and output is a dynamic batch axis; pass `dynamic_axes` for anything else (a
+    sequence axis, recurrent state whose batch axis is 1). Parity is checked on `sample(batch,
+    variant)` for batches 1 and 7 and variants 0 and 1 (default: random tensors shaped like `example`
+    but for the batch). `spec_fields` go to `ModelSpec` (outputs, state, vocabulary, tokenizer, ...).
     """
+    examples = example if isinstance(example, tuple) else (example,)
     spec = ModelSpec(
         task=task,
         family=family,
@@ -64,20 +87,21 @@ def export(
         training_data=training_data,
         description=description,
         exporter_version=__version__,
+        **spec_fields,
     )
     model = model.eval()
-    dynamic_axes = {name: {0: "batch"} for name in (input_name, *output_names)}
+    axes = dynamic_axes or {name: {0: "batch"} for name in (*input_names, *output_names)}
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         scratch_file = Path(scratch) / "model.onnx"
         torch.onnx.export(
             model,
-            (example,),
+            examples,
             scratch_file,
             dynamo=False,
-            input_names=[input_name],
+            input_names=list(input_names),
             output_names=list(output_names),
-            dynamic_axes=dynamic_axes,
+            dynamic_axes={name: dict(a) for name, a in axes.items()},
             opset_version=OPSET,
             do_constant_folding=True,
         )
@@ -88,28 +112,35 @@ def export(
     onnx.checker.check_model(proto)
     path = Path(out)
     _write_atomically(path, proto.SerializeToString())
-    return verify(model, path, example, verify_batch_sizes)
+    return verify(model, path, sample or _like(examples))
 
 
-def verify(model: torch.nn.Module, path: Path, example: torch.Tensor, batch_sizes: Sequence[int] = (1, 7)) -> float:
-    """Largest relative error of onnxruntime against PyTorch over fresh random batches."""
+def verify(
+    model: torch.nn.Module,
+    path: Path,
+    sample: Sampler | torch.Tensor,
+    cases: Sequence[tuple[int, int]] = ((1, 0), (7, 1)),
+) -> float:
+    """Largest relative error of onnxruntime against PyTorch over fresh inputs; ParityError past 1e-4."""
+    sampler = _like((sample,)) if isinstance(sample, torch.Tensor) else sample
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
-    generator = torch.Generator().manual_seed(1234)
     worst = 0.0
-    for batch in batch_sizes:
-        x = _random_like(example, batch, generator)
+    for batch, variant in cases:
+        inputs = sampler(batch, variant)
         with torch.no_grad():
-            expected = model(x)
+            expected = model(*inputs)
         expected_list = expected if isinstance(expected, tuple | list) else (expected,)
-        actual_list = session.run(output_names, {input_name: x.numpy()})
+        feed = {name: tensor.numpy() for name, tensor in zip(input_names, inputs, strict=True)}
+        actual_list = session.run(output_names, feed)
         for name, want, got in zip(output_names, expected_list, actual_list, strict=True):
             error = relative_error(want.numpy(), got)
             if error > PARITY_TOLERANCE:
+                shapes = {n: list(t.shape) for n, t in zip(input_names, inputs, strict=True)}
                 raise ParityError(
-                    f"{path}: output '{name}' differs from PyTorch at batch {batch}: relative error "
-                    f"{error:.2e} > {PARITY_TOLERANCE:.0e}"
+                    f"{path}: output '{name}' differs from PyTorch at batch {batch} (inputs {shapes}): "
+                    f"relative error {error:.2e} > {PARITY_TOLERANCE:.0e}"
                 )
             worst = max(worst, error)
     return worst
@@ -120,13 +151,23 @@ def relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(np.abs(expected.astype(np.float64) - actual).max(initial=0.0)) / scale
 
 
-def _random_like(example: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
-    shape = (batch, *example.shape[1:])
+def _like(examples: Inputs) -> Sampler:
+    """Random inputs shaped like `examples` but for the batch, within the examples' value range."""
+
+    def sample(batch: int, variant: int) -> Inputs:
+        generator = torch.Generator().manual_seed(1234 + variant)
+        return tuple(random_like(e, (batch, *e.shape[1:]), generator) for e in examples)
+
+    return sample
+
+
+def random_like(example: torch.Tensor, shape: Sequence[int], generator: torch.Generator) -> torch.Tensor:
     if example.dtype.is_floating_point:
         low, high = float(example.min()), float(example.max())
-        return (torch.rand(shape, generator=generator) * (high - low) + low).to(example.dtype)
-    high = int(example.max()) + 1
-    return torch.randint(0, max(high, 1), shape, generator=generator, dtype=example.dtype)
+        if low == high:
+            low, high = low - 1, high + 1
+        return (torch.rand(tuple(shape), generator=generator) * (high - low) + low).to(example.dtype)
+    return torch.randint(0, max(int(example.max()) + 1, 1), tuple(shape), generator=generator, dtype=example.dtype)
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

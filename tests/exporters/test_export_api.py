@@ -45,7 +45,7 @@ def test_export_writes_metadata_and_a_dynamic_batch(tmp_path: Path) -> None:
 def test_parity_failure_names_the_output_and_the_error(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
     export(small_classifier(0), torch.zeros(2, 4), task="classify", out=path, labels=["a", "b", "c"])
-    with pytest.raises(ParityError, match=r"output 'output' differs from PyTorch at batch 1: relative error"):
+    with pytest.raises(ParityError, match=r"output 'output' differs from PyTorch at batch 1 .*: relative error"):
         verify(small_classifier(1), path, torch.zeros(2, 4))  # different weights than the file
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
-
 from nnserve_client.model_spec import Preprocessing
+from torch import nn
 
 from .. import api, datasets
 from ..training import Trained, fit_classifier
@@ -16,8 +15,6 @@ from ..training import Trained, fit_classifier
 NAME = "digits-fnn"
 FAMILY = "fnn"
 TASK = "classify"
-LABELS = tuple(str(d) for d in range(10))
-PREPROCESSING = Preprocessing(scale=1 / 16)  # pixel intensities 0..16 -> 0..1
 QUALITY_BAR = {"accuracy": 0.96}
 
 
@@ -34,9 +31,9 @@ def build(fast: bool = False) -> nn.Module:
     )
 
 
-def train(model: nn.Module, fast: bool = False) -> Trained:
+def train(model: nn.Module, *, fast: bool, zoo: Mapping[str, nn.Module]) -> Trained:
     data = datasets.digits()
-    scale = PREPROCESSING.scale
+    scale = datasets.DIGIT_SCALE
     return fit_classifier(
         model,
         torch.from_numpy(data.x_train * scale),
@@ -46,23 +43,24 @@ def train(model: nn.Module, fast: bool = False) -> Trained:
         epochs=3 if fast else 60,
         seed=0,
         lr=1e-3,
+        label=NAME,
     )
 
 
-def export(model: nn.Module, out: Path, quality: dict[str, float]) -> float:
-    example = torch.from_numpy(np.full((2, 64), 0.5, dtype=np.float32))
-    return api.export(
+def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.Exported]:
+    path = out / NAME / "1" / "model.onnx"
+    parity = api.export(
         model,
-        example,
+        torch.full((2, 64), 0.5),
         task=TASK,
-        out=out,
+        out=path,
         family=FAMILY,
-        labels=LABELS,
-        output_kind="logits",
-        input_layout="features",
-        preprocessing=PREPROCESSING,
+        labels=datasets.DIGIT_LABELS,
+        preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
         quality=quality,
         training_data=datasets.DIGITS_SOURCE,
         description="Feed-forward network (64-256-256-10, ReLU, dropout 0.2) classifying 8x8 handwritten digits",
         output_names=("logits",),
+        outputs={"logits": "class scores over the labels (softmax for probabilities)"},
     )
+    return [api.Exported(NAME, TASK, path, parity)]

@@ -1,0 +1,82 @@
+"""CNN: a convolutional digits classifier (8x8 images); its penultimate features serve `encode`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from nnserve_client.model_spec import Preprocessing
+from torch import nn
+
+from .. import api, datasets
+from ..training import Trained, fit_classifier, shift_augment
+
+NAME = "digits-cnn"
+FAMILY = "cnn"
+TASK = "classify"
+QUALITY_BAR = {"accuracy": 0.98}
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8 -> 4x4
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.dropout = nn.Dropout(0.3)
+        self.classifier = nn.Linear(4 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(x)
+        return self.classifier(self.dropout(features)), features
+
+
+def build(fast: bool = False) -> nn.Module:
+    return DigitsCNN(8 if fast else 32)
+
+
+def train(model: nn.Module, *, fast: bool, zoo: Mapping[str, nn.Module]) -> Trained:
+    data = datasets.digit_images()
+    scale = datasets.DIGIT_SCALE
+    return fit_classifier(
+        model,
+        torch.from_numpy(data.x_train * scale),
+        torch.from_numpy(data.y_train),
+        torch.from_numpy(data.x_test * scale),
+        torch.from_numpy(data.y_test),
+        epochs=2 if fast else 40,
+        seed=0,
+        augment=shift_augment(1),
+        label=NAME,
+    )
+
+
+def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.Exported]:
+    path = out / NAME / "1" / "model.onnx"
+    width = model.classifier.in_features  # type: ignore[union-attr]
+    parity = api.export(
+        model,
+        torch.full((2, 1, 8, 8), 0.5),
+        task=TASK,
+        out=path,
+        family=FAMILY,
+        labels=datasets.DIGIT_LABELS,
+        input_layout="NCHW",
+        preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
+        image_size=(8, 8),
+        quality=quality,
+        training_data=datasets.DIGITS_SOURCE,
+        description=f"Three conv layers and a linear head on 8x8 digits; {width}-d penultimate features",
+        output_names=("logits", "features"),
+        outputs={"logits": "class scores over the labels", "features": f"penultimate {width}-d features (encode)"},
+    )
+    return [api.Exported(NAME, TASK, path, parity)]
