@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,8 @@ def export(
     onnx.checker.check_model(proto)
     path = Path(out)
     _write_atomically(path, proto.SerializeToString())
-    return verify(model, path, sample or _like(examples))
+    batch_axes = [next((a for a, n in axes.get(name, {}).items() if n == "batch"), None) for name in input_names]
+    return verify(model, path, sample or _like(examples, batch_axes))
 
 
 def verify(
@@ -122,7 +123,7 @@ def verify(
     cases: Sequence[tuple[int, int]] = ((1, 0), (7, 1)),
 ) -> float:
     """Largest relative error of onnxruntime against PyTorch over fresh inputs; ParityError past 1e-4."""
-    sampler = _like((sample,)) if isinstance(sample, torch.Tensor) else sample
+    sampler = _like((sample,), [0]) if isinstance(sample, torch.Tensor) else sample
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
     output_names = [o.name for o in session.get_outputs()]
@@ -151,12 +152,18 @@ def relative_error(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(np.abs(expected.astype(np.float64) - actual).max(initial=0.0)) / scale
 
 
-def _like(examples: Inputs) -> Sampler:
-    """Random inputs shaped like `examples` but for the batch, within the examples' value range."""
+def _like(examples: Inputs, batch_axes: Sequence[int | None]) -> Sampler:
+    """Random inputs shaped like `examples` but for the batch axis (None: no batch axis), in their value range."""
 
     def sample(batch: int, variant: int) -> Inputs:
         generator = torch.Generator().manual_seed(1234 + variant)
-        return tuple(random_like(e, (batch, *e.shape[1:]), generator) for e in examples)
+        inputs = []
+        for example, axis in zip(examples, batch_axes, strict=True):
+            shape = list(example.shape)
+            if axis is not None:
+                shape[axis] = batch
+            inputs.append(random_like(example, shape, generator))
+        return tuple(inputs)
 
     return sample
 

@@ -143,7 +143,7 @@ def fit_language_model(
         model.train()
         starts = torch.randint(0, len(train) - seq_len - 1, (batch_size,), generator=generator)
         window = torch.stack([train[s : s + seq_len + 1] for s in starts.tolist()])
-        logits = model(window[:, :-1], *model.initial_state(batch_size))[0]
+        logits = model(window[:, :-1], *empty_state(model, batch_size))[0]
         loss = loss_fn(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
         optimizer.zero_grad()
         loss.backward()
@@ -157,6 +157,12 @@ def fit_language_model(
     return Trained(quality, time.perf_counter() - started)
 
 
+def empty_state(model: nn.Module, batch: int) -> tuple[torch.Tensor, ...]:
+    """The state a step model starts a text with (zeros, or an empty cache)."""
+    initial_state: Callable[[int], tuple[torch.Tensor, ...]] = getattr(model, "initial_state")  # noqa: B009
+    return initial_state(batch)
+
+
 def bits_per_char(model: nn.Module, tokens: np.ndarray, window: int) -> float:
     """Held-out bits per character: the text cut into windows, each predicted from its own start."""
     model.eval()
@@ -164,6 +170,6 @@ def bits_per_char(model: nn.Module, tokens: np.ndarray, window: int) -> float:
     x = torch.from_numpy(tokens[:usable]).reshape(-1, window)
     y = torch.from_numpy(tokens[1 : usable + 1]).reshape(-1, window)
     with torch.no_grad():
-        logits = model(x, *model.initial_state(len(x)))[0]
+        logits = model(x, *empty_state(model, len(x)))[0]
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
     return float(nll) / math.log(2)

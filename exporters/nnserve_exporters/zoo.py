@@ -14,11 +14,10 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-
 from torch import nn
 
 from .api import Exported
-from .families import cnn, fnn, gru, lstm, resnet, rnn
+from .families import cnn, fnn, gan, gru, lstm, minilm, resnet, rnn, transformer_lm, unet, vae
 
 # Build order matters: a family's NEEDS (the CNN that judges generated digits) come first.
 FAMILIES: dict[str, ModuleType] = {
@@ -28,6 +27,11 @@ FAMILIES: dict[str, ModuleType] = {
     "rnn": rnn,
     "lstm": lstm,
     "gru": gru,
+    "transformer-lm": transformer_lm,
+    "minilm": minilm,
+    "unet": unet,
+    "gan": gan,
+    "vae": vae,
 }
 
 
@@ -56,7 +60,15 @@ def build_family(family: ModuleType, out: Path, fast: bool, trained_models: dict
         _write_card(family, exported, trained.quality, fast)
         size = exported.path.stat().st_size
         rows.append(
-            ZooRow(exported.name, family.FAMILY, exported.task, trained.quality, exported.parity_error, size, trained.seconds)
+            ZooRow(
+                exported.name,
+                family.FAMILY,
+                exported.task,
+                trained.quality,
+                exported.parity_error,
+                size,
+                trained.seconds,
+            )
         )
     return rows
 
@@ -108,18 +120,19 @@ def build_zoo(out: Path, *, fast: bool = False, only: list[str] | None = None, f
 
 
 def table(rows: list[ZooRow]) -> str:
-    header = f"{'model':<16} {'family':<8} {'task':<9} {'quality':<22} {'parity':>9} {'size':>10} {'train':>7}"
+    header = f"{'model':<19} {'family':<11} {'task':<9} {'parity':>8} {'size':>10} {'train':>7}  quality"
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r.name:<16} {r.family:<8} {r.task:<9} {_quality(r.quality):<22} {r.parity_error:>9.1e} "
-            f"{r.size_bytes / 1024:>8.1f}KB {r.train_seconds:>6.1f}s"
+            f"{r.name:<19} {r.family:<11} {r.task:<9} {r.parity_error:>8.1e} {r.size_bytes / 1024:>8.0f}KB "
+            f"{r.train_seconds:>6.1f}s  {_quality(r.quality)}"
         )
     return "\n".join(lines)
 
 
 def _quality(quality: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in quality.items())
+    # Six decimals near 1, where four would print a cosine of 0.99996 as 1.0000.
+    return ", ".join(f"{k} {v:.6f}" if abs(1 - v) < 1e-3 else f"{k} {v:.4f}" for k, v in quality.items())
 
 
 def _write_card(family: ModuleType, exported: Exported, quality: dict[str, float], fast: bool) -> None:

@@ -47,7 +47,9 @@ def sampler(model: nn.Module, vocab: int, state_shapes: Sequence[Sequence[int]])
         generator = torch.Generator().manual_seed(variant)
         steps = (6, 1)[variant]
         tokens = torch.randint(0, vocab, (batch, steps), generator=generator)
-        states = tuple(torch.randn([batch if d == -1 else d for d in shape], generator=generator) * 0.5 for shape in state_shapes)
+        states = tuple(
+            torch.randn([batch if d == -1 else d for d in shape], generator=generator) * 0.5 for shape in state_shapes
+        )
         return (tokens, *states)
 
     return sample

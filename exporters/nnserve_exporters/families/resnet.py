@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from nnserve_client.model_spec import Preprocessing
 from torch import nn
+
+from nnserve_client.model_spec import Preprocessing
 
 from .. import api, datasets
 from ..training import Trained, fit_classifier, shift_augment
@@ -32,7 +33,9 @@ class BasicBlock(nn.Module):
         )
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or inputs != outputs:
-            self.shortcut = nn.Sequential(nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(inputs, outputs, 1, stride=stride, bias=False), nn.BatchNorm2d(outputs)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.relu(self.body(x) + self.shortcut(x))

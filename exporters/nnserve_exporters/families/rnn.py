@@ -6,8 +6,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from nnserve_client.model_spec import Preprocessing
 from torch import nn
+
+from nnserve_client.model_spec import Preprocessing
 
 from .. import api, datasets
 from ..training import Trained, fit_classifier
