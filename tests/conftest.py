@@ -175,6 +175,22 @@ def own_server(model_repository: Path) -> Iterator[Callable[..., RunningServer]]
 
 
 @pytest.fixture(scope="session")
+def fast_zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[object]]:
+    """Every family in --fast mode: tiny models, real code paths."""
+    from nnserve_exporters.zoo import build_zoo
+
+    out = tmp_path_factory.mktemp("fast-zoo") / "models"
+    return out, list(build_zoo(out, fast=True))
+
+
+@pytest.fixture(scope="session")
+def zoo_server(fast_zoo: tuple[Path, list[object]]) -> Iterator[RunningServer]:
+    running = start_server(fast_zoo[0], "--max-image-pixels", "10000", "--max-tokens", "500", "--max-text-chars", "300")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
 def digits_holdout() -> tuple[np.ndarray, np.ndarray]:
     from nnserve_exporters import datasets
 

@@ -18,7 +18,19 @@ from .errors import (
     Unavailable,
     Unimplemented,
 )
-from .types import Classification, LabelScore, ModelInfo, ServerInfo, TensorSpec
+from .types import (
+    Classification,
+    Embeddings,
+    GeneratedImage,
+    GenerateEvent,
+    GenerationDone,
+    LabelScore,
+    ModelInfo,
+    Segmentation,
+    ServerInfo,
+    TensorSpec,
+    TextPiece,
+)
 
 __version__ = "0.1.0"
 
@@ -28,7 +40,11 @@ __all__ = [
     "Classification",
     "Client",
     "DeadlineExceeded",
+    "Embeddings",
     "FailedPrecondition",
+    "GenerateEvent",
+    "GeneratedImage",
+    "GenerationDone",
     "InvalidArgument",
     "LabelScore",
     "ModelInfo",
@@ -36,9 +52,11 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
+    "Segmentation",
     "ServerError",
     "ServerInfo",
     "TensorSpec",
+    "TextPiece",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

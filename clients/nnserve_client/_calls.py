@@ -6,8 +6,11 @@ and how to turn the response into SDK types. The two clients differ only in how 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import io
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
@@ -15,7 +18,19 @@ import numpy as np
 from . import codec
 from ._proto import grpc_predict_v2_pb2 as kserve
 from ._proto import tasks_pb2 as tasks
-from .types import Classification, LabelScore, ModelInfo, ServerInfo, TensorSpec
+from .types import (
+    Classification,
+    Embeddings,
+    GeneratedImage,
+    GenerateEvent,
+    GenerationDone,
+    LabelScore,
+    ModelInfo,
+    Segmentation,
+    ServerInfo,
+    TensorSpec,
+    TextPiece,
+)
 
 T = TypeVar("T")
 
@@ -74,11 +89,134 @@ def infer(
     return Call("kserve", "ModelInfer", request, _infer_outputs)
 
 
-def classify(model: str, batch: np.ndarray, top_k: int, version: str) -> Call[list[Classification]]:
-    array = np.asarray(batch)
-    tensor = tasks.Tensor(datatype=codec.datatype_of(array.dtype), shape=array.shape, raw=codec.to_raw(array))
-    request = tasks.ClassifyRequest(model_name=model, model_version=version, tensor=tensor, top_k=top_k)
+ImageLike = Any  # encoded bytes, a file path, or a PIL image
+
+
+def _tensor(value: np.ndarray) -> tasks.Tensor:
+    array = np.asarray(value)
+    return tasks.Tensor(datatype=codec.datatype_of(array.dtype), shape=array.shape, raw=codec.to_raw(array))
+
+
+def image_bytes(image: ImageLike) -> bytes:
+    """PNG/JPEG bytes from bytes, a file path or a PIL image (Pillow is only needed for the last)."""
+    if isinstance(image, bytes | bytearray):
+        return bytes(image)
+    if isinstance(image, str | os.PathLike):
+        return Path(image).read_bytes()
+    if hasattr(image, "save"):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"an image must be bytes, a path or a PIL image, not {type(image).__name__}")
+
+
+def _images(images: ImageLike | Sequence[ImageLike]) -> tasks.ImageBatch:
+    items = [images] if isinstance(images, bytes | str | os.PathLike) or hasattr(images, "save") else images
+    return tasks.ImageBatch(images=[image_bytes(i) for i in items])  # type: ignore[union-attr]
+
+
+def _texts(texts: str | Sequence[str]) -> tasks.TextBatch:
+    return tasks.TextBatch(texts=[texts] if isinstance(texts, str) else list(texts))
+
+
+def _set_input(request: Any, batch: np.ndarray | None, images: Any, texts: Any) -> None:
+    given = [name for name, value in (("batch", batch), ("images", images), ("texts", texts)) if value is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of batch, images or texts (got {given or 'none'})")
+    if batch is not None:
+        request.tensor.CopyFrom(_tensor(batch))
+    elif images is not None:
+        request.images.CopyFrom(_images(images))
+    else:
+        request.texts.CopyFrom(_texts(texts))
+
+
+def classify(
+    model: str, batch: np.ndarray | None, images: Any, texts: Any, top_k: int, version: str
+) -> Call[list[Classification]]:
+    request = tasks.ClassifyRequest(model_name=model, model_version=version, top_k=top_k)
+    _set_input(request, batch, images, texts)
     return Call("tasks", "Classify", request, _classifications)
+
+
+def generate(
+    model: str,
+    version: str,
+    *,
+    prompt: str = "",
+    max_tokens: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    num_samples: int = 0,
+    latent: np.ndarray | None = None,
+    label: int | None = None,
+    as_tensor: bool = False,
+) -> Call[GenerateEvent]:
+    request = tasks.GenerateRequest(
+        model_name=model,
+        model_version=version,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=list(stop),
+        num_samples=num_samples,
+        image_format=tasks.IMAGE_FORMAT_TENSOR if as_tensor else tasks.IMAGE_FORMAT_PNG,
+    )
+    if seed is not None:
+        request.seed = seed
+    if label is not None:
+        request.label = label
+    if latent is not None:
+        request.latent.CopyFrom(_tensor(np.asarray(latent, dtype=np.float32)))
+    return Call("tasks", "Generate", request, _generate_event)
+
+
+def encode(
+    model: str, batch: np.ndarray | None, images: Any, texts: Any, normalize: bool, version: str
+) -> Call[Embeddings]:
+    request = tasks.EncodeRequest(model_name=model, model_version=version, normalize=normalize)
+    _set_input(request, batch, images, texts)
+    return Call("tasks", "Encode", request, _embeddings)
+
+
+def segment(model: str, image: ImageLike | np.ndarray, png: bool, version: str) -> Call[Segmentation]:
+    request = tasks.SegmentRequest(model_name=model, model_version=version, png=png)
+    if isinstance(image, np.ndarray):
+        request.tensor.CopyFrom(_tensor(image))
+    else:
+        request.image = image_bytes(image)
+    return Call("tasks", "Segment", request, _segmentation)
+
+
+def _array(tensor: tasks.Tensor) -> np.ndarray:
+    return codec.from_raw(tensor.raw, tensor.datatype, tensor.shape)
+
+
+def _generate_event(message: tasks.GenerateResponse) -> GenerateEvent:
+    kind = message.WhichOneof("event")
+    if kind == "text":
+        return TextPiece(message.text)
+    if kind == "image":
+        image = message.image
+        pixels = _array(image.tensor) if image.HasField("tensor") else None
+        return GeneratedImage(image.index, image.png or None, pixels, image.label)
+    done = message.done
+    return GenerationDone(done.finish_reason, done.prompt_tokens, done.generated_tokens, done.samples)
+
+
+def _embeddings(response: tasks.EncodeResponse) -> Embeddings:
+    return Embeddings(_array(response.embeddings), {k: _array(v) for k, v in response.others.items()})
+
+
+def _segmentation(response: tasks.SegmentResponse) -> Segmentation:
+    mask = np.frombuffer(response.mask, dtype=np.uint8).reshape(response.height, response.width)
+    counts = dict(zip(response.labels, (int(c) for c in response.pixel_counts), strict=True))
+    return Segmentation(mask, tuple(response.labels), counts, response.mask_png or None)
 
 
 def _infer_outputs(response: kserve.ModelInferResponse) -> dict[str, np.ndarray]:

@@ -7,7 +7,7 @@ error surfaces as an `nnserve_client.errors` exception carrying the server's mes
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -18,7 +18,7 @@ from . import _calls
 from ._proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from ._proto import tasks_pb2_grpc as tasks_grpc
 from .errors import from_rpc_error
-from .types import Classification, ModelInfo, ServerInfo
+from .types import Classification, Embeddings, GenerateEvent, ModelInfo, Segmentation, ServerInfo, TextPiece
 
 T = TypeVar("T")
 
@@ -75,7 +75,7 @@ class Client:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stubs = {
+        self._stubs: dict[str, Any] = {
             "kserve": kserve_grpc.GRPCInferenceServiceStub(self._channel),
             "tasks": tasks_grpc.TasksStub(self._channel),
         }
@@ -119,10 +119,65 @@ class Client:
         return self._invoke(_calls.infer(model, inputs, outputs, version), timeout)
 
     def classify(
-        self, model: str, batch: np.ndarray, *, top_k: int = 5, version: str = "", timeout: float | None = None
+        self,
+        model: str,
+        batch: np.ndarray | None = None,
+        *,
+        images: Any = None,
+        texts: str | Sequence[str] | None = None,
+        top_k: int = 5,
+        version: str = "",
+        timeout: float | None = None,
     ) -> list[Classification]:
-        """Top-k labels for each item of `batch` (in the model's natural units, e.g. digit pixels 0..16)."""
-        return self._invoke(_calls.classify(model, batch, top_k, version), timeout)
+        """Top-k labels for each item: a `batch` array in the model's natural units (digit pixels
+        0..16), `images` (PNG/JPEG bytes, file paths or PIL images; one or a list) or `texts`."""
+        return self._invoke(_calls.classify(model, batch, images, texts, top_k, version), timeout)
+
+    def generate(
+        self, model: str, *, version: str = "", timeout: float | None = None, **options: Any
+    ) -> Iterator[GenerateEvent]:
+        """Stream a generation: `TextPiece`s (prompt=..., max_tokens, temperature, top_k, top_p, seed,
+        stop) or `GeneratedImage`s (num_samples=..., seed, latent, label, as_tensor), then one
+        `GenerationDone`. Leaving the loop early cancels the work on the server."""
+        call = _calls.generate(model, version, **options)
+        stream = self._stubs["tasks"].Generate(
+            call.request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
+        )
+        try:
+            for message in stream:
+                yield call.parse(message)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            stream.cancel()
+
+    def generate_text(self, model: str, prompt: str, **options: Any) -> str:
+        """The whole generated text at once."""
+        events = self.generate(model, prompt=prompt, **options)
+        return "".join(e.text for e in events if isinstance(e, TextPiece))
+
+    def encode(
+        self,
+        model: str,
+        batch: np.ndarray | None = None,
+        *,
+        images: Any = None,
+        texts: str | Sequence[str] | None = None,
+        normalize: bool = False,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> Embeddings:
+        """Vectors for texts (sentence encoders) or images / a batch (VAE latents, CNN features)."""
+        return self._invoke(_calls.encode(model, batch, images, texts, normalize, version), timeout)
+
+    def segment(
+        self, model: str, image: Any, *, png: bool = False, version: str = "", timeout: float | None = None
+    ) -> Segmentation:
+        """The class mask of one image (PNG/JPEG bytes, a path, a PIL image, or an array [h, w])."""
+        return self._invoke(_calls.segment(model, image, png, version), timeout)
+
+    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return self.models(timeout=timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -152,7 +207,7 @@ class AsyncClient:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
             self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._stubs = {
+        self._stubs: dict[str, Any] = {
             "kserve": kserve_grpc.GRPCInferenceServiceStub(self._channel),
             "tasks": tasks_grpc.TasksStub(self._channel),
         }
@@ -197,9 +252,57 @@ class AsyncClient:
         return await self._invoke(_calls.infer(model, inputs, outputs, version), timeout)
 
     async def classify(
-        self, model: str, batch: np.ndarray, *, top_k: int = 5, version: str = "", timeout: float | None = None
+        self,
+        model: str,
+        batch: np.ndarray | None = None,
+        *,
+        images: Any = None,
+        texts: str | Sequence[str] | None = None,
+        top_k: int = 5,
+        version: str = "",
+        timeout: float | None = None,
     ) -> list[Classification]:
-        return await self._invoke(_calls.classify(model, batch, top_k, version), timeout)
+        return await self._invoke(_calls.classify(model, batch, images, texts, top_k, version), timeout)
+
+    async def generate(
+        self, model: str, *, version: str = "", timeout: float | None = None, **options: Any
+    ) -> AsyncIterator[GenerateEvent]:
+        call = _calls.generate(model, version, **options)
+        stream = self._stubs["tasks"].Generate(
+            call.request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
+        )
+        try:
+            async for message in stream:
+                yield call.parse(message)
+        except grpc.RpcError as error:
+            raise from_rpc_error(error) from None
+        finally:
+            stream.cancel()
+
+    async def generate_text(self, model: str, prompt: str, **options: Any) -> str:
+        pieces = [e.text async for e in self.generate(model, prompt=prompt, **options) if isinstance(e, TextPiece)]
+        return "".join(pieces)
+
+    async def encode(
+        self,
+        model: str,
+        batch: np.ndarray | None = None,
+        *,
+        images: Any = None,
+        texts: str | Sequence[str] | None = None,
+        normalize: bool = False,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> Embeddings:
+        return await self._invoke(_calls.encode(model, batch, images, texts, normalize, version), timeout)
+
+    async def segment(
+        self, model: str, image: Any, *, png: bool = False, version: str = "", timeout: float | None = None
+    ) -> Segmentation:
+        return await self._invoke(_calls.segment(model, image, png, version), timeout)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        return await self.models(timeout=timeout)
 
     async def close(self) -> None:
         await self._channel.close()

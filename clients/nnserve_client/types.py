@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -55,3 +57,45 @@ class Classification:
     @property
     def probability(self) -> float:
         return self.top[0].probability
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    """The next piece of generated text."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    index: int
+    png: bytes | None  # PNG bytes (the default format)
+    pixels: np.ndarray | None  # uint8 [height, width] when asked for tensors
+    label: str  # the class drawn, for conditional generators
+
+
+@dataclass(frozen=True)
+class GenerationDone:
+    """The last event of a Generate stream."""
+
+    finish_reason: str  # length | stop | samples
+    prompt_tokens: int
+    generated_tokens: int
+    samples: int
+
+
+GenerateEvent = TextPiece | GeneratedImage | GenerationDone
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: np.ndarray  # float32 [items, dimensions]
+    others: Mapping[str, np.ndarray] = field(default_factory=dict)  # e.g. a VAE's log_variance
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    mask: np.ndarray  # uint8 [height, width]: each pixel's class index
+    labels: tuple[str, ...]
+    pixel_counts: Mapping[str, int]
+    png: bytes | None = None

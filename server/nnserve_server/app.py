@@ -73,7 +73,7 @@ def create_server(settings: Settings, repository: ModelRepository, metrics: Serv
     )
     state = ServerState()
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(repository, state), server)
-    tasks_pb2_grpc.add_TasksServicer_to_server(TasksServicer(repository), server)
+    tasks_pb2_grpc.add_TasksServicer_to_server(TasksServicer(repository, settings), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -103,15 +103,22 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         method: str = details.method  # type: ignore[attr-defined]
-        if handler is None or not method.startswith(SERVICE_PREFIXES) or handler.unary_unary is None:
+        if handler is None or not method.startswith(SERVICE_PREFIXES):
             return handler
         rpc = method.rsplit("/", 1)[-1]
-        behavior = self._wrap(rpc, handler.unary_unary)
-        return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap(rpc, handler.unary_unary),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(rpc, handler.unary_stream),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
     def _wrap(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -139,6 +146,37 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
                 self.in_flight.exit()
                 model, version = self._labels(request, response)
                 self._metrics.observe_request(model, version, rpc, code, time.perf_counter() - started)
+
+        return behavior
+
+    def _wrap_stream(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """As `_wrap`, for server-streaming RPCs: errors before or between messages map the same way."""
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            code = "OK"
+            self.in_flight.enter()
+            try:
+                if isinstance(request, _Malformed):
+                    raise InvalidInput(f"the request is not a valid {rpc} request message: {request.error}")
+                async for message in inner(request, context):
+                    yield message
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except Exception as error:
+                status = status_for(error)
+                if status is None:
+                    log.exception("unexpected error in %s", rpc)
+                    status, message = grpc.StatusCode.INTERNAL, "internal server error; the server log has details"
+                else:
+                    message = str(error)
+                code = status.name
+                await context.abort(status, message)
+            finally:
+                self.in_flight.exit()
+                model, _ = self._labels(request, None)
+                self._metrics.observe_request(model, "", rpc, code, time.perf_counter() - started)
 
         return behavior
 

@@ -40,6 +40,10 @@ class Settings:
     instances: int = _setting(1, "concurrent onnxruntime runs per model")
     max_batch_size: int = _setting(256, "largest batch a request may carry, for models with a batch dimension")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
+    max_image_pixels: int = _setting(4096 * 4096, "largest image (width x height) the task API decodes")
+    max_text_chars: int = _setting(100_000, "longest text (prompt or input) the task API accepts, in characters")
+    max_tokens: int = _setting(2048, "ceiling on the tokens one Generate call may ask for")
+    max_samples: int = _setting(256, "ceiling on the images one Generate call may ask for")
     grace_period_s: float = _setting(10.0, "seconds in-flight requests get to finish on SIGTERM or SIGINT")
     reflection: bool = _setting(True, "serve gRPC server reflection")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
@@ -58,6 +62,9 @@ class Settings:
             problems.append("max batch size must be >= 1")
         if self.max_message_bytes < 1024:
             problems.append("max message bytes must be >= 1024")
+        for name in ("max_image_pixels", "max_text_chars", "max_tokens", "max_samples"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name.replace('_', ' ')} must be >= 1")
         if self.grace_period_s < 0:
             problems.append("grace period must be >= 0")
         if not self.providers:

@@ -12,8 +12,10 @@ import numpy as np
 from nnserve_client.codec import DTYPES
 from nnserve_client.model_spec import ModelSpec, Preprocessing
 
+from . import images
 from .errors import InvalidInput
 from .model import OnnxModel
+from .text import check_texts, word_pieces
 
 DEFAULT_TOP_K = 5
 
@@ -56,19 +58,100 @@ class Ranking:
     labels: tuple[str, ...]
 
 
-async def classify(model: OnnxModel, batch: np.ndarray, top_k: int) -> Ranking:
-    spec = require_task(model, "classify")
+def full_scale(spec: ModelSpec) -> float:
+    """The natural-units value an image's 255 maps to: what the preprocessing scales to 1."""
+    return 1.0 / spec.preprocessing.scale
+
+
+def tensor_inputs(model: OnnxModel, spec: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
+    """A batch in natural units, preprocessed and typed for the model's single input."""
+    if len(model.inputs) != 1:
+        raise InvalidInput(f"model '{model.name}' takes inputs {list(model.inputs)}, not one tensor")
     (input_spec,) = model.inputs.values()
     if batch.dtype.kind not in "biuf":
-        raise InvalidInput(f"Classify takes a numeric tensor; got {batch.dtype}")
+        raise InvalidInput(f"the tensor must be numeric; got {batch.dtype}")
     if batch.ndim == len(input_spec.shape) - 1:
         batch = batch[np.newaxis]  # one item without its batch dimension
     x = preprocess(batch, spec.preprocessing, spec.input_layout).astype(DTYPES[input_spec.datatype], copy=False)
+    return {input_spec.name: x}
+
+
+def image_inputs(model: OnnxModel, spec: ModelSpec, encoded: list[bytes], max_pixels: int) -> dict[str, np.ndarray]:
+    """Encoded images decoded, resized to the model's image size and preprocessed, as one batch."""
+    if not encoded:
+        raise InvalidInput("no images given; send at least one")
+    input_spec = next(iter(model.inputs.values()))
+    if spec.input_layout != "NCHW" or len(model.inputs) != 1 or len(input_spec.shape) != 4:
+        raise InvalidInput(f"model '{model.name}' does not take images")
+    channels = input_spec.shape[1] if input_spec.shape[1] > 0 else 1
+    top = full_scale(spec)
+    decoded = [
+        images.decode(data, channels=channels, size=spec.image_size, max_pixels=max_pixels, top=top) for data in encoded
+    ]
+    return tensor_inputs(model, spec, np.stack(decoded))
+
+
+def text_inputs(model: OnnxModel, spec: ModelSpec, texts: list[str], max_chars: int) -> dict[str, np.ndarray]:
+    if not spec.tokenizer:
+        raise InvalidInput(f"model '{model.name}' does not take text")
+    check_texts(texts, max_chars)
+    ids, mask = word_pieces(spec, texts, int(spec.extra.get("max_length", "512")))
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+async def classify(model: OnnxModel, inputs: dict[str, np.ndarray], top_k: int) -> Ranking:
+    spec = require_task(model, "classify")
     first_output = next(iter(model.outputs))
-    (scores,) = (await model.infer({input_spec.name: x}, [first_output])).values()
+    (scores,) = (await model.infer(inputs, [first_output])).values()
     if scores.ndim != 2:
         raise InvalidInput(f"model '{model.name}' returns scores of shape {list(scores.shape)}, not (items, classes)")
     probabilities = softmax(scores.astype(np.float32)) if spec.output_kind == "logits" else scores
     k = min(top_k or DEFAULT_TOP_K, probabilities.shape[1])
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     return Ranking(order, np.take_along_axis(probabilities, order, axis=1), spec.labels)
+
+
+@dataclass(frozen=True)
+class Vectors:
+    main: np.ndarray  # float32 [items, dimensions]
+    others: dict[str, np.ndarray]
+
+
+async def encode(model: OnnxModel, inputs: dict[str, np.ndarray], normalize: bool) -> Vectors:
+    """The model's vectors: the first output of an encode model, or a classifier's `features`."""
+    spec = model.spec
+    if spec is None or not (spec.task == "encode" or "features" in model.outputs):
+        task = spec.task if spec else "none"
+        raise InvalidInput(f"model '{model.name}' does the task '{task}' and has no `features` output to encode with")
+    results = await model.infer(inputs)
+    name = next(iter(model.outputs)) if spec.task == "encode" else "features"
+    vectors = {n: v.astype(np.float32) for n, v in results.items() if v.ndim == 2}
+    main = vectors.pop(name)
+    if normalize:
+        main = main / np.maximum(np.linalg.norm(main, axis=1, keepdims=True), 1e-12)
+    return Vectors(main, vectors if spec.task == "encode" else {})
+
+
+@dataclass(frozen=True)
+class Mask:
+    classes: np.ndarray  # uint8 [height, width]
+    labels: tuple[str, ...]
+    pixel_counts: np.ndarray  # per class
+
+
+async def segment(model: OnnxModel, image: np.ndarray, max_pixels: int) -> Mask:
+    """`image` [channels, height, width] in natural units: padded to the stride, segmented, cropped back."""
+    spec = require_task(model, "segment")
+    channels, height, width = image.shape
+    if height * width > max_pixels:
+        raise InvalidInput(f"image is {width}x{height} pixels; at most {max_pixels} are segmented")
+    if height == 0 or width == 0:
+        raise InvalidInput("the image is empty")
+    stride = int(spec.extra.get("stride", "1"))
+    padded_h, padded_w = -(-height // stride) * stride, -(-width // stride) * stride
+    padded = np.zeros((1, channels, padded_h, padded_w), np.float32)
+    padded[0, :, :height, :width] = image
+    inputs = tensor_inputs(model, spec, padded)
+    (logits,) = (await model.infer(inputs, [next(iter(model.outputs))])).values()
+    classes = logits[0, :, :height, :width].argmax(axis=0).astype(np.uint8)
+    return Mask(classes, spec.labels, np.bincount(classes.reshape(-1), minlength=len(spec.labels)))

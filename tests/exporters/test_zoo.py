@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -10,12 +9,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import RunningServer, start_server
+from conftest import RunningServer
 
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_client.model_spec import ModelSpec
-from nnserve_exporters.zoo import FAMILIES, ZooRow, build_zoo
+from nnserve_exporters.zoo import FAMILIES, ZooRow
 
 EXPECTED = {
     "digits-fnn": ("fnn", "classify"),
@@ -31,12 +30,6 @@ EXPECTED = {
     "digits-vae": ("vae", "generate"),
     "digits-vae-encoder": ("vae", "encode"),
 }
-
-
-@pytest.fixture(scope="module")
-def fast_zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[ZooRow]]:
-    out = tmp_path_factory.mktemp("fast-zoo") / "models"
-    return out, build_zoo(out, fast=True)
 
 
 def spec_of(path: Path) -> ModelSpec:
@@ -121,13 +114,6 @@ def test_unet_takes_any_multiple_of_its_stride(fast_zoo: tuple[Path, list[ZooRow
     for height, width in ((8, 8), (40, 24), (64, 96)):
         (logits,) = session.run(None, {"input": np.zeros((1, 1, height, width), np.float32)})
         assert logits.shape == (1, 4, height, width)
-
-
-@pytest.fixture(scope="module")
-def zoo_server(fast_zoo: tuple[Path, list[ZooRow]]) -> Iterator[RunningServer]:
-    running = start_server(fast_zoo[0])
-    yield running
-    running.stop()
 
 
 def test_the_server_loads_the_whole_zoo(zoo_server: RunningServer) -> None:

@@ -25,37 +25,63 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16nnserve/v1/tasks.proto\x12\nnnserve.v1\"6\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"z\n\x0f\x43lassifyRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12$\n\x06tensor\x18\x03 \x01(\x0b\x32\x12.nnserve.v1.TensorH\x00\x12\r\n\x05top_k\x18\x04 \x01(\rB\x07\n\x05input\"?\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"5\n\x0e\x43lassification\x12#\n\x03top\x18\x01 \x03(\x0b\x32\x16.nnserve.v1.LabelScore\"h\n\x10\x43lassifyResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12)\n\x05items\x18\x03 \x03(\x0b\x32\x1a.nnserve.v1.Classification\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.nnserve.v1.ModelDescription\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xd2\x02\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x06 \x01(\t\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12&\n\x06inputs\x18\x08 \x03(\x0b\x32\x16.nnserve.v1.TensorSpec\x12\'\n\x07outputs\x18\t \x03(\x0b\x32\x16.nnserve.v1.TensorSpec\x12:\n\x07quality\x18\n \x03(\x0b\x32).nnserve.v1.ModelDescription.QualityEntry\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x1a.\n\x0cQualityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xe8\x01\n\x05Tasks\x12G\n\x08\x43lassify\x12\x1b.nnserve.v1.ClassifyRequest\x1a\x1c.nnserve.v1.ClassifyResponse\"\x00\x12M\n\nListModels\x12\x1d.nnserve.v1.ListModelsRequest\x1a\x1e.nnserve.v1.ListModelsResponse\"\x00\x12G\n\x08GetModel\x12\x1b.nnserve.v1.GetModelRequest\x1a\x1c.nnserve.v1.ModelDescription\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16nnserve/v1/tasks.proto\x12\nnnserve.v1\"6\n\x06Tensor\x12\x10\n\x08\x64\x61tatype\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"\x1c\n\nImageBatch\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x1a\n\tTextBatch\x12\r\n\x05texts\x18\x01 \x03(\t\"\xcc\x01\n\x0f\x43lassifyRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12$\n\x06tensor\x18\x03 \x01(\x0b\x32\x12.nnserve.v1.TensorH\x00\x12(\n\x06images\x18\x05 \x01(\x0b\x32\x16.nnserve.v1.ImageBatchH\x00\x12&\n\x05texts\x18\x06 \x01(\x0b\x32\x15.nnserve.v1.TextBatchH\x00\x12\r\n\x05top_k\x18\x04 \x01(\rB\x07\n\x05input\"?\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"5\n\x0e\x43lassification\x12#\n\x03top\x18\x01 \x03(\x0b\x32\x16.nnserve.v1.LabelScore\"h\n\x10\x43lassifyResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12)\n\x05items\x18\x03 \x03(\x0b\x32\x1a.nnserve.v1.Classification\"\xc3\x02\n\x0fGenerateRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x13\n\x0bnum_samples\x18\n \x01(\r\x12\"\n\x06latent\x18\x0b \x01(\x0b\x32\x12.nnserve.v1.Tensor\x12\x12\n\x05label\x18\x0c \x01(\x05H\x01\x88\x01\x01\x12-\n\x0cimage_format\x18\r \x01(\x0e\x32\x17.nnserve.v1.ImageFormatB\x07\n\x05_seedB\x08\n\x06_label\"_\n\x0eGeneratedImage\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0b\n\x03png\x18\x02 \x01(\x0c\x12\"\n\x06tensor\x18\x03 \x01(\x0b\x32\x12.nnserve.v1.Tensor\x12\r\n\x05label\x18\x04 \x01(\t\"g\n\x0cGenerateDone\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x0f\n\x07samples\x18\x04 \x01(\r\"\x82\x01\n\x10GenerateResponse\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x05image\x18\x02 \x01(\x0b\x32\x1a.nnserve.v1.GeneratedImageH\x00\x12(\n\x04\x64one\x18\x03 \x01(\x0b\x32\x18.nnserve.v1.GenerateDoneH\x00\x42\x07\n\x05\x65vent\"\xce\x01\n\rEncodeRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12&\n\x05texts\x18\x03 \x01(\x0b\x32\x15.nnserve.v1.TextBatchH\x00\x12(\n\x06images\x18\x04 \x01(\x0b\x32\x16.nnserve.v1.ImageBatchH\x00\x12$\n\x06tensor\x18\x05 \x01(\x0b\x32\x12.nnserve.v1.TensorH\x00\x12\x11\n\tnormalize\x18\x06 \x01(\x08\x42\x07\n\x05input\"\xde\x01\n\x0e\x45ncodeResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12&\n\nembeddings\x18\x03 \x01(\x0b\x32\x12.nnserve.v1.Tensor\x12\x36\n\x06others\x18\x04 \x03(\x0b\x32&.nnserve.v1.EncodeResponse.OthersEntry\x1a\x41\n\x0bOthersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12!\n\x05value\x18\x02 \x01(\x0b\x32\x12.nnserve.v1.Tensor:\x02\x38\x01\"\x88\x01\n\x0eSegmentRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12$\n\x06tensor\x18\x04 \x01(\x0b\x32\x12.nnserve.v1.TensorH\x00\x12\x0b\n\x03png\x18\x05 \x01(\x08\x42\x07\n\x05input\"\xa1\x01\n\x0fSegmentResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0c\n\x04mask\x18\x05 \x01(\x0c\x12\x10\n\x08mask_png\x18\x06 \x01(\x0c\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12\x14\n\x0cpixel_counts\x18\x08 \x03(\x04\"\x13\n\x11ListModelsRequest\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.nnserve.v1.ModelDescription\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xd2\x02\n\x10ModelDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08versions\x18\x03 \x03(\t\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x06 \x01(\t\x12\x0e\n\x06labels\x18\x07 \x03(\t\x12&\n\x06inputs\x18\x08 \x03(\x0b\x32\x16.nnserve.v1.TensorSpec\x12\'\n\x07outputs\x18\t \x03(\x0b\x32\x16.nnserve.v1.TensorSpec\x12:\n\x07quality\x18\n \x03(\x0b\x32).nnserve.v1.ModelDescription.QualityEntry\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x1a.\n\x0cQualityEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*<\n\x0bImageFormat\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x00\x12\x17\n\x13IMAGE_FORMAT_TENSOR\x10\x01\x32\xbc\x03\n\x05Tasks\x12G\n\x08\x43lassify\x12\x1b.nnserve.v1.ClassifyRequest\x1a\x1c.nnserve.v1.ClassifyResponse\"\x00\x12I\n\x08Generate\x12\x1b.nnserve.v1.GenerateRequest\x1a\x1c.nnserve.v1.GenerateResponse\"\x00\x30\x01\x12\x41\n\x06\x45ncode\x12\x19.nnserve.v1.EncodeRequest\x1a\x1a.nnserve.v1.EncodeResponse\"\x00\x12\x44\n\x07Segment\x12\x1a.nnserve.v1.SegmentRequest\x1a\x1b.nnserve.v1.SegmentResponse\"\x00\x12M\n\nListModels\x12\x1d.nnserve.v1.ListModelsRequest\x1a\x1e.nnserve.v1.ListModelsResponse\"\x00\x12G\n\x08GetModel\x12\x1b.nnserve.v1.GetModelRequest\x1a\x1c.nnserve.v1.ModelDescription\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'nnserve.v1.tasks_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ENCODERESPONSE_OTHERSENTRY']._loaded_options = None
+  _globals['_ENCODERESPONSE_OTHERSENTRY']._serialized_options = b'8\001'
   _globals['_MODELDESCRIPTION_QUALITYENTRY']._loaded_options = None
   _globals['_MODELDESCRIPTION_QUALITYENTRY']._serialized_options = b'8\001'
+  _globals['_IMAGEFORMAT']._serialized_start=2524
+  _globals['_IMAGEFORMAT']._serialized_end=2584
   _globals['_TENSOR']._serialized_start=38
   _globals['_TENSOR']._serialized_end=92
-  _globals['_CLASSIFYREQUEST']._serialized_start=94
-  _globals['_CLASSIFYREQUEST']._serialized_end=216
-  _globals['_LABELSCORE']._serialized_start=218
-  _globals['_LABELSCORE']._serialized_end=281
-  _globals['_CLASSIFICATION']._serialized_start=283
-  _globals['_CLASSIFICATION']._serialized_end=336
-  _globals['_CLASSIFYRESPONSE']._serialized_start=338
-  _globals['_CLASSIFYRESPONSE']._serialized_end=442
-  _globals['_LISTMODELSREQUEST']._serialized_start=444
-  _globals['_LISTMODELSREQUEST']._serialized_end=463
-  _globals['_LISTMODELSRESPONSE']._serialized_start=465
-  _globals['_LISTMODELSRESPONSE']._serialized_end=531
-  _globals['_GETMODELREQUEST']._serialized_start=533
-  _globals['_GETMODELREQUEST']._serialized_end=581
-  _globals['_TENSORSPEC']._serialized_start=583
-  _globals['_TENSORSPEC']._serialized_end=642
-  _globals['_MODELDESCRIPTION']._serialized_start=645
-  _globals['_MODELDESCRIPTION']._serialized_end=983
-  _globals['_MODELDESCRIPTION_QUALITYENTRY']._serialized_start=937
-  _globals['_MODELDESCRIPTION_QUALITYENTRY']._serialized_end=983
-  _globals['_TASKS']._serialized_start=986
-  _globals['_TASKS']._serialized_end=1218
+  _globals['_IMAGEBATCH']._serialized_start=94
+  _globals['_IMAGEBATCH']._serialized_end=122
+  _globals['_TEXTBATCH']._serialized_start=124
+  _globals['_TEXTBATCH']._serialized_end=150
+  _globals['_CLASSIFYREQUEST']._serialized_start=153
+  _globals['_CLASSIFYREQUEST']._serialized_end=357
+  _globals['_LABELSCORE']._serialized_start=359
+  _globals['_LABELSCORE']._serialized_end=422
+  _globals['_CLASSIFICATION']._serialized_start=424
+  _globals['_CLASSIFICATION']._serialized_end=477
+  _globals['_CLASSIFYRESPONSE']._serialized_start=479
+  _globals['_CLASSIFYRESPONSE']._serialized_end=583
+  _globals['_GENERATEREQUEST']._serialized_start=586
+  _globals['_GENERATEREQUEST']._serialized_end=909
+  _globals['_GENERATEDIMAGE']._serialized_start=911
+  _globals['_GENERATEDIMAGE']._serialized_end=1006
+  _globals['_GENERATEDONE']._serialized_start=1008
+  _globals['_GENERATEDONE']._serialized_end=1111
+  _globals['_GENERATERESPONSE']._serialized_start=1114
+  _globals['_GENERATERESPONSE']._serialized_end=1244
+  _globals['_ENCODEREQUEST']._serialized_start=1247
+  _globals['_ENCODEREQUEST']._serialized_end=1453
+  _globals['_ENCODERESPONSE']._serialized_start=1456
+  _globals['_ENCODERESPONSE']._serialized_end=1678
+  _globals['_ENCODERESPONSE_OTHERSENTRY']._serialized_start=1613
+  _globals['_ENCODERESPONSE_OTHERSENTRY']._serialized_end=1678
+  _globals['_SEGMENTREQUEST']._serialized_start=1681
+  _globals['_SEGMENTREQUEST']._serialized_end=1817
+  _globals['_SEGMENTRESPONSE']._serialized_start=1820
+  _globals['_SEGMENTRESPONSE']._serialized_end=1981
+  _globals['_LISTMODELSREQUEST']._serialized_start=1983
+  _globals['_LISTMODELSREQUEST']._serialized_end=2002
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2004
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2070
+  _globals['_GETMODELREQUEST']._serialized_start=2072
+  _globals['_GETMODELREQUEST']._serialized_end=2120
+  _globals['_TENSORSPEC']._serialized_start=2122
+  _globals['_TENSORSPEC']._serialized_end=2181
+  _globals['_MODELDESCRIPTION']._serialized_start=2184
+  _globals['_MODELDESCRIPTION']._serialized_end=2522
+  _globals['_MODELDESCRIPTION_QUALITYENTRY']._serialized_start=2476
+  _globals['_MODELDESCRIPTION_QUALITYENTRY']._serialized_end=2522
+  _globals['_TASKS']._serialized_start=2587
+  _globals['_TASKS']._serialized_end=3031
 # @@protoc_insertion_point(module_scope)

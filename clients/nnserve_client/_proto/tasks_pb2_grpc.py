@@ -40,6 +40,21 @@ class TasksStub:
                 request_serializer=nnserve_dot_v1_dot_tasks__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=nnserve_dot_v1_dot_tasks__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/nnserve.v1.Tasks/Generate',
+                request_serializer=nnserve_dot_v1_dot_tasks__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=nnserve_dot_v1_dot_tasks__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Encode = channel.unary_unary(
+                '/nnserve.v1.Tasks/Encode',
+                request_serializer=nnserve_dot_v1_dot_tasks__pb2.EncodeRequest.SerializeToString,
+                response_deserializer=nnserve_dot_v1_dot_tasks__pb2.EncodeResponse.FromString,
+                _registered_method=True)
+        self.Segment = channel.unary_unary(
+                '/nnserve.v1.Tasks/Segment',
+                request_serializer=nnserve_dot_v1_dot_tasks__pb2.SegmentRequest.SerializeToString,
+                response_deserializer=nnserve_dot_v1_dot_tasks__pb2.SegmentResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/nnserve.v1.Tasks/ListModels',
                 request_serializer=nnserve_dot_v1_dot_tasks__pb2.ListModelsRequest.SerializeToString,
@@ -57,6 +72,28 @@ class TasksServicer:
 
     def Classify(self, request, context):
         """Top-k labels with probabilities for each item of a batch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Text from a language model, streamed piece by piece as it is produced; or images from an image
+        generator (GAN, VAE decoder), streamed one by one. Cancelling the call stops the work.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Encode(self, request, context):
+        """Float32 vectors for texts (sentence encoders) or images (VAE latents, CNN features).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Segment(self, request, context):
+        """A per-pixel class mask for an image.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +120,21 @@ def add_TasksServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=nnserve_dot_v1_dot_tasks__pb2.ClassifyRequest.FromString,
                     response_serializer=nnserve_dot_v1_dot_tasks__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=nnserve_dot_v1_dot_tasks__pb2.GenerateRequest.FromString,
+                    response_serializer=nnserve_dot_v1_dot_tasks__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Encode': grpc.unary_unary_rpc_method_handler(
+                    servicer.Encode,
+                    request_deserializer=nnserve_dot_v1_dot_tasks__pb2.EncodeRequest.FromString,
+                    response_serializer=nnserve_dot_v1_dot_tasks__pb2.EncodeResponse.SerializeToString,
+            ),
+            'Segment': grpc.unary_unary_rpc_method_handler(
+                    servicer.Segment,
+                    request_deserializer=nnserve_dot_v1_dot_tasks__pb2.SegmentRequest.FromString,
+                    response_serializer=nnserve_dot_v1_dot_tasks__pb2.SegmentResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -122,6 +174,87 @@ class Tasks:
             '/nnserve.v1.Tasks/Classify',
             nnserve_dot_v1_dot_tasks__pb2.ClassifyRequest.SerializeToString,
             nnserve_dot_v1_dot_tasks__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/nnserve.v1.Tasks/Generate',
+            nnserve_dot_v1_dot_tasks__pb2.GenerateRequest.SerializeToString,
+            nnserve_dot_v1_dot_tasks__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Encode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nnserve.v1.Tasks/Encode',
+            nnserve_dot_v1_dot_tasks__pb2.EncodeRequest.SerializeToString,
+            nnserve_dot_v1_dot_tasks__pb2.EncodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Segment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nnserve.v1.Tasks/Segment',
+            nnserve_dot_v1_dot_tasks__pb2.SegmentRequest.SerializeToString,
+            nnserve_dot_v1_dot_tasks__pb2.SegmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

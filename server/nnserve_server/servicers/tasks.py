@@ -2,18 +2,44 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
+
+import numpy as np
 
 from nnserve_client import codec
 from nnserve_client._proto import tasks_pb2 as pb
 from nnserve_client._proto import tasks_pb2_grpc as pb_grpc
 
-from .. import tasks
+from .. import generation, images, tasks
 from ..errors import InvalidInput
 from ..model import OnnxModel
 from ..repository import ModelRepository
+from ..settings import Settings
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
+DEFAULT_MAX_TOKENS = 64
+MAX_TOP_K = 1000
+
+
+def _generate_event(event: object, as_tensor: bool) -> pb.GenerateResponse:
+    if isinstance(event, generation.TextPiece):
+        return pb.GenerateResponse(text=event.text)
+    if isinstance(event, generation.Picture):
+        image = pb.GeneratedImage(index=event.index, label=event.label)
+        if as_tensor:
+            image.tensor.CopyFrom(_tensor(event.pixels))
+        else:
+            image.png = images.encode_png(event.pixels)
+        return pb.GenerateResponse(image=image)
+    assert isinstance(event, generation.Finished)
+    done = pb.GenerateDone(
+        finish_reason=event.reason,
+        prompt_tokens=event.prompt_tokens,
+        generated_tokens=event.generated_tokens,
+        samples=event.samples,
+    )
+    return pb.GenerateResponse(done=done)
 
 
 def describe(repository: ModelRepository, model: OnnxModel) -> pb.ModelDescription:
@@ -35,16 +61,40 @@ def describe(repository: ModelRepository, model: OnnxModel) -> pb.ModelDescripti
     )
 
 
+def _tensor(array: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(datatype=codec.datatype_of(array.dtype), shape=array.shape, raw=codec.to_raw(array))
+
+
+def _array(tensor: pb.Tensor) -> np.ndarray:
+    return codec.from_raw(tensor.raw, tensor.datatype, tensor.shape)
+
+
 class TasksServicer(pb_grpc.TasksServicer):
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self._repository = repository
+        self._settings = settings
+
+    def _inputs(self, model: OnnxModel, request: Any, rpc: str) -> dict[str, np.ndarray]:
+        """The model's inputs from whichever of tensor, images or texts the request carries."""
+        spec = model.spec
+        which = request.WhichOneof("input")
+        if spec is None:
+            tasks.require_task(model, rpc.lower())  # raises: a plain ONNX model serves no task
+        assert spec is not None
+        if which == "tensor":
+            return tasks.tensor_inputs(model, spec, _array(request.tensor))
+        if which == "images":
+            return tasks.image_inputs(model, spec, list(request.images.images), self._settings.max_image_pixels)
+        if which == "texts":
+            return tasks.text_inputs(model, spec, list(request.texts.texts), self._settings.max_text_chars)
+        raise InvalidInput(f"{rpc}Request carries no input: set tensor, images or texts")
 
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         model = self._repository.get(request.model_name, request.model_version)
-        if request.WhichOneof("input") != "tensor":
-            raise InvalidInput("ClassifyRequest carries no input: set `tensor`")
-        batch = codec.from_raw(request.tensor.raw, request.tensor.datatype, request.tensor.shape)
-        ranking = await tasks.classify(model, batch, request.top_k)
+        if request.top_k > MAX_TOP_K:
+            raise InvalidInput(f"top_k is {request.top_k}; at most {MAX_TOP_K}")
+        tasks.require_task(model, "classify")
+        ranking = await tasks.classify(model, self._inputs(model, request, "Classify"), request.top_k)
         response = pb.ClassifyResponse(model_name=model.name, model_version=model.version)
         labels = ranking.labels
         for indices, probabilities in zip(ranking.indices.tolist(), ranking.probabilities.tolist(), strict=True):
@@ -53,6 +103,78 @@ class TasksServicer(pb_grpc.TasksServicer):
                 label = labels[index] if index < len(labels) else str(index)
                 item.top.add(label=label, index=index, probability=probability)
         return response
+
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
+        model = self._repository.get(request.model_name, request.model_version)
+        seed = request.seed if request.HasField("seed") else None
+        events: AsyncIterator[Any]
+        if request.prompt:
+            if len(request.prompt) > self._settings.max_text_chars:
+                raise InvalidInput(
+                    f"the prompt has {len(request.prompt)} characters; at most {self._settings.max_text_chars}"
+                )
+            sampling = generation.Sampling(
+                max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
+                temperature=request.temperature,
+                top_k=request.top_k,
+                top_p=request.top_p,
+                seed=seed,
+                stop=tuple(request.stop),
+            )
+            generation.check_sampling(sampling, self._settings.max_tokens)
+            events = generation.generate_text(model, request.prompt, sampling)
+        else:
+            count = request.num_samples or 1
+            if count > self._settings.max_samples:
+                raise InvalidInput(f"num_samples is {count}; this server allows at most {self._settings.max_samples}")
+            latent = _array(request.latent) if request.HasField("latent") else None
+            label = request.label if request.HasField("label") else None
+            events = generation.generate_images(model, count, seed, latent, label)
+        as_tensor = request.image_format == pb.IMAGE_FORMAT_TENSOR
+        async for event in events:
+            yield _generate_event(event, as_tensor)
+
+    async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:
+        model = self._repository.get(request.model_name, request.model_version)
+        vectors = await tasks.encode(model, self._inputs(model, request, "Encode"), request.normalize)
+        response = pb.EncodeResponse(model_name=model.name, model_version=model.version)
+        response.embeddings.CopyFrom(_tensor(vectors.main))
+        for name, array in vectors.others.items():
+            response.others[name].CopyFrom(_tensor(array))
+        return response
+
+    async def Segment(self, request: pb.SegmentRequest, context: Context) -> pb.SegmentResponse:
+        model = self._repository.get(request.model_name, request.model_version)
+        spec = tasks.require_task(model, "segment")
+        which = request.WhichOneof("input")
+        if which == "image":
+            channels = max(model.inputs[next(iter(model.inputs))].shape[1], 1)
+            image = images.decode(
+                request.image, channels=channels, size=(), max_pixels=self._settings.max_image_pixels,
+                top=tasks.full_scale(spec),
+            )  # fmt: skip
+        elif which == "tensor":
+            image = _array(request.tensor).astype(np.float32)
+            if image.ndim == 2:
+                image = image[np.newaxis]
+            if image.ndim != 3:
+                raise InvalidInput(
+                    f"the tensor has shape {list(image.shape)}; send [height, width] or [1, height, width]"
+                )
+        else:
+            raise InvalidInput("SegmentRequest carries no input: set image or tensor")
+        mask = await tasks.segment(model, image, self._settings.max_image_pixels)
+        height, width = mask.classes.shape
+        return pb.SegmentResponse(
+            model_name=model.name,
+            model_version=model.version,
+            height=height,
+            width=width,
+            mask=mask.classes.tobytes(),
+            mask_png=images.encode_png(mask.classes) if request.png else b"",
+            labels=mask.labels,
+            pixel_counts=mask.pixel_counts.tolist(),
+        )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         response = pb.ListModelsResponse()

@@ -1,0 +1,172 @@
+"""Generate: text from step language models, images from generators; both as async iterators.
+
+A language model described with `state` in its metadata is a step model: the prompt goes through
+once, then every token is one call with one token and the state from the call before, so a token
+costs one step whatever the prefix length. Cancelling the consumer (the client going away) stops
+the loop at its next await: no further model call is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from nnserve_client.model_spec import ModelSpec
+
+from . import images
+from .errors import InvalidInput
+from .model import OnnxModel
+from .tasks import require_task
+from .text import CharacterCodec
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TextPiece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # length | stop | samples
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class Picture:
+    index: int
+    pixels: np.ndarray  # uint8 [height, width]
+    label: str
+
+
+def check_sampling(sampling: Sampling, ceiling: int) -> None:
+    if sampling.max_tokens > ceiling:
+        raise InvalidInput(f"max_tokens is {sampling.max_tokens}; this server allows at most {ceiling}")
+    if not sampling.temperature >= 0:
+        raise InvalidInput(f"temperature is {sampling.temperature}; it must be >= 0 (0: greedy)")
+    if not 0 <= sampling.top_p <= 1:
+        raise InvalidInput(f"top_p is {sampling.top_p}; it must be within 0..1")
+    if any(not s for s in sampling.stop):
+        raise InvalidInput("stop strings must not be empty")
+
+
+def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; else sample after temperature, top-k and top-p (nucleus) cuts."""
+    if sampling.temperature == 0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / sampling.temperature
+    order = np.argsort(-scaled, kind="stable")
+    if sampling.top_k:
+        order = order[: sampling.top_k]
+    probabilities = np.exp(scaled[order] - scaled[order[0]])
+    probabilities /= probabilities.sum()
+    if 0 < sampling.top_p < 1:
+        keep = int(np.searchsorted(np.cumsum(probabilities), sampling.top_p) + 1)
+        order, probabilities = order[:keep], probabilities[:keep] / probabilities[:keep].sum()
+    return int(order[rng.choice(len(order), p=probabilities)])
+
+
+def _initial_state(model: OnnxModel, spec: ModelSpec) -> dict[str, np.ndarray]:
+    """Zeros for recurrent state, an empty cache for attention: every free dimension is 1 (the batch)
+    except a cache's growing axis, which starts at 0."""
+    state = {}
+    for name in spec.state:
+        shape = model.inputs[name].shape
+        free = [i for i, d in enumerate(shape) if d == -1]
+        dims = [1 if d == -1 else d for d in shape]
+        if len(free) > 1:  # [layers, batch, heads, past, head_dim]: the later free axis is the cache
+            dims[free[-1]] = 0
+        state[name] = np.zeros(dims, np.float32)
+    return state
+
+
+async def generate_text(model: OnnxModel, prompt: str, sampling: Sampling) -> AsyncIterator[TextPiece | Finished]:
+    spec = require_task(model, "generate")
+    if not spec.vocabulary or not spec.state:
+        raise InvalidInput(f"model '{model.name}' generates images, not text: ask for num_samples, not a prompt")
+    if not prompt:
+        raise InvalidInput("the prompt is empty; give at least one character")
+    codec = CharacterCodec(spec.vocabulary)
+    rng = np.random.default_rng(sampling.seed)
+    state = _initial_state(model, spec)
+    outputs = ["logits", *spec.state.values()]
+    tokens = codec.encode(prompt)[np.newaxis]
+    produced, emitted = "", 0  # text so far, and how much of it has been sent
+    for count in range(1, sampling.max_tokens + 1):
+        result = await model.infer({"tokens": tokens, **state}, outputs)
+        state = {name: result[out] for name, out in spec.state.items()}
+        token = next_token(result["logits"][0, -1], sampling, rng)
+        produced += codec.decode(token)
+        stop_at = min((i for s in sampling.stop if (i := produced.find(s, max(0, emitted - len(s)))) >= 0), default=-1)
+        if stop_at >= 0:
+            if stop_at > emitted:
+                yield TextPiece(produced[emitted:stop_at])
+            yield Finished("stop", len(prompt), count)
+            return
+        # Hold back a tail that may still grow into a stop string; send the rest now.
+        safe = len(produced) - _pending(produced, sampling.stop)
+        if safe > emitted:
+            yield TextPiece(produced[emitted:safe])
+            emitted = safe
+        tokens = np.array([[token]], dtype=np.int64)
+    if len(produced) > emitted:
+        yield TextPiece(produced[emitted:])
+    yield Finished("length", len(prompt), sampling.max_tokens)
+
+
+def _pending(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that is the start of some stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+async def generate_images(
+    model: OnnxModel, count: int, seed: int | None, latent: np.ndarray | None, label: int | None
+) -> AsyncIterator[Picture | Finished]:
+    spec = require_task(model, "generate")
+    if spec.vocabulary:
+        raise InvalidInput(f"model '{model.name}' generates text: send a prompt")
+    latent_dim = int(spec.extra.get("latent_dim", "0"))
+    rng = np.random.default_rng(seed)
+    if latent is not None:
+        if latent.ndim != 2 or latent.shape[1] != latent_dim:
+            raise InvalidInput(f"latent has shape {list(latent.shape)}; model '{model.name}' takes [n, {latent_dim}]")
+        latents = latent.astype(np.float32)
+    else:
+        latents = rng.standard_normal((count, latent_dim)).astype(np.float32)
+    conditional = spec.extra.get("condition") == "label"
+    if label is not None and not (conditional and 0 <= label < len(spec.labels)):
+        raise InvalidInput(
+            f"label {label} is not one of model '{model.name}''s labels 0..{len(spec.labels) - 1}"
+            if conditional
+            else f"model '{model.name}' is not conditional: leave label unset"
+        )
+    output = next(iter(model.outputs))
+    for index, z in enumerate(latents):
+        feed = {"z": z[np.newaxis]}
+        drawn = ""
+        if conditional:
+            chosen = label if label is not None else int(rng.integers(len(spec.labels)))
+            feed["label"] = np.array([chosen], dtype=np.int64)
+            drawn = spec.labels[chosen]
+        (image,) = (await model.infer(feed, [output])).values()
+        yield Picture(index, images.to_uint8(image[0, 0], 1.0), drawn)
+    yield Finished("samples", samples=len(latents))

