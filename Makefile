@@ -9,7 +9,7 @@ PORT   ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: venv serve test check protos zoo clean
+.PHONY: venv serve test test-fast check protos zoo clean
 
 # One venv for the workspace: the three distributions (editable) and the dev tools, all pinned.
 $(STAMP): constraints.txt requirements-dev.txt clients/pyproject.toml server/pyproject.toml exporters/pyproject.toml
@@ -32,6 +32,9 @@ serve: $(STAMP) | $(MODELS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
