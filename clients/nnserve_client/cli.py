@@ -11,6 +11,7 @@ nnserve-client segment shapes-unet --image shapes.png --out mask.png
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import sys
 from collections.abc import Sequence
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0)
     generate.add_argument("--top-p", type=float, default=0.0)
     generate.add_argument("--seed", type=int)
-    generate.add_argument("--stop", nargs="*", default=[])
+    generate.add_argument("--stop", nargs="*", default=[], help="stop strings; backslash escapes work (\\n)")
     generate.add_argument("--samples", type=int, default=0, help="images to draw (image generators)")
     generate.add_argument("--label", type=int, help="class to draw (conditional generators)")
     generate.add_argument("--out", type=Path, default=Path("."), help="folder for generated images")
@@ -94,7 +95,8 @@ def _run(args: argparse.Namespace, client: Client) -> None:
 def _generate(args: argparse.Namespace, client: Client) -> None:
     options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     if args.prompt:
-        options |= {"prompt": args.prompt, "max_tokens": args.max_tokens, "stop": args.stop}
+        stops = [codecs.decode(s, "unicode_escape") for s in args.stop]  # "\n" typed in a shell is a newline
+        options |= {"prompt": args.prompt, "max_tokens": args.max_tokens, "stop": stops}
         sys.stdout.write(args.prompt)
     else:
         options = {"num_samples": args.samples or 1, "seed": args.seed, "label": args.label}

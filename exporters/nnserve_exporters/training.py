@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import datasets
 from .datasets import Corpus
 
 
@@ -90,6 +91,32 @@ def fit_classifier(
         schedule.step()
         progress.update(epoch + 1)
     return Trained({"accuracy": accuracy(model, x_test, y_test)}, time.perf_counter() - started)
+
+
+def fit_digits(
+    model: nn.Module,
+    *,
+    shape: tuple[int, ...],
+    epochs: int,
+    label: str,
+    lr: float = 2e-3,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+) -> Trained:
+    """`fit_classifier` on the digits split, scaled to 0..1 and reshaped to `shape` (batch first)."""
+    data = datasets.digits()
+    scale = datasets.DIGIT_SCALE
+    return fit_classifier(
+        model,
+        torch.from_numpy(data.x_train.reshape(shape) * scale),
+        torch.from_numpy(data.y_train),
+        torch.from_numpy(data.x_test.reshape(shape) * scale),
+        torch.from_numpy(data.y_test),
+        epochs=epochs,
+        seed=0,
+        lr=lr,
+        augment=augment,
+        label=label,
+    )
 
 
 def shift_augment(max_shift: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:

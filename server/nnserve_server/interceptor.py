@@ -43,6 +43,15 @@ def status_for(error: Exception) -> grpc.StatusCode | None:
     return grpc.StatusCode.UNKNOWN if isinstance(error, ServingError) else None
 
 
+def _status_and_message(error: Exception, rpc: str) -> tuple[grpc.StatusCode, str]:
+    """What the caller is told: the domain error's own message, or a fixed one for a bug."""
+    status = status_for(error)
+    if status is None:
+        log.exception("unexpected error in %s", rpc)
+        return grpc.StatusCode.INTERNAL, "internal server error; the server log has details"
+    return status, str(error)
+
+
 class _Malformed:
     """Stands in for a request whose bytes did not parse, so the behavior can refuse it properly."""
 
@@ -134,12 +143,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
                 code = "CANCELLED"
                 raise
             except Exception as error:
-                status = status_for(error)
-                if status is None:
-                    log.exception("unexpected error in %s", rpc)
-                    status, message = grpc.StatusCode.INTERNAL, "internal server error; the server log has details"
-                else:
-                    message = str(error)
+                status, message = _status_and_message(error, rpc)
                 code = status.name
                 await context.abort(status, message)
             finally:
@@ -165,12 +169,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # gr
                 code = "CANCELLED"
                 raise
             except Exception as error:
-                status = status_for(error)
-                if status is None:
-                    log.exception("unexpected error in %s", rpc)
-                    status, message = grpc.StatusCode.INTERNAL, "internal server error; the server log has details"
-                else:
-                    message = str(error)
+                status, message = _status_and_message(error, rpc)
                 code = status.name
                 await context.abort(status, message)
             finally:

@@ -20,6 +20,13 @@ from .text import check_texts, word_pieces
 DEFAULT_TOP_K = 5
 
 
+def tasks_of(model: OnnxModel) -> list[str]:
+    """The tasks a model answers: its own, and encode for a classifier that exports `features`."""
+    if model.spec is None:
+        return []
+    return [model.spec.task] + (["encode"] if model.spec.task != "encode" and "features" in model.outputs else [])
+
+
 def require_task(model: OnnxModel, task: str) -> ModelSpec:
     spec = model.spec
     if spec is None:
@@ -27,8 +34,9 @@ def require_task(model: OnnxModel, task: str) -> ModelSpec:
             f"model '{model.name}' carries no nnserve metadata, so it serves no task; call it through "
             "KServe v2 ModelInfer"
         )
-    if spec.task != task:
-        raise InvalidInput(f"model '{model.name}' does the task '{spec.task}', not '{task}'")
+    if task not in tasks_of(model):
+        does = " and ".join(f"'{t}'" for t in tasks_of(model))
+        raise InvalidInput(f"model '{model.name}' does the task {does}, not '{task}'")
     return spec
 
 
@@ -119,10 +127,7 @@ class Vectors:
 
 async def encode(model: OnnxModel, inputs: dict[str, np.ndarray], normalize: bool) -> Vectors:
     """The model's vectors: the first output of an encode model, or a classifier's `features`."""
-    spec = model.spec
-    if spec is None or not (spec.task == "encode" or "features" in model.outputs):
-        task = spec.task if spec else "none"
-        raise InvalidInput(f"model '{model.name}' does the task '{task}' and has no `features` output to encode with")
+    spec = require_task(model, "encode")
     results = await model.infer(inputs)
     name = next(iter(model.outputs)) if spec.task == "encode" else "features"
     vectors = {n: v.astype(np.float32) for n, v in results.items() if v.ndim == 2}

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from conftest import RunningServer, start_server
-from nnserve_client import Client, GeneratedImage, TextPiece
 from PIL import Image
+
+from nnserve_client import Client, GeneratedImage, TextPiece
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def full_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSer
 def test_held_out_digits_are_classified_right(
     full_server: RunningServer, digits_holdout: tuple[np.ndarray, np.ndarray], model: str
 ) -> None:
-    x, y = digits_holdout
+    x, y = digits_holdout[0][:256], digits_holdout[1][:256]  # one request: at most the max batch size
     shape = {"digits-fnn": (-1, 64), "digits-rnn": (-1, 8, 8)}.get(model, (-1, 1, 8, 8))
     with Client(full_server.target) as client:
         results = client.classify(model, x.reshape(shape), top_k=1)
@@ -41,13 +42,13 @@ def test_held_out_digits_are_classified_right(
 @pytest.mark.parametrize("model", ["chars-lstm", "chars-gru", "chars-transformer"])
 def test_language_models_write_plausible_text(full_server: RunningServer, model: str) -> None:
     with Client(full_server.target) as client:
-        events = list(client.generate(model, prompt="The ", max_tokens=200, temperature=0.7, seed=11))
-        again = client.generate_text(model, "The ", max_tokens=200, temperature=0.7, seed=11)
+        events = list(client.generate(model, prompt="The ", max_tokens=400, temperature=0.7, seed=11))
+        again = client.generate_text(model, "The ", max_tokens=400, temperature=0.7, seed=11)
     assert isinstance(events[0], TextPiece)
     text = "".join(e.text for e in events if isinstance(e, TextPiece))
     assert text == again
     words = text.split()
-    assert len(words) >= 20
+    assert len(words) >= 20  # the docs indent code and tables, so 400 characters hold fewer words than prose
     common = {"the", "of", "a", "is", "to", "and", "in", "be", "for", "an", "are", "as", "that", "it", "this"}
     assert sum(w.lower().strip(".,:;()") in common for w in words) >= 3, text  # English-like, not noise
 

@@ -190,10 +190,10 @@ def test_segment_pads_to_the_stride_and_crops_back(zoo_server: RunningServer) ->
         (lambda c: list(c.generate("digits-vae", latent=np.zeros((1, 3), np.float32))), "takes \\[n, 8\\]"),
         (lambda c: c.generate_text("digits-gan", "x"), "generates images"),
         (lambda c: c.segment("shapes-unet", png(np.zeros((200, 200)))), "at most 10000"),
-        (lambda c: c.segment("digits-cnn", DIGIT), "does the task 'classify', not 'segment'"),
-        (lambda c: c.generate_text("digits-cnn", "x"), "does the task 'classify', not 'generate'"),
+        (lambda c: c.segment("digits-resnet", DIGIT), "does the task 'classify', not 'segment'"),
+        (lambda c: c.generate_text("digits-cnn", "x"), "does the task 'classify' and 'encode', not 'generate'"),
         (lambda c: c.classify("chars-lstm", np.zeros((1, 3))), "does the task 'generate', not 'classify'"),
-        (lambda c: c.encode("shapes-unet", np.zeros((1, 1, 8, 8))), "task 'segment' and has no `features`"),
+        (lambda c: c.encode("shapes-unet", np.zeros((1, 1, 8, 8))), "does the task 'segment', not 'encode'"),
     ],
 )
 def test_bad_task_input_is_invalid_argument(zoo_server: RunningServer, call: object, message: str) -> None:
@@ -220,6 +220,11 @@ def test_command_line_client(zoo_server: RunningServer, tmp_path: Path) -> None:
     assert generated.returncode == 0, generated.stderr
     assert generated.stdout.startswith("The ")
     assert "[length: 8 tokens]" in generated.stdout
+    stopped = cli(
+        zoo_server.target, "generate", "chars-lstm", "--prompt", "a", "--temperature", "0", "--stop", "\\n", "e"
+    )
+    assert stopped.returncode == 0, stopped.stderr
+    assert "[stop:" in stopped.stdout
     classified = cli(zoo_server.target, "classify", "digits-cnn", "--image", str(image), "--top-k", "2")
     assert classified.returncode == 0, classified.stderr
     assert classified.stdout.startswith(f"{image}: ")

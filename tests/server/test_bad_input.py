@@ -218,7 +218,7 @@ def test_classify_errors(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as caught:
         tasks.Classify(tasks_pb2.ClassifyRequest(model_name="digits-fnn", tensor=strings))
     assert caught.value.code() == INVALID
-    assert "numeric tensor" in caught.value.details()
+    assert "must be numeric" in caught.value.details()
 
 
 def test_garbage_bytes_instead_of_a_protobuf(channel: grpc.Channel) -> None:

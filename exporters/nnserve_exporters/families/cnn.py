@@ -11,7 +11,7 @@ from torch import nn
 from nnserve_client.model_spec import Preprocessing
 
 from .. import api, datasets
-from ..training import Trained, fit_classifier, shift_augment
+from ..training import Trained, fit_digits, shift_augment
 
 NAME = "digits-cnn"
 FAMILY = "cnn"
@@ -45,19 +45,7 @@ def build(fast: bool = False) -> nn.Module:
 
 
 def train(model: nn.Module, *, fast: bool, zoo: Mapping[str, nn.Module]) -> Trained:
-    data = datasets.digit_images()
-    scale = datasets.DIGIT_SCALE
-    return fit_classifier(
-        model,
-        torch.from_numpy(data.x_train * scale),
-        torch.from_numpy(data.y_train),
-        torch.from_numpy(data.x_test * scale),
-        torch.from_numpy(data.y_test),
-        epochs=2 if fast else 60,
-        seed=0,
-        augment=shift_augment(1),
-        label=NAME,
-    )
+    return fit_digits(model, shape=(-1, 1, 8, 8), epochs=2 if fast else 60, label=NAME, augment=shift_augment(1))
 
 
 def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.Exported]:

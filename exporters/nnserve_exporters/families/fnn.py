@@ -11,7 +11,7 @@ from torch import nn
 from nnserve_client.model_spec import Preprocessing
 
 from .. import api, datasets
-from ..training import Trained, fit_classifier
+from ..training import Trained, fit_digits
 
 NAME = "digits-fnn"
 FAMILY = "fnn"
@@ -33,19 +33,7 @@ def build(fast: bool = False) -> nn.Module:
 
 
 def train(model: nn.Module, *, fast: bool, zoo: Mapping[str, nn.Module]) -> Trained:
-    data = datasets.digits()
-    scale = datasets.DIGIT_SCALE
-    return fit_classifier(
-        model,
-        torch.from_numpy(data.x_train * scale),
-        torch.from_numpy(data.y_train),
-        torch.from_numpy(data.x_test * scale),
-        torch.from_numpy(data.y_test),
-        epochs=3 if fast else 60,
-        seed=0,
-        lr=1e-3,
-        label=NAME,
-    )
+    return fit_digits(model, shape=(-1, 64), epochs=3 if fast else 60, label=NAME, lr=1e-3)
 
 
 def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.Exported]:

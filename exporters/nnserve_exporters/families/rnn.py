@@ -11,7 +11,7 @@ from torch import nn
 from nnserve_client.model_spec import Preprocessing
 
 from .. import api, datasets
-from ..training import Trained, fit_classifier
+from ..training import Trained, fit_digits
 
 NAME = "digits-rnn"
 FAMILY = "rnn"
@@ -35,19 +35,7 @@ def build(fast: bool = False) -> nn.Module:
 
 
 def train(model: nn.Module, *, fast: bool, zoo: Mapping[str, nn.Module]) -> Trained:
-    data = datasets.digits()
-    scale = datasets.DIGIT_SCALE
-    return fit_classifier(
-        model,
-        torch.from_numpy(data.x_train.reshape(-1, 8, 8) * scale),
-        torch.from_numpy(data.y_train),
-        torch.from_numpy(data.x_test.reshape(-1, 8, 8) * scale),
-        torch.from_numpy(data.y_test),
-        epochs=2 if fast else 40,
-        seed=0,
-        lr=2e-3,
-        label=NAME,
-    )
+    return fit_digits(model, shape=(-1, 8, 8), epochs=2 if fast else 40, label=NAME)
 
 
 def _sample(batch: int, variant: int) -> tuple[torch.Tensor, ...]:

@@ -3,7 +3,10 @@
 The exported step model takes (tokens [batch, steps], past_keys, past_values) with the cache shaped
 [layers, batch, heads, past, head_dim] and returns (logits, keys, values) with `past + steps`
 positions: the prompt fills the cache once, then each token attends to the cache and appends one
-position, so a token costs one step whatever the prefix length (up to the 1,024 learned positions).
+position, so a token costs one step whatever the prefix length. Positions are encoded ALiBi-style
+(each head penalises attention linearly with distance) rather than with learned embeddings, so text
+longer than the 128-character training windows stays coherent: learned embeddings past the trained
+length are untrained vectors, and generation fell apart after 64 characters with them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ NAME = "chars-transformer"
 FAMILY = "transformer"
 TASK = "generate"
 QUALITY_BAR = {"bits_below_unigram": 1.0}
-MAX_POSITIONS = 1024
 
 
 class Block(nn.Module):
@@ -36,15 +38,14 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(
-        self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, allowed: torch.Tensor
+        self, x: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor, bias: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         batch, steps, width = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(width, dim=2)
         q, k, v = (t.reshape(batch, steps, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         keys = torch.cat([past_k, k], dim=2)  # [batch, heads, past + steps, head_dim]
         values = torch.cat([past_v, v], dim=2)
-        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(self.head_dim) + bias
         attended = (scores.softmax(dim=-1) @ values).transpose(1, 2).reshape(batch, steps, width)
         x = x + self.proj(attended)
         return x + self.mlp(self.norm2(x)), keys, values
@@ -55,7 +56,10 @@ class CausalLM(nn.Module):
         super().__init__()
         self.layers, self.heads, self.head_dim = layers, heads, width // heads
         self.embed = nn.Embedding(vocab, width)
-        self.position = nn.Embedding(MAX_POSITIONS, width)
+        # ALiBi slopes: head h looks back with penalty 2^(-8(h+1)/heads) per position of distance.
+        self.slopes: torch.Tensor
+        slopes = torch.tensor([2 ** (-8 * (h + 1) / heads) for h in range(heads)])
+        self.register_buffer("slopes", slopes.reshape(heads, 1, 1), persistent=False)
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab)
@@ -70,12 +74,15 @@ class CausalLM(nn.Module):
         steps = tokens.shape[1]
         past = past_keys.shape[3]
         positions = torch.arange(steps) + past
-        x = self.embed(tokens) + self.position(positions)
-        # Query i (at position past + i) may attend to every cached position and to itself.
-        allowed = torch.arange(past + steps).unsqueeze(0) <= positions.unsqueeze(1)
+        x = self.embed(tokens)
+        # Query i (at position past + i) sees every cached position and itself, less a penalty
+        # growing with distance; later positions are masked out.
+        distance = (positions.unsqueeze(1) - torch.arange(past + steps).unsqueeze(0)).float()
+        bias = -self.slopes * distance.clamp(min=0)
+        bias = bias.masked_fill(distance < 0, float("-inf"))
         keys, values = [], []
         for layer, block in enumerate(self.blocks):
-            x, k, v = block(x, past_keys[layer], past_values[layer], allowed)
+            x, k, v = block(x, past_keys[layer], past_values[layer], bias)
             keys.append(k)
             values.append(v)
         return self.head(self.norm(x)), torch.stack(keys), torch.stack(values)
@@ -88,7 +95,14 @@ def build(fast: bool = False) -> nn.Module:
 
 def train(model: nn.Module, *, fast: bool, zoo: Mapping[str, nn.Module]) -> Trained:
     return fit_language_model(
-        model, datasets.text_corpus(), steps=20 if fast else 400, seq_len=64, batch_size=32, lr=3e-3, seed=0, label=NAME
+        model,
+        datasets.text_corpus(),
+        steps=20 if fast else 400,
+        seq_len=128,
+        batch_size=32,
+        lr=3e-3,
+        seed=0,
+        label=NAME,
     )
 
 
@@ -117,7 +131,7 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
         quality=quality,
         training_data=datasets.TEXT_SOURCE,
         description=f"Causal transformer, {model.layers} layers, {model.heads} heads, width "
-        f"{model.heads * model.head_dim}, learned positions up to {MAX_POSITIONS}, over characters",
+        f"{model.heads * model.head_dim}, ALiBi positions, over characters",
         input_names=("tokens", "past_keys", "past_values"),
         output_names=("logits", "keys", "values"),
         dynamic_axes={
@@ -136,6 +150,6 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
             "keys": "the key cache with this call's steps appended: feed it back as past_keys",
             "values": "the value cache with this call's steps appended: feed it back as past_values",
         },
-        extra={"initial_state": "empty cache (past = 0)", "max_positions": str(MAX_POSITIONS)},
+        extra={"initial_state": "empty cache (past = 0)", "position_encoding": "alibi"},
     )
     return [api.Exported(NAME, TASK, path, parity)]
