@@ -41,7 +41,9 @@ class Settings:
     max_batch_size: int = _setting(256, "largest batch a request may carry, for models with a batch dimension")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
     max_image_pixels: int = _setting(4096 * 4096, "largest image (width x height) the task API decodes")
-    max_text_chars: int = _setting(100_000, "longest text (prompt or input) the task API accepts, in characters")
+    max_text_chars: int = _setting(
+        2048, "longest text (prompt or input) the task API accepts; a prompt's attention grows with its square"
+    )
     max_tokens: int = _setting(2048, "ceiling on the tokens one Generate call may ask for")
     max_samples: int = _setting(256, "ceiling on the images one Generate call may ask for")
     grace_period_s: float = _setting(10.0, "seconds in-flight requests get to finish on SIGTERM or SIGINT")
