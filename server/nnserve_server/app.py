@@ -62,7 +62,7 @@ class Server:
 
 def create_server(settings: Settings, repository: ModelRepository, metrics: ServerMetrics) -> Server:
     """Build the gRPC server with every service registered, bound but not started."""
-    interceptor = StatusInterceptor(metrics, lambda name: name in repository.names())
+    interceptor = StatusInterceptor(metrics, repository.knows)
     server = grpc.aio.server(
         interceptors=[interceptor],
         options=[

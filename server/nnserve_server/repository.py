@@ -118,6 +118,10 @@ class ModelRepository:
     def names(self) -> list[str]:
         return sorted(self._models)
 
+    def knows(self, name: str) -> bool:
+        """Whether `name` is a model of this repository (loaded or not): a dict lookup, for the hot path."""
+        return name in self._models
+
     def versions(self, name: str) -> list[VersionEntry]:
         return sorted(self._models.get(name, {}).values(), key=lambda e: _version_key(e.version))
 
