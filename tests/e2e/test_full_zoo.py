@@ -12,7 +12,9 @@ from PIL import Image
 
 from nnserve_client import Client, GeneratedImage, TextPiece
 
-pytestmark = pytest.mark.slow
+# Building the zoo takes 4-5 minutes on 2 shared cores, more than the suite's 300 s per-test
+# default, and the build counts against the first test of the module.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
