@@ -66,8 +66,18 @@ def dtype_of(datatype: str) -> np.dtype[Any]:
 
 def datatype_of(dtype: np.dtype[Any]) -> str:
     """The KServe v2 name for a numpy dtype (str and bytes arrays travel as BYTES)."""
-    if dtype.kind in "OSU":
+    if dtype.kind in "OSU":  # before the cache: string dtypes come in every length
         return "BYTES"
+    known = _DATATYPE_OF.get(dtype)
+    if known is None:
+        known = _DATATYPE_OF[dtype] = _find_datatype(dtype)
+    return known
+
+
+_DATATYPE_OF: dict[np.dtype[Any], str] = {}  # filled on first use: datatype_of is on every request's path
+
+
+def _find_datatype(dtype: np.dtype[Any]) -> str:
     for name, candidate in DTYPES.items():
         if candidate.kind == dtype.kind and candidate.itemsize == dtype.itemsize and name != "BYTES":
             return name

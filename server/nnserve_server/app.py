@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from nnserve_client._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 from .errors import StartupError
-from .interceptor import InFlight, StatusInterceptor
+from .interceptor import InFlight, StatusGuard
 from .metrics import ServerMetrics, start_metrics_endpoint
 from .repository import ModelRepository
 from .runtime import Runtime
@@ -62,18 +62,19 @@ class Server:
 
 def create_server(settings: Settings, repository: ModelRepository, metrics: ServerMetrics) -> Server:
     """Build the gRPC server with every service registered, bound but not started."""
-    interceptor = StatusInterceptor(metrics, repository.knows)
+    guard = StatusGuard(metrics, repository.knows)
     server = grpc.aio.server(
-        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ],
     )
     state = ServerState()
-    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(repository, state), server)
-    tasks_pb2_grpc.add_TasksServicer_to_server(TasksServicer(repository, settings), server)
+    guard.register(
+        server, grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(repository, state)
+    )
+    guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:
@@ -88,7 +89,7 @@ def create_server(settings: Settings, repository: ModelRepository, metrics: Serv
 
     repository.on_state_change(model_health)
     repository.on_state_change(metrics.model_state_changed)
-    return Server(server, port, health_servicer, state, interceptor.in_flight)
+    return Server(server, port, health_servicer, state, guard.in_flight)
 
 
 async def set_serving(server: Server, repository: ModelRepository, serving: bool) -> None:
@@ -109,7 +110,7 @@ async def serve(settings: Settings) -> None:
     metrics = ServerMetrics(registry)
     for provider in runtime.missing_providers:
         metrics.provider_fallbacks.labels(provider).inc()
-    repository = ModelRepository(settings.model_repository, runtime, settings.max_batch_size)
+    repository = ModelRepository(settings.model_repository, runtime, settings)
     server = create_server(settings, repository, metrics)
     await repository.load_all()
     metrics_address = "off"

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from .app import serve
 from .errors import StartupError
 from .settings import Settings, build_parser
+from .workers import supervise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
+        if settings.workers > 1:
+            return supervise(settings, args[1:])
         asyncio.run(serve(settings))
     except StartupError as error:
         logging.getLogger("nnserve").error("cannot start: %s", error)

@@ -5,6 +5,7 @@
     ├── ModelNotFound            no such model or version               -> NOT_FOUND
     ├── ModelNotReady            known, but not loaded or failed to load -> UNAVAILABLE
     ├── Overloaded               no room to take the request now         -> RESOURCE_EXHAUSTED
+    ├── DeadlineExceeded         the caller's deadline passed before the run -> DEADLINE_EXCEEDED
     └── Unsupported              an RPC or feature nnserve does not offer -> UNIMPLEMENTED
 
 `nnserve_client.codec.TensorError` (a tensor whose bytes, shape and type disagree) maps to
@@ -31,6 +32,10 @@ class ModelNotReady(ServingError):
 
 
 class Overloaded(ServingError):
+    pass
+
+
+class DeadlineExceeded(ServingError):
     pass
 
 

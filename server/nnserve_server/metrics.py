@@ -19,6 +19,7 @@ LATENCY_BUCKETS = (
 class ServerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
         self.requests = Counter(
             "nnserve_requests",
             "gRPC requests answered, by model, version, RPC and status code",
@@ -33,7 +34,11 @@ class ServerMetrics:
             registry=registry,
         )
         self.model_ready = Gauge(
-            "nnserve_model_ready", "1 when the model has a version ready to serve, else 0", ["model"], registry=registry
+            "nnserve_model_ready",
+            "1 when the model has a version ready to serve, else 0",
+            ["model"],
+            registry=registry,
+            multiprocess_mode="livemax",  # with --workers: ready while any live worker has it
         )
         self.provider_fallbacks = Counter(
             "nnserve_provider_fallbacks",
@@ -43,8 +48,16 @@ class ServerMetrics:
         )
 
     def observe_request(self, model: str, version: str, rpc: str, code: str, seconds: float) -> None:
-        self.requests.labels(model, version, rpc, code).inc()
-        self.request_duration.labels(model, version, rpc).observe(seconds)
+        # labels() takes a lock and builds a key per call; the children are kept (label sets are bounded).
+        key = (model, version, rpc, code)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(model, version, rpc, code),
+                self.request_duration.labels(model, version, rpc),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def model_state_changed(self, model: str, ready: bool) -> None:
         self.model_ready.labels(model).set(1 if ready else 0)

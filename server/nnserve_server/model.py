@@ -1,26 +1,31 @@
 """One loaded model version: its onnxruntime session, its tensor specs, its statistics.
 
 `OnnxModel.infer` is the whole inference path: validate numpy inputs against the graph's specs,
-run the session in the model's own thread pool (onnxruntime releases the GIL), count the result.
+queue them in the model's batcher (which runs the session), count the result.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
-from nnserve_client.codec import datatype_of
+from nnserve_client.codec import datatype_of, dtype_of
 from nnserve_client.model_spec import ModelSpec
 
+from .batcher import Batcher, BatchPolicy, Timing
 from .errors import InvalidInput
 from .runtime import Runtime
+from .serving_config import ServingConfig
+
+log = logging.getLogger(__name__)
 
 # onnxruntime's element type names and their KServe v2 datatypes.
 _ORT_DATATYPES = {
@@ -64,42 +69,100 @@ class Duration:
 
 
 @dataclass
+class BatchStats:
+    """One batch size's runs: KServe counts input, compute and output time per execution."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
 class ModelStats:
     """Cumulative figures for KServe's ModelStatistics; updated on the event loop thread only."""
 
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
     inference_count: int = 0
     execution_count: int = 0
     last_inference_ms: int = 0
-    by_batch_size: dict[int, Duration] = field(default_factory=dict)
+    by_batch_size: dict[int, BatchStats] = field(default_factory=dict)
+
+    def count_run(self, timing: Timing) -> None:
+        self.execution_count += 1
+        batch = self.by_batch_size.get(timing.batch_size)
+        if batch is None:
+            batch = self.by_batch_size[timing.batch_size] = BatchStats()
+        batch.compute_input.add(timing.input_ns)
+        batch.compute_infer.add(timing.infer_ns)
+        batch.compute_output.add(timing.output_ns)
 
 
 class OnnxModel:
-    def __init__(self, name: str, version: str, path: Path, runtime: Runtime, max_batch_size: int) -> None:
+    def __init__(
+        self, name: str, version: str, path: Path, runtime: Runtime, config: ServingConfig, inline_run_us: int = 0
+    ) -> None:
         self.name = name
         self.version = version
         self.path = path
-        self.session = runtime.session(path)
+        self.config = config
+        self.session = runtime.session(path, config.intra_op_threads)
         meta = self.session.get_modelmeta()
         self.spec: ModelSpec | None = ModelSpec.from_props(meta.custom_metadata_map)
         self.inputs = {arg.name: TensorSpec.from_ort(arg) for arg in self.session.get_inputs()}
         self.outputs = {arg.name: TensorSpec.from_ort(arg) for arg in self.session.get_outputs()}
+        self._all_outputs = tuple(self.outputs)
         # A model batches when every input's first dimension is free: KServe's max_batch_size > 0.
         batches = bool(self.inputs) and all(s.shape[:1] == (-1,) for s in self.inputs.values())
-        self.max_batch_size = max_batch_size if batches else 0
+        self.max_batch_size = config.max_batch_size if batches else 0
         self.providers = tuple(self.session.get_providers())
-        self.instances = runtime.instances
+        self.instances = config.instances
         self.stats = ModelStats()
-        self._executor = ThreadPoolExecutor(max_workers=runtime.instances, thread_name_prefix=name)
+        policy = BatchPolicy(
+            max_batch_size=self.max_batch_size if config.dynamic_batching else 0,
+            max_queue_delay_us=config.max_queue_delay_us,
+            max_queue_size=config.max_queue_size,
+            instances=config.instances,
+            inline_ns=inline_run_us * 1000,
+        )
+        self.batcher = Batcher(f"{name}:{version}", self._session_run, policy, self.stats.count_run)
+        self._warm_up()
+        if self.batcher.inline and config.intra_op_threads > 1 and not config.threads_chosen:
+            # A run this short loses more to waking a second thread than it gains from it.
+            self.config = config = dataclasses.replace(config, intra_op_threads=1)
+            self.session = runtime.session(path, 1)
+            self._warm_up()
 
-    def validate(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> None:
-        """Raise InvalidInput naming the first thing about `inputs` the graph cannot take."""
-        missing = [n for n in self.inputs if n not in inputs]
-        extra = [n for n in inputs if n not in self.inputs]
-        if missing or extra:
+    def _warm_up(self) -> None:
+        """Runs on inputs of the right types (free dimensions 1): pages the weights in, times a run."""
+        feed = {}
+        for spec in self.inputs.values():
+            shape = tuple(1 if d < 0 else d for d in spec.shape)
+            feed[spec.name] = (
+                np.full(shape, "", dtype=object)
+                if spec.datatype == "BYTES"
+                else np.zeros(shape, dtype_of(spec.datatype))
+            )
+        try:
+            for _ in range(3):  # the first run also allocates: time the last
+                self.batcher.warm_up(self._all_outputs, feed)
+        except Exception as error:  # zeros are not valid input for every model: then it is not timed
+            log.info(
+                "model %s version %s: warm-up run on zeros failed (%s); runs go to the pool",
+                self.name,
+                self.version,
+                error,
+            )
+
+    def validate(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> int:
+        """Raise InvalidInput naming the first thing about `inputs` the graph cannot take; returns the rows."""
+        if len(inputs) != len(self.inputs) or any(n not in self.inputs for n in inputs):
+            missing = [n for n in self.inputs if n not in inputs]
+            extra = [n for n in inputs if n not in self.inputs]
             raise InvalidInput(
                 f"model '{self.name}' takes inputs {list(self.inputs)}; "
                 + (f"missing {missing}" if missing else "")
@@ -124,48 +187,53 @@ class OnnxModel:
                 )
             if self.max_batch_size:
                 batch_sizes.add(array.shape[0])
-        if batch_sizes:
-            if len(batch_sizes) > 1:
-                raise InvalidInput(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
-            (batch,) = batch_sizes
-            if not 1 <= batch <= self.max_batch_size:
-                raise InvalidInput(f"batch size {batch} is outside 1..{self.max_batch_size} for model '{self.name}'")
+        if not batch_sizes:
+            return 1
+        if len(batch_sizes) > 1:
+            raise InvalidInput(f"inputs disagree on the batch size: {sorted(batch_sizes)}")
+        (batch,) = batch_sizes
+        if not 1 <= batch <= self.max_batch_size:
+            raise InvalidInput(f"batch size {batch} is outside 1..{self.max_batch_size} for model '{self.name}'")
+        return int(batch)
 
-    async def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = (), deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
         """Run the model; returns the requested outputs (all when none are named), by name."""
+        results, _ = await self.infer_timed(inputs, outputs, deadline)
+        return results
+
+    async def infer_timed(
+        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = (), deadline: float | None = None
+    ) -> tuple[dict[str, np.ndarray], Timing]:
+        """As `infer`, with where the time went. `deadline` is on the event loop's clock (loop.time())."""
         started = time.perf_counter_ns()
         try:
-            self.validate(inputs, outputs)
-            names = list(outputs) or list(self.outputs)
+            rows = self.validate(inputs, outputs)
+            names = tuple(outputs) or self._all_outputs
             feed = {name: _text(name, array) if array.dtype == object else array for name, array in inputs.items()}
-            loop = asyncio.get_running_loop()
-            queued, ran, results = await loop.run_in_executor(self._executor, self._run, started, names, feed)
+            arrays, timing = await self.batcher.submit(feed, names, rows, deadline)
         except BaseException:
             self.stats.fail.add(time.perf_counter_ns() - started)
             raise
-        self._count(started, queued, ran, inputs)
-        return dict(zip(names, results, strict=True))
-
-    def _run(
-        self, submitted: int, names: list[str], inputs: Mapping[str, np.ndarray]
-    ) -> tuple[int, int, list[np.ndarray]]:
-        began = time.perf_counter_ns()
-        results = self.session.run(names, dict(inputs))
-        return began - submitted, time.perf_counter_ns() - began, results
-
-    def _count(self, started: int, queued: int, ran: int, inputs: Mapping[str, np.ndarray]) -> None:
         stats = self.stats
-        batch = next(iter(inputs.values())).shape[0] if self.max_batch_size and inputs else 1
         stats.success.add(time.perf_counter_ns() - started)
-        stats.queue.add(queued)
-        stats.compute_infer.add(ran)
-        stats.inference_count += batch
-        stats.execution_count += 1
+        stats.queue.add(timing.queue_ns)
+        stats.compute_input.add(timing.input_ns)
+        stats.compute_infer.add(timing.infer_ns)
+        stats.compute_output.add(timing.output_ns)
+        stats.inference_count += rows
         stats.last_inference_ms = int(time.time() * 1000)
-        stats.by_batch_size.setdefault(batch, Duration()).add(ran)
+        return dict(zip(names, arrays, strict=True)), timing
+
+    def _session_run(self, outputs: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session.run(list(outputs), feed)  # type: ignore[no-any-return]
+        except InvalidArgument as error:  # values the graph refuses, e.g. a token id past the vocabulary
+            raise InvalidInput(f"onnxruntime refused the inputs of model '{self.name}': {error}") from None
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self.batcher.close()
 
 
 def _text(name: str, array: np.ndarray) -> np.ndarray:

@@ -17,6 +17,8 @@ from pathlib import Path
 from .errors import InvalidInput, ModelNotFound, ModelNotReady
 from .model import OnnxModel
 from .runtime import Runtime
+from .serving_config import serving_config
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,10 @@ def _listing(names: list[str], limit: int = 20) -> str:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, runtime: Runtime, max_batch_size: int) -> None:
+    def __init__(self, root: Path, runtime: Runtime, settings: Settings) -> None:
         self.root = root
         self._runtime = runtime
-        self._max_batch_size = max_batch_size
+        self._settings = settings
         self._models: dict[str, dict[str, VersionEntry]] = {}
         self._listeners: list[StateListener] = []
 
@@ -83,11 +85,24 @@ class ModelRepository:
     def _load_version(self, name: str, version: str) -> VersionEntry:
         path = self.root / name / version / MODEL_FILE
         try:
-            model = OnnxModel(name, version, path, self._runtime, self._max_batch_size)
+            config = serving_config(self.root / name, self._settings, self._runtime.cpus)
+            model = OnnxModel(name, version, path, self._runtime, config, self._settings.inline_run_us)
         except Exception as error:  # a corrupt file or broken metadata must not take the others down
             log.error("model %s version %s failed to load: %s", name, version, error)
             return VersionEntry(version, UNAVAILABLE, f"failed to load: {error}")
-        log.info("loaded model %s version %s on %s", name, version, ",".join(model.providers))
+        c, batcher = model.config, model.batcher
+        log.info(
+            "loaded model %s version %s on %s: %s; %d instance(s) x %d thread(s); runs %s",
+            name,
+            version,
+            ",".join(model.providers),
+            f"batches up to {batcher.policy.max_batch_size}, delay {c.max_queue_delay_us} us"
+            if batcher.policy.max_batch_size
+            else "no batching",
+            c.instances,
+            c.intra_op_threads,
+            "inline on the event loop" if batcher.inline else "in the thread pool",
+        )
         return VersionEntry(version, READY, "", model)
 
     async def unload(self, name: str) -> None:

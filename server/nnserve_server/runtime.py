@@ -56,8 +56,7 @@ class Runtime:
 
     providers: tuple[str, ...]  # onnxruntime names, in order of preference
     missing_providers: tuple[str, ...]  # requested but not in this onnxruntime build
-    intra_op_threads: int
-    instances: int  # concurrent session.run calls per model
+    cpus: int  # what the container may use: sizes threads and instances when settings leave them at 0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:
@@ -77,12 +76,13 @@ class Runtime:
             log.warning("execution providers %s are missing; falling back to %s", missing, chosen or ["CPU"])
         if "CPUExecutionProvider" not in chosen:
             chosen.append("CPUExecutionProvider")  # onnxruntime places what others cannot run on the CPU
-        threads = settings.intra_op_threads or cpu_quota()
-        return cls(tuple(chosen), tuple(missing), threads, settings.instances)
+        return cls(tuple(chosen), tuple(missing), cpu_quota())
 
-    def session(self, model_path: Path) -> ort.InferenceSession:
+    def session(self, model_path: Path, intra_op_threads: int) -> ort.InferenceSession:
         options = ort.SessionOptions()
-        options.intra_op_num_threads = self.intra_op_threads
+        options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle onnxruntime threads would spin, taking the cores that the gRPC loop needs between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(model_path), sess_options=options, providers=list(self.providers))

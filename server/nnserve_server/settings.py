@@ -36,9 +36,23 @@ class Settings:
     allow_provider_fallback: bool = _setting(
         False, "start even when a requested provider is missing (logged and counted); else refuse to start"
     )
-    intra_op_threads: int = _setting(0, "onnxruntime threads per session; 0 sizes them from the CPU quota")
-    instances: int = _setting(1, "concurrent onnxruntime runs per model")
-    max_batch_size: int = _setting(256, "largest batch a request may carry, for models with a batch dimension")
+    intra_op_threads: int = _setting(
+        0, "onnxruntime threads per run; 0 sizes them from the CPU quota (quota / instances)"
+    )
+    instances: int = _setting(0, "concurrent onnxruntime runs per model; 0 sizes them from the CPU quota (quota / 4)")
+    max_batch_size: int = _setting(
+        256, "largest batch a request, or a dynamic batch, may carry (models with a batch dimension)"
+    )
+    dynamic_batching: bool = _setting(True, "combine concurrent requests to a model into one onnxruntime run")
+    max_queue_delay_us: int = _setting(
+        0, "how long a request may wait for others to join its batch; 0: run what is queued when free"
+    )
+    max_queue_size: int = _setting(1024, "requests that may wait per model; beyond it RESOURCE_EXHAUSTED at once")
+    inline_run_us: int = _setting(
+        200, "a model whose runs average under this runs on the event loop thread (cheaper than a thread hop); 0: never"
+    )
+    workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT), each with its own sessions")
+    reuse_port: bool = _setting(False, "bind the gRPC port with SO_REUSEPORT, so other servers may share it")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
     max_image_pixels: int = _setting(4096 * 4096, "largest image (width x height) the task API decodes")
     max_text_chars: int = _setting(
@@ -58,8 +72,13 @@ class Settings:
             problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
         if self.intra_op_threads < 0:
             problems.append("intra-op threads must be >= 0")
-        if self.instances < 1:
-            problems.append("instances must be >= 1")
+        for name in ("instances", "max_queue_delay_us", "inline_run_us"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name.replace('_', ' ')} must be >= 0")
+        if self.max_queue_size < 1:
+            problems.append("max queue size must be >= 1")
+        if not 1 <= self.workers <= 64:
+            problems.append(f"workers is {self.workers}; use 1..64")
         if self.max_batch_size < 1:
             problems.append("max batch size must be >= 1")
         if self.max_message_bytes < 1024:

@@ -38,7 +38,9 @@ def test_settings_are_frozen() -> None:
     ("argv", "message"),
     [
         (["--port", "70000"], "port 70000"),
-        (["--instances", "0"], "instances"),
+        (["--instances", "-1"], "instances"),
+        (["--workers", "0"], "workers"),
+        (["--max-queue-size", "0"], "max queue size"),
         (["--log-level", "LOUD"], "log level"),
         (["--max-message-bytes", "10"], "max message bytes"),
     ],
@@ -62,7 +64,7 @@ def test_cpu_quota_reads_cgroup_v2(tmp_path: Path) -> None:
 
 def test_runtime_sizes_threads_from_the_quota_and_refuses_missing_providers() -> None:
     runtime = Runtime.from_settings(Settings())
-    assert runtime.intra_op_threads == cpu_quota()
+    assert runtime.cpus == cpu_quota()
     assert runtime.providers == ("CPUExecutionProvider",)
     with pytest.raises(StartupError, match="TensorrtExecutionProvider"):
         Runtime.from_settings(Settings(providers=("tensorrt", "cpu")))

@@ -6,6 +6,7 @@ RPCs not overridden here (shared memory, trace, log settings, streaming) answer 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -19,6 +20,7 @@ from .. import __version__
 from ..errors import InvalidInput
 from ..model import Duration, OnnxModel
 from ..repository import ModelRepository
+from ..serving_config import INTRA_OP_KEY
 
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 PLATFORM = "onnxruntime_onnx"
@@ -30,6 +32,12 @@ class ServerState:
 
     def __init__(self) -> None:
         self.ready = False
+
+
+def deadline_of(context: Context) -> float | None:
+    """The caller's deadline on the event loop's clock, or None when the call has none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -67,11 +75,18 @@ def model_statistics(model: OnnxModel) -> pb.ModelStatistics:
             success=_duration(s.success),
             fail=_duration(s.fail),
             queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
             compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
         ),
         batch_stats=[
-            pb.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
-            for size, d in sorted(s.by_batch_size.items())
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for size, b in sorted(s.by_batch_size.items())
         ],
     )
 
@@ -94,6 +109,13 @@ def model_config(model: OnnxModel) -> config_pb.ModelConfig:
         instance_group=[
             config_pb.ModelInstanceGroup(count=model.instances, kind=config_pb.ModelInstanceGroup.KIND_CPU)
         ],
+        dynamic_batching=config_pb.ModelDynamicBatching(
+            max_queue_delay_microseconds=model.config.max_queue_delay_us,
+            default_queue_policy=config_pb.ModelQueuePolicy(max_queue_size=model.config.max_queue_size),
+        )
+        if model.batcher.policy.max_batch_size
+        else None,
+        parameters={INTRA_OP_KEY: config_pb.ModelParameter(string_value=str(model.config.intra_op_threads))},
     )
 
 
@@ -134,7 +156,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         model = self._repository.get(request.model_name, request.model_version)
         inputs = decode_inputs(request)
-        results = await model.infer(inputs, [o.name for o in request.outputs])
+        results, _ = await model.infer_timed(inputs, [o.name for o in request.outputs], deadline_of(context))
         response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, array in results.items():
             response.outputs.add(name=name, datatype=codec.datatype_of(array.dtype), shape=array.shape)

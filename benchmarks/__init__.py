@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks: nnserve vs raw onnxruntime in-process vs a bare grpc.aio server."""

@@ -1,0 +1,132 @@
+"""The transport's ceiling: a grpc.aio server speaking KServe v2 with no model behind it.
+
+It reads the model file's input and output specs (onnxruntime reads the graph; nothing runs) and
+answers ModelInfer with a response of the same size a real model returns, built once. Requests are
+still parsed by protobuf, as any Python server speaking this protocol must. Same process layout as
+nnserve: one asyncio process, grpc.aio, the same message-size options.
+
+    python -m benchmarks.bare_server --model-repository DIR --port 0   (prints "listening on HOST:PORT")
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import numpy as np
+import onnxruntime as ort
+
+from nnserve_client._proto import grpc_predict_v2_pb2 as pb
+from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_client._proto import model_config_pb2 as config_pb
+from nnserve_client.codec import datatype_of
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+class _Model:
+    def __init__(self, name: str, path: Path) -> None:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.name = name
+        self.inputs = [
+            (a.name, _DTYPES[a.type], [d if isinstance(d, int) else -1 for d in a.shape]) for a in session.get_inputs()
+        ]
+        self.outputs = [
+            (a.name, _DTYPES[a.type], [d if isinstance(d, int) else -1 for d in a.shape]) for a in session.get_outputs()
+        ]
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        self.metadata = pb.ModelMetadataResponse(
+            name=name,
+            versions=["1"],
+            platform="onnxruntime_onnx",
+            inputs=[tensor(name=n, datatype=datatype_of(np.dtype(t)), shape=s) for n, t, s in self.inputs],
+            outputs=[tensor(name=n, datatype=datatype_of(np.dtype(t)), shape=s) for n, t, s in self.outputs],
+        )
+        config_type = {np.float32: config_pb.TYPE_FP32, np.int64: config_pb.TYPE_INT64, np.int32: config_pb.TYPE_INT32}
+        self.config = pb.ModelConfigResponse(
+            config=config_pb.ModelConfig(
+                name=name,
+                platform="onnxruntime_onnx",
+                max_batch_size=256,
+                input=[config_pb.ModelInput(name=n, data_type=config_type[t], dims=s[1:]) for n, t, s in self.inputs],
+                output=[
+                    config_pb.ModelOutput(name=n, data_type=config_type[t], dims=s[1:]) for n, t, s in self.outputs
+                ],
+            )
+        )
+        self._responses: dict[int, pb.ModelInferResponse] = {}
+
+    def response(self, batch: int) -> pb.ModelInferResponse:
+        """A batch's response: the sizes a real model returns, made once per batch size."""
+        if batch not in self._responses:
+            response = pb.ModelInferResponse(model_name=self.name, model_version="1")
+            for name, dtype, shape in self.outputs:
+                dims = [batch, *(d if d > 0 else 1 for d in shape[1:])]
+                response.outputs.add(name=name, datatype=datatype_of(np.dtype(dtype)), shape=dims)
+                response.raw_output_contents.append(np.zeros(dims, dtype).tobytes())
+            self._responses[batch] = response
+        return self._responses[batch]
+
+
+class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, models: dict[str, _Model]) -> None:
+        self._models = models
+
+    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=True)
+
+    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=request.name in self._models)
+
+    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="bare", version="0")
+
+    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+        return self._models[request.name].metadata
+
+    async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
+        return self._models[request.name].config
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        batch = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
+        return self._models[request.model_name].response(batch)
+
+
+def load(repository: Path) -> dict[str, _Model]:
+    return {p.parent.parent.name: _Model(p.parent.parent.name, p) for p in sorted(repository.glob("*/1/model.onnx"))}
+
+
+async def run(models: dict[str, _Model], host: str, port: int, reuse_port: bool) -> None:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(BareServicer(models), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(f"listening on {host}:{bound}", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-repository", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--reuse-port", action="store_true")
+    args = parser.parse_args()
+    asyncio.run(run(load(args.model_repository), args.host, args.port, args.reuse_port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Dynamic batching: one bounded queue per model, drained into onnxruntime runs.
+
+A batch leaves the queue when it holds `max_batch_size` rows, when its oldest request has waited
+`max_queue_delay_us`, or at once when the delay is 0 (whatever is queued when an instance is free).
+Only requests with the same non-batch shapes and the same requested outputs share a batch; each
+caller gets back its own rows. A full queue refuses at once (Overloaded); a request whose deadline
+passed while it waited is answered DeadlineExceeded and never computed; a cancelled one is skipped.
+
+Where a run happens: models whose runs are shorter than a thread hop (`inline_ns`, measured as a
+moving average) run on the event loop thread; the rest run in a pool of `instances` threads
+(onnxruntime releases the GIL). All queue bookkeeping happens on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import DeadlineExceeded, Overloaded
+
+log = logging.getLogger(__name__)
+
+# run(output_names, feed) -> one array per output name: the model's session.run.
+RunFn = Callable[[Sequence[str], dict[str, np.ndarray]], list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int  # rows per run; 0: the model has no batch axis, one request per run
+    max_queue_delay_us: int  # how long the oldest request may wait for others to join
+    max_queue_size: int  # requests waiting (not running); beyond it, Overloaded
+    instances: int  # runs in flight at once (threads of the pool)
+    inline_ns: int  # a model whose runs average below this runs on the event loop thread; 0: never
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Where one request's time went, in nanoseconds; `batch_size` is the rows of its run."""
+
+    queue_ns: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+    batch_size: int
+
+
+class _Pending:
+    __slots__ = ("deadline", "enqueued_ns", "future", "inputs", "key", "outputs", "rows")
+    key: object
+
+    def __init__(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: tuple[str, ...],
+        rows: int,
+        deadline: float | None,
+        future: asyncio.Future[tuple[list[np.ndarray], Timing]],
+    ) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.rows = rows
+        self.deadline = deadline
+        self.future = future
+        self.enqueued_ns = time.perf_counter_ns()
+        # Requests share a run only when everything but the batch axis agrees.
+        self.key = (outputs, tuple((name, array.shape[1:]) for name, array in inputs.items()))
+
+
+_Outcome = tuple[list[tuple[list[np.ndarray], Timing]] | None, BaseException | None]
+
+
+class Batcher:
+    def __init__(
+        self, name: str, run: RunFn, policy: BatchPolicy, on_run: Callable[[Timing], None] | None = None
+    ) -> None:
+        self.name = name
+        self.policy = policy
+        self._run = run
+        self._on_run = on_run
+        self._queue: deque[_Pending] = deque()
+        self._busy = 0
+        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._executor = ThreadPoolExecutor(max_workers=policy.instances, thread_name_prefix=f"{name}-run")
+        self._average_run_ns = math.inf  # moving average of one run, for the inline decision; inf: unknown
+        self._closed = False
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    @property
+    def inline(self) -> bool:
+        return self.policy.inline_ns > 0 and self._average_run_ns < self.policy.inline_ns
+
+    def warm_up(self, outputs: Sequence[str], feed: dict[str, np.ndarray]) -> None:
+        """One run outside the queue (at load time): seeds the inline decision, pages the weights in."""
+        started = time.perf_counter_ns()
+        self._run(outputs, feed)
+        self._average_run_ns = float(time.perf_counter_ns() - started)
+
+    def submit(
+        self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], rows: int, deadline: float | None
+    ) -> asyncio.Future[tuple[list[np.ndarray], Timing]]:
+        """Queue one request of `rows` rows; the future gets its outputs (in `outputs` order) and timing."""
+        if self._closed:
+            raise Overloaded(f"model '{self.name}' is shutting down")
+        if len(self._queue) >= self.policy.max_queue_size:
+            self._purge()
+            if len(self._queue) >= self.policy.max_queue_size:
+                raise Overloaded(
+                    f"model '{self.name}' has {len(self._queue)} requests waiting, its queue limit; "
+                    "retry with backoff, or raise max_queue_size or add replicas"
+                )
+        loop = asyncio.get_running_loop()
+        pending = _Pending(inputs, outputs, rows, deadline, loop.create_future())
+        self._queue.append(pending)
+        if not self._scheduled:
+            # Dispatch after this turn of the loop, so requests that arrive together share a run.
+            self._scheduled = True
+            loop.call_soon(self._dispatch)
+        return pending.future
+
+    def _purge(self) -> None:
+        """Drop requests whose callers gave up (their futures were cancelled)."""
+        self._queue = deque(p for p in self._queue if not p.future.done())
+
+    def _dispatch(self) -> None:
+        self._scheduled = False
+        policy = self.policy
+        while self._queue and self._busy < policy.instances:
+            head = self._queue[0]
+            if head.future.done():  # cancelled while it waited
+                self._queue.popleft()
+                continue
+            if policy.max_queue_delay_us and policy.max_batch_size:
+                waited_ns = time.perf_counter_ns() - head.enqueued_ns
+                wait_ns = policy.max_queue_delay_us * 1000 - waited_ns
+                if wait_ns > 0 and self._rows_like(head) < policy.max_batch_size:
+                    self._arm_timer(wait_ns)
+                    return
+            batch = self._take(head)
+            if batch:
+                self._start(batch)
+
+    def _rows_like(self, head: _Pending) -> int:
+        return sum(p.rows for p in self._queue if p.key == head.key and not p.future.done())
+
+    def _arm_timer(self, wait_ns: int) -> None:
+        if self._timer is None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(wait_ns / 1e9, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _take(self, head: _Pending) -> list[_Pending]:
+        """Remove from the queue the head and the requests that can join it, in arrival order."""
+        limit = self.policy.max_batch_size or head.rows
+        loop_now = asyncio.get_running_loop().time()
+        batch: list[_Pending] = []
+        rows = 0
+        kept: deque[_Pending] = deque()
+        for pending in self._queue:
+            if pending.future.done():
+                continue
+            if pending.key != head.key or rows + pending.rows > limit or (batch and not self.policy.max_batch_size):
+                kept.append(pending)
+                continue
+            if pending.deadline is not None and loop_now >= pending.deadline:
+                pending.future.set_exception(
+                    DeadlineExceeded(f"the deadline passed while the request waited for model '{self.name}'")
+                )
+                continue
+            batch.append(pending)
+            rows += pending.rows
+        self._queue = kept
+        return batch
+
+    def _start(self, batch: list[_Pending]) -> None:
+        self._busy += 1
+        if self.inline:
+            self._finish(batch, self._execute(batch))
+            return
+        loop = asyncio.get_running_loop()
+
+        def run_and_report() -> None:
+            outcome = self._execute(batch)
+            loop.call_soon_threadsafe(self._finish, batch, outcome)
+
+        self._executor.submit(run_and_report)
+
+    def _execute(self, batch: list[_Pending]) -> _Outcome:
+        """Concatenate, run, split: on the loop thread or a pool thread. Returns (results, error)."""
+        try:
+            began = time.perf_counter_ns()
+            outputs = batch[0].outputs
+            if len(batch) == 1:
+                feed = batch[0].inputs
+            else:
+                feed = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+            fed = time.perf_counter_ns()
+            arrays = self._run(outputs, feed)
+            ran = time.perf_counter_ns()
+            average = self._average_run_ns
+            self._average_run_ns = ran - fed if average == math.inf else average + (ran - fed - average) * 0.1
+            if len(batch) == 1:
+                parts = [arrays]
+            else:
+                bounds = np.cumsum([p.rows for p in batch])[:-1]
+                split = [np.split(array, bounds) for array in arrays]
+                parts = [[pieces[i] for pieces in split] for i in range(len(batch))]
+            finished = time.perf_counter_ns()
+            rows = sum(p.rows for p in batch)
+            results = [
+                (part, Timing(began - p.enqueued_ns, fed - began, ran - fed, finished - ran, rows))
+                for p, part in zip(batch, parts, strict=True)
+            ]
+            return results, None
+        except BaseException as error:  # delivered to the callers on the loop thread
+            return None, error
+
+    def _finish(self, batch: list[_Pending], outcome: _Outcome) -> None:
+        self._busy -= 1
+        results, error = outcome
+        if error is not None and len(batch) > 1:
+            # One bad request must not fail the others that shared its run: run each alone.
+            log.info(
+                "a batch of %d for model %s failed (%s); running its requests one by one", len(batch), self.name, error
+            )
+            for pending in batch:
+                pending.key = (pending.key, id(pending))  # unique: never batched again
+            self._queue.extendleft(reversed(batch))
+        else:
+            for index, pending in enumerate(batch):
+                if pending.future.done():
+                    continue
+                if error is not None:
+                    pending.future.set_exception(error)
+                else:
+                    assert results is not None
+                    pending.future.set_result(results[index])
+            if results is not None and self._on_run is not None:
+                self._on_run(results[0][1])
+        if self._queue and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def close(self) -> None:
+        """Refuse new requests; wait for the runs in flight (call from a thread at shutdown)."""
+        self._closed = True
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,160 @@
+"""`--workers N`: N server processes on one port, past the one-interpreter limit.
+
+The supervisor (this module) reserves the port, starts N copies of `nnserve serve` that bind it with
+SO_REUSEPORT (the kernel spreads connections across them), each with its own sessions, and serves
+the metrics of all of them from one endpoint: the workers write prometheus-client's multiprocess
+files into a private folder and the supervisor adds them up (counters and histograms sum; gauges
+take the live workers' maximum). A worker that dies is logged and started again; SIGTERM or
+SIGINT is passed to every worker, which drains as a single server would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, multiprocess
+
+from .errors import StartupError
+from .metrics import start_metrics_endpoint
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+READY_LINE = "nnserve listening on "
+RESTART_DELAY_S = 1.0
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) so the port is ours; SO_REUSEPORT lets the workers bind it too."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise StartupError(f"cannot bind {host}:{port}: {error}") from None
+    return sock
+
+
+def _worker_command(argv: list[str], port: int) -> list[str]:
+    """The supervisor's own flags, then the ones that make a process a worker (last flag wins)."""
+    return [
+        sys.executable, "-m", "nnserve_server.cli", "serve", *argv,
+        "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-port", "-1",
+    ]  # fmt: skip
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, argv: list[str]) -> None:
+        self.settings = settings
+        self._argv = argv
+        self._metrics_dir = Path(tempfile.mkdtemp(prefix="nnserve-metrics-"))
+        self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._stopping = False
+        self._drains: list[asyncio.Task[None]] = []
+        self.restarts = 0
+
+    async def run(self) -> int:
+        settings = self.settings
+        reserved = _reserve_port(settings.host, settings.port)
+        port = reserved.getsockname()[1]
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._metrics_dir)}
+        try:
+            ready = await asyncio.gather(*(self._start(index, port, env) for index in range(settings.workers)))
+            if not all(ready):
+                await self._stop_all()
+                raise StartupError("a worker exited before it was ready; its log is above")
+            metrics_address = "off"
+            http_server = None
+            if settings.metrics_port >= 0:
+                registry = CollectorRegistry()
+                multiprocess.MultiProcessCollector(registry, path=str(self._metrics_dir))
+                http_server, _, metrics_port = start_metrics_endpoint(
+                    settings.metrics_host, settings.metrics_port, registry
+                )
+                metrics_address = f"http://{settings.metrics_host}:{metrics_port}/metrics"
+            print(
+                f"{READY_LINE}{settings.host}:{port} (gRPC: KServe v2 + nnserve.v1.Tasks); "
+                f"metrics at {metrics_address}; {settings.workers} workers (SO_REUSEPORT), pids "
+                + ", ".join(str(p.pid) for p in self._processes.values()),
+                flush=True,
+            )
+            reserved.close()  # the workers hold the port now
+            watchers = [asyncio.create_task(self._watch(index, port, env)) for index in self._processes]
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
+            await stop.wait()
+            codes = await self._stop_all()
+            for watcher in watchers:
+                watcher.cancel()
+            if http_server is not None:
+                http_server.shutdown()
+            return 0 if all(code == 0 for code in codes) else 1
+        finally:
+            reserved.close()
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
+
+    async def _start(self, index: int, port: int, env: dict[str, str]) -> bool:
+        """Start worker `index` and wait until it says it is listening; False if it exits first."""
+        process = await asyncio.create_subprocess_exec(
+            *_worker_command(self._argv, port), stdout=asyncio.subprocess.PIPE, env=env
+        )
+        self._processes[index] = process
+        assert process.stdout is not None
+        while line := await process.stdout.readline():
+            if line.decode(errors="replace").startswith(READY_LINE):
+                log.info("worker %d (pid %d) is ready", index, process.pid)
+                self._drains.append(asyncio.create_task(self._drain(process)))
+                return True
+        await process.wait()
+        return False
+
+    async def _drain(self, process: asyncio.subprocess.Process) -> None:
+        assert process.stdout is not None
+        while await process.stdout.readline():
+            pass  # the worker's hints for a terminal; the supervisor printed its own
+
+    async def _watch(self, index: int, port: int, env: dict[str, str]) -> None:
+        """Start a worker again when it dies: the others keep serving meanwhile."""
+        while True:
+            process = self._processes[index]
+            code = await process.wait()
+            if self._stopping:
+                return
+            multiprocess.mark_process_dead(process.pid, str(self._metrics_dir))
+            self.restarts += 1
+            log.error("worker %d (pid %d) exited with %s; starting it again", index, process.pid, code)
+            await asyncio.sleep(RESTART_DELAY_S)
+            if not self._stopping:
+                await self._start(index, port, env)
+
+    async def _stop_all(self) -> list[int]:
+        self._stopping = True
+        for process in self._processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        codes = []
+        for process in self._processes.values():
+            try:
+                codes.append(await asyncio.wait_for(process.wait(), self.settings.grace_period_s + 10))
+            except TimeoutError:
+                log.error("worker pid %d did not stop in time; killing it", process.pid)
+                process.kill()
+                codes.append(await process.wait())
+        return codes
+
+
+def supervise(settings: Settings, argv: list[str]) -> int:
+    return asyncio.run(Supervisor(settings, argv).run())
