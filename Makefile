@@ -8,8 +8,9 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: venv serve test test-fast check protos zoo clean
+.PHONY: venv serve test test-fast check protos zoo bench clean
 
 # One venv for the workspace: the three distributions (editable) and the dev tools, all pinned.
 $(STAMP): constraints.txt requirements-dev.txt clients/pyproject.toml server/pyproject.toml exporters/pyproject.toml
@@ -35,6 +36,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Side-by-side benchmark (raw onnxruntime, bare grpc.aio, nnserve); table in .cache/bench/results.md.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py

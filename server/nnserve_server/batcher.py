@@ -91,6 +91,7 @@ class Batcher:
         self._timer: asyncio.TimerHandle | None = None
         self._executor = ThreadPoolExecutor(max_workers=policy.instances, thread_name_prefix=f"{name}-run")
         self._average_run_ns = math.inf  # moving average of one run, for the inline decision; inf: unknown
+        self._inline = False
         self._closed = False
 
     @property
@@ -99,7 +100,14 @@ class Batcher:
 
     @property
     def inline(self) -> bool:
-        return self.policy.inline_ns > 0 and self._average_run_ns < self.policy.inline_ns
+        """Run on the loop thread? Yes below `inline_ns`; once inline, until runs average 4x that.
+
+        The margin keeps a busy machine (where every run takes longer) from flipping a tiny model
+        to the pool, whose thread hops cost far more than the run itself.
+        """
+        limit = self.policy.inline_ns * (4 if self._inline else 1)
+        self._inline = self._average_run_ns < limit
+        return self._inline
 
     def warm_up(self, outputs: Sequence[str], feed: dict[str, np.ndarray]) -> None:
         """One run outside the queue (at load time): seeds the inline decision, pages the weights in."""
@@ -164,8 +172,15 @@ class Batcher:
         self._dispatch()
 
     def _take(self, head: _Pending) -> list[_Pending]:
-        """Remove from the queue the head and the requests that can join it, in arrival order."""
+        """Remove from the queue the head and the requests that can join it, in arrival order.
+
+        With several instances idle, the queued rows are shared among them rather than all put on
+        one: two half batches on two instances finish sooner than one whole batch on one.
+        """
         limit = self.policy.max_batch_size or head.rows
+        idle = self.policy.instances - self._busy
+        if idle > 1 and self.policy.max_batch_size:
+            limit = min(limit, max(head.rows, -(-self._rows_like(head) // idle)))
         loop_now = asyncio.get_running_loop().time()
         batch: list[_Pending] = []
         rows = 0

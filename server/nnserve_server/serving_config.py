@@ -47,7 +47,9 @@ class ServingConfig:
 
 def serving_config(model_dir: Path, settings: Settings, cpus: int) -> ServingConfig:
     """The knobs for the model in `model_dir`: its config file over `settings`; `cpus` sizes the defaults."""
-    instances = settings.instances or max(1, cpus // 4)
+    # Like Triton's CPU default, two instances: under load two 1-thread runs beat one 2-thread run
+    # (onnxruntime's intra-op scaling is far from linear); each gets half the CPUs.
+    instances = settings.instances or min(2, cpus)
     threads = settings.intra_op_threads
     config = ServingConfig(
         max_batch_size=settings.max_batch_size,

@@ -39,7 +39,7 @@ class Settings:
     intra_op_threads: int = _setting(
         0, "onnxruntime threads per run; 0 sizes them from the CPU quota (quota / instances)"
     )
-    instances: int = _setting(0, "concurrent onnxruntime runs per model; 0 sizes them from the CPU quota (quota / 4)")
+    instances: int = _setting(0, "concurrent onnxruntime runs per model; 0: two (one on a single CPU)")
     max_batch_size: int = _setting(
         256, "largest batch a request, or a dynamic batch, may carry (models with a batch dimension)"
     )

@@ -1,0 +1,164 @@
+"""Closed-loop load, run in its own process so its CPU time is its own; prints one JSON object.
+
+    python -m benchmarks.load sdk --target HOST:PORT --model M --model-path P --concurrency C --seconds S
+    python -m benchmarks.load raw --model-path P --concurrency C --seconds S --threads T [--batch B]
+    python -m benchmarks.load generate --target HOST:PORT --model M --prefix N --tokens K --repeats R
+
+`sdk`: C coroutines on one event loop, each sending batch-1 ModelInfer calls through our AsyncClient
+back to back. `raw`: C Python threads calling onnxruntime's session.run in this process (the floor:
+no transport at all). `generate`: streams K tokens after a prompt of N characters, and reports the
+time between tokens after the first (the first includes the prompt's own pass).
+Every mode stops by itself after S seconds (or R repeats) and counts errors by status code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _summary(latencies: list[float], errors: Counter[str], wall: float, rows: int = 1) -> dict[str, Any]:
+    ordered = np.sort(np.asarray(latencies)) if latencies else np.asarray([np.nan])
+    return {
+        "requests": len(latencies),
+        "throughput": len(latencies) * rows / wall,
+        "p50_ms": float(np.percentile(ordered, 50) * 1000),
+        "p99_ms": float(np.percentile(ordered, 99) * 1000),
+        "errors": dict(errors),
+        "wall_s": wall,
+        "cpu_s": time.process_time(),
+    }
+
+
+def _example(specs: Any, batch: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {s.name: rng.random((batch, *[d if d > 0 else 1 for d in s.shape[1:]])).astype(np.float32) for s in specs}
+
+
+async def sdk(
+    target: str, model: str, model_path: Path, concurrency: int, seconds: float, warmup: float
+) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from nnserve_client import AsyncClient
+    from nnserve_client.errors import NNServeError
+
+    # Inputs shaped from the model file: the bare server answers KServe v2 only, not our metadata call.
+    inputs = _example(ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).get_inputs())
+    async with AsyncClient(target, timeout=30) as client:
+        latencies: list[float] = []
+        errors: Counter[str] = Counter()
+        measuring = False
+
+        async def worker(stop_at: float) -> None:
+            while (now := time.perf_counter()) < stop_at:
+                try:
+                    await client.infer(model, inputs)
+                except NNServeError as error:
+                    errors[type(error).__name__] += 1
+                    continue
+                if measuring:
+                    latencies.append(time.perf_counter() - now)
+
+        await asyncio.gather(*(worker(time.perf_counter() + warmup) for _ in range(concurrency)))
+        measuring = True
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(started + seconds) for _ in range(concurrency)))
+        return _summary(latencies, errors, time.perf_counter() - started)
+
+
+def raw(model_path: Path, concurrency: int, seconds: float, threads: int, batch: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    feed = _example(session.get_inputs(), batch)
+    outputs = [o.name for o in session.get_outputs()]
+    for _ in range(3):
+        session.run(outputs, feed)
+    per_thread: list[list[float]] = [[] for _ in range(concurrency)]
+    stop_at = time.perf_counter() + seconds
+
+    def worker(latencies: list[float]) -> None:
+        while (now := time.perf_counter()) < stop_at:
+            session.run(outputs, feed)
+            latencies.append(time.perf_counter() - now)
+
+    started = time.perf_counter()
+    workers = [threading.Thread(target=worker, args=(lat,)) for lat in per_thread]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return _summary([x for lat in per_thread for x in lat], Counter(), time.perf_counter() - started, batch)
+
+
+def generate(target: str, model: str, model_path: Path, prefix: int, tokens: int, repeats: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    from nnserve_client import Client
+    from nnserve_client.model_spec import ModelSpec
+    from nnserve_client.types import TextPiece
+
+    spec = ModelSpec.from_props(ort.InferenceSession(str(model_path)).get_modelmeta().custom_metadata_map)
+    if spec is None or not spec.vocabulary:
+        raise SystemExit(f"{model_path} has no vocabulary")
+    with Client(target, timeout=120) as client:
+        vocabulary = [c for c in spec.vocabulary if c.isalnum() or c == " "]
+        prompt = "".join(vocabulary[i % len(vocabulary)] for i in range(prefix))
+        gaps, firsts = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            arrivals = []
+            for event in client.generate(model, prompt=prompt, max_tokens=tokens, temperature=0.0):
+                if isinstance(event, TextPiece):
+                    arrivals.append(time.perf_counter())
+            firsts.append(arrivals[0] - started)
+            gaps.append((arrivals[-1] - arrivals[0]) / max(1, len(arrivals) - 1))
+    per_token = float(np.median(gaps))
+    return {
+        "prefix": prefix,
+        "tokens": tokens,
+        "token_ms": per_token * 1000,
+        "tokens_per_s": 1 / per_token,
+        "first_token_ms": float(np.median(firsts) * 1000),
+        "cpu_s": time.process_time(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=("sdk", "raw", "generate"))
+    parser.add_argument("--target", default="127.0.0.1:8001")
+    parser.add_argument("--model", default="bench-mlp")
+    parser.add_argument("--model-path", type=Path)
+    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prefix", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if args.mode == "sdk":
+        result = asyncio.run(sdk(args.target, args.model, args.model_path, args.concurrency, args.seconds, args.warmup))
+    elif args.mode == "raw":
+        result = raw(args.model_path, args.concurrency, args.seconds, args.threads, args.batch)
+    else:
+        result = generate(args.target, args.model, args.model_path, args.prefix, args.tokens, args.repeats)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

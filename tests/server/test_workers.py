@@ -1,0 +1,76 @@
+"""`--workers N`: several processes on one port, one metrics endpoint that adds them up."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+
+from nnserve_client import codec
+from nnserve_client._proto import grpc_predict_v2_pb2 as pb
+from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from tests.conftest import ECHO_TYPES, RunningServer
+from tests.server.test_health_reflection_metrics import sample
+
+
+def _worker_pids(running: RunningServer) -> list[int]:
+    match = re.search(r"workers \(SO_REUSEPORT\), pids ([\d, ]+)", running.log())
+    assert match, running.log()
+    return [int(pid) for pid in match.group(1).split(", ")]
+
+
+def _echo_request() -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="echo")
+    for datatype, (_, dtype) in ECHO_TYPES.items():
+        array = np.array([[b"a", b"b", b"c"]], dtype=object) if datatype == "BYTES" else np.ones((1, 3), dtype)
+        request.inputs.add(name=f"in_{datatype}", datatype=datatype, shape=[1, 3])
+        request.raw_input_contents.append(codec.to_raw(array))
+    return request
+
+
+def _send(target: str, count: int) -> None:
+    """`count` requests, each on a connection of its own: the kernel picks a worker per connection."""
+    request = _echo_request()
+    for _ in range(count):
+        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+            assert len(response.outputs) == len(ECHO_TYPES)
+
+
+def test_workers_share_the_port_and_their_metrics_add_up(own_server: Callable[..., RunningServer]) -> None:
+    running = own_server("--workers", "2")
+    pids = _worker_pids(running)
+    assert len(set(pids)) == 2
+    assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
+    _send(running.target, 30)
+    # Each worker counted its own requests; the one endpoint shows their sum.
+    assert (
+        sample(running.metrics(), "nnserve_requests_total", model="echo", version="1", rpc="ModelInfer", code="OK")
+        == 30
+    )
+    assert sample(running.metrics(), "nnserve_model_ready", model="echo") == 1
+
+    # A worker that dies is started again, and the port keeps serving meanwhile. (Connections the
+    # kernel had already queued on the dead worker's socket are reset: that is for client retries.)
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while "exited with" not in running.log():
+        assert time.monotonic() < deadline, running.log()
+        time.sleep(0.05)
+    _send(running.target, 10)
+    while running.log().count("is ready") < 3:
+        assert time.monotonic() < deadline, running.log()
+        time.sleep(0.2)
+    assert "starting it again" in running.log()
+    _send(running.target, 10)
+    # The dead worker's counts stay in the sum (counters never go down): 50 in all.
+    assert (
+        sample(running.metrics(), "nnserve_requests_total", model="echo", version="1", rpc="ModelInfer", code="OK")
+        == 50
+    )
+    assert running.stop() == 0
