@@ -1,0 +1,85 @@
+"""The benchmark's baseline must be honest: the bare server answers what a real model would, in size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import models
+from benchmarks.run import LISTENING, ROOT, targets
+from nnserve_client import codec
+from nnserve_client._proto import grpc_predict_v2_pb2 as pb
+from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_exporters import api
+
+
+@pytest.fixture(scope="module")
+def mlp_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("bench") / "models"
+    api.export(models.mlp().eval(), torch.rand(2, 64), task="classify", out=repo / models.MLP / "1" / "model.onnx",
+               labels=[str(i) for i in range(10)], output_names=("logits",))  # fmt: skip
+    return repo
+
+
+def test_the_bare_server_answers_with_the_sizes_a_real_model_returns(mlp_repository: Path) -> None:
+    command = [sys.executable, "-m", "benchmarks.bare_server", "--model-repository", str(mlp_repository)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert process.stdout is not None
+        match = LISTENING.search(process.stdout.readline())
+        assert match, "the bare server did not say where it listens"
+        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            config = stub.ModelConfig(pb.ModelConfigRequest(name=models.MLP), timeout=10).config
+            assert list(config.input[0].dims) == [64]
+            request = pb.ModelInferRequest(model_name=models.MLP)
+            request.inputs.add(name="input", datatype="FP32", shape=[3, 64])
+            request.raw_input_contents.append(np.zeros((3, 64), np.float32).tobytes())
+            response = stub.ModelInfer(request, timeout=10)
+        assert list(response.outputs[0].shape) == [3, 10]
+        logits = codec.from_raw(response.raw_output_contents[0], "FP32", [3, 10])
+        assert logits.shape == (3, 10)  # 120 bytes, what the MLP itself returns for 3 rows
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+def test_the_raw_load_generator_reports_throughput_and_its_own_cpu(mlp_repository: Path) -> None:
+    path = mlp_repository / models.MLP / "1" / "model.onnx"
+    command = [sys.executable, "-m", "benchmarks.load", "raw", "--model-path", str(path), "--seconds", "0.3"]
+    started = time.perf_counter()
+    result = json.loads(subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout)
+    assert result["requests"] > 10
+    assert result["throughput"] > 0
+    assert result["errors"] == {}
+    assert 0 < result["cpu_s"] < time.perf_counter() - started + 5
+
+
+def test_targets_are_judged_from_ratios_of_the_same_run() -> None:
+    def cell(
+        system: str, client: str, concurrency: int, throughput: float, p50: float, p99: float
+    ) -> dict[str, object]:
+        return {"model": models.MLP, "system": system, "client": client, "concurrency": concurrency,
+                "throughput": throughput, "p50_ms": p50, "p99_ms": p99}  # fmt: skip
+
+    results = {
+        "cells": [
+            cell("bare grpc.aio", "perf_analyzer", 32, 1000.0, 5.0, 10.0),
+            cell("nnserve batching", "perf_analyzer", 32, 950.0, 5.0, 12.0),
+            cell("bare grpc.aio", "perf_analyzer", 1, 2000.0, 0.40, 1.0),
+            cell("nnserve batching", "perf_analyzer", 1, 1500.0, 0.60, 1.0),
+        ],
+        "generation": {},
+    }
+    verdicts = {name: met for name, met, _ in targets(results)}
+    assert verdicts["MLP c=32 one process >= 90% of bare gRPC"] is True  # 95%
+    assert verdicts["MLP c=32 one process p99 < 15 ms"] is True
+    assert verdicts["MLP c=1 p50 <= bare + 0.15 ms (mean of two runs each)"] is False  # +0.20 ms
