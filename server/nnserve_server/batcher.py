@@ -230,10 +230,13 @@ class Batcher:
             self._average_run_ns = ran - fed if average == math.inf else average + (ran - fed - average) * 0.1
             if len(batch) == 1:
                 parts = [arrays]
-            else:
-                bounds = np.cumsum([p.rows for p in batch])[:-1]
-                split = [np.split(array, bounds) for array in arrays]
-                parts = [[pieces[i] for pieces in split] for i in range(len(batch))]
+            else:  # views, not copies: each caller's rows of each output
+                parts = []
+                start = 0
+                for pending in batch:
+                    end = start + pending.rows
+                    parts.append([array[start:end] for array in arrays])
+                    start = end
             finished = time.perf_counter_ns()
             rows = sum(p.rows for p in batch)
             results = [

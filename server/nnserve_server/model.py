@@ -27,6 +27,8 @@ from .serving_config import ServingConfig
 
 log = logging.getLogger(__name__)
 
+MAX_REMEMBERED_SIGNATURES = 4096
+
 # onnxruntime's element type names and their KServe v2 datatypes.
 _ORT_DATATYPES = {
     "tensor(bool)": "BOOL",
@@ -92,6 +94,15 @@ class ModelStats:
     last_inference_ms: int = 0
     by_batch_size: dict[int, BatchStats] = field(default_factory=dict)
 
+    def count_request(self, success_ns: int, timing: Timing, rows: int) -> None:
+        self.success.add(success_ns)
+        self.queue.add(timing.queue_ns)
+        self.compute_input.add(timing.input_ns)
+        self.compute_infer.add(timing.infer_ns)
+        self.compute_output.add(timing.output_ns)
+        self.inference_count += rows
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
     def count_run(self, timing: Timing) -> None:
         self.execution_count += 1
         batch = self.by_batch_size.get(timing.batch_size)
@@ -122,6 +133,7 @@ class OnnxModel:
         self.providers = tuple(self.session.get_providers())
         self.instances = config.instances
         self.stats = ModelStats()
+        self._valid: set[object] = set()
         policy = BatchPolicy(
             max_batch_size=self.max_batch_size if config.dynamic_batching else 0,
             max_queue_delay_us=config.max_queue_delay_us,
@@ -159,7 +171,23 @@ class OnnxModel:
             )
 
     def validate(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> int:
-        """Raise InvalidInput naming the first thing about `inputs` the graph cannot take; returns the rows."""
+        """Raise InvalidInput naming the first thing about `inputs` the graph cannot take; returns the rows.
+
+        Input signatures (names, dtypes, shapes, outputs) that passed once are remembered, so a
+        stream of same-shaped requests costs one set lookup each (the set is capped).
+        """
+        signature = (tuple((n, a.dtype, a.shape) for n, a in inputs.items()), tuple(outputs))
+        if signature in self._valid:
+            return self._valid_rows(inputs)
+        rows = self._validate(inputs, outputs)
+        if len(self._valid) < MAX_REMEMBERED_SIGNATURES:
+            self._valid.add(signature)
+        return rows
+
+    def _valid_rows(self, inputs: Mapping[str, np.ndarray]) -> int:
+        return int(next(iter(inputs.values())).shape[0]) if self.max_batch_size else 1
+
+    def _validate(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> int:
         if len(inputs) != len(self.inputs) or any(n not in self.inputs for n in inputs):
             missing = [n for n in self.inputs if n not in inputs]
             extra = [n for n in inputs if n not in self.inputs]
@@ -216,14 +244,7 @@ class OnnxModel:
         except BaseException:
             self.stats.fail.add(time.perf_counter_ns() - started)
             raise
-        stats = self.stats
-        stats.success.add(time.perf_counter_ns() - started)
-        stats.queue.add(timing.queue_ns)
-        stats.compute_input.add(timing.input_ns)
-        stats.compute_infer.add(timing.infer_ns)
-        stats.compute_output.add(timing.output_ns)
-        stats.inference_count += rows
-        stats.last_inference_ms = int(time.time() * 1000)
+        self.stats.count_request(time.perf_counter_ns() - started, timing, rows)
         return dict(zip(names, arrays, strict=True)), timing
 
     def _session_run(self, outputs: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:

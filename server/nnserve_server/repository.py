@@ -41,6 +41,13 @@ def _version_key(version: str) -> tuple[int, int | str]:
     return (0, int(version)) if version.isdigit() else (1, version)
 
 
+def _latest_ready(entries: dict[str, VersionEntry]) -> OnnxModel | None:
+    for entry in sorted(entries.values(), key=lambda e: _version_key(e.version), reverse=True):
+        if entry.model is not None:
+            return entry.model
+    return None
+
+
 def _listing(names: list[str], limit: int = 20) -> str:
     shown = ", ".join(names[:limit])
     return f"[{shown}{', ...' if len(names) > limit else ''}]"
@@ -52,6 +59,7 @@ class ModelRepository:
         self._runtime = runtime
         self._settings = settings
         self._models: dict[str, dict[str, VersionEntry]] = {}
+        self._latest: dict[str, OnnxModel | None] = {}  # per name, the highest ready version
         self._listeners: list[StateListener] = []
 
     def on_state_change(self, listener: StateListener) -> None:
@@ -80,6 +88,7 @@ class ModelRepository:
         # Requests that already hold an old version finish on it; its session and threads are
         # released when the last of them lets go (no explicit close, so none of them can fail).
         self._models[name] = entries
+        self._latest[name] = _latest_ready(entries)
         await self._notify(name)
 
     def _load_version(self, name: str, version: str) -> VersionEntry:
@@ -110,10 +119,15 @@ class ModelRepository:
         if name not in self._models:
             raise ModelNotFound(f"unknown model '{name}'; the server has {_listing(self.names())}")
         self._models[name] = {v: VersionEntry(v, UNLOADED, "unloaded by request") for v in self._models[name]}
+        self._latest[name] = None
         await self._notify(name)
 
     def get(self, name: str, version: str = "") -> OnnxModel:
         """The ready model for `name` at `version` (empty: the latest ready version)."""
+        if not version:
+            latest = self._latest.get(name)
+            if latest is not None:  # the common case, one dict lookup
+                return latest
         entries = self._models.get(name)
         if entries is None:
             raise ModelNotFound(f"unknown model '{name}'; the server has {_listing(self.names())}")
@@ -124,9 +138,6 @@ class ModelRepository:
             if entry.model is None:
                 raise ModelNotReady(f"model '{name}' version {version} is {entry.state}: {entry.reason}")
             return entry.model
-        for entry in sorted(entries.values(), key=lambda e: _version_key(e.version), reverse=True):
-            if entry.model is not None:
-                return entry.model
         reasons = "; ".join(f"version {e.version}: {e.state} ({e.reason})" for e in entries.values())
         raise ModelNotReady(f"model '{name}' has no ready version: {reasons}")
 

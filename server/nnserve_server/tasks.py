@@ -107,10 +107,12 @@ def text_inputs(model: OnnxModel, spec: ModelSpec, texts: list[str], max_chars: 
     return {"input_ids": ids, "attention_mask": mask}
 
 
-async def classify(model: OnnxModel, inputs: dict[str, np.ndarray], top_k: int) -> Ranking:
+async def classify(
+    model: OnnxModel, inputs: dict[str, np.ndarray], top_k: int, deadline: float | None = None
+) -> Ranking:
     spec = require_task(model, "classify")
     first_output = next(iter(model.outputs))
-    (scores,) = (await model.infer(inputs, [first_output])).values()
+    (scores,) = (await model.infer(inputs, [first_output], deadline)).values()
     if scores.ndim != 2:
         raise InvalidInput(f"model '{model.name}' returns scores of shape {list(scores.shape)}, not (items, classes)")
     probabilities = softmax(scores.astype(np.float32)) if spec.output_kind == "logits" else scores
@@ -125,10 +127,12 @@ class Vectors:
     others: dict[str, np.ndarray]
 
 
-async def encode(model: OnnxModel, inputs: dict[str, np.ndarray], normalize: bool) -> Vectors:
+async def encode(
+    model: OnnxModel, inputs: dict[str, np.ndarray], normalize: bool, deadline: float | None = None
+) -> Vectors:
     """The model's vectors: the first output of an encode model, or a classifier's `features`."""
     spec = require_task(model, "encode")
-    results = await model.infer(inputs)
+    results = await model.infer(inputs, (), deadline)
     name = next(iter(model.outputs)) if spec.task == "encode" else "features"
     vectors = {n: v.astype(np.float32) for n, v in results.items() if v.ndim == 2}
     main = vectors.pop(name)
@@ -144,7 +148,7 @@ class Mask:
     pixel_counts: np.ndarray  # per class
 
 
-async def segment(model: OnnxModel, image: np.ndarray, max_pixels: int) -> Mask:
+async def segment(model: OnnxModel, image: np.ndarray, max_pixels: int, deadline: float | None = None) -> Mask:
     """`image` [channels, height, width] in natural units: padded to the stride, segmented, cropped back."""
     spec = require_task(model, "segment")
     channels, height, width = image.shape
@@ -157,6 +161,6 @@ async def segment(model: OnnxModel, image: np.ndarray, max_pixels: int) -> Mask:
     padded = np.zeros((1, channels, padded_h, padded_w), np.float32)
     padded[0, :, :height, :width] = image
     inputs = tensor_inputs(model, spec, padded)
-    (logits,) = (await model.infer(inputs, [next(iter(model.outputs))])).values()
+    (logits,) = (await model.infer(inputs, [next(iter(model.outputs))], deadline)).values()
     classes = logits[0, :, :height, :width].argmax(axis=0).astype(np.uint8)
     return Mask(classes, spec.labels, np.bincount(classes.reshape(-1), minlength=len(spec.labels)))

@@ -6,7 +6,6 @@ RPCs not overridden here (shared memory, trace, log settings, streaming) answer 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -21,7 +20,9 @@ from ..errors import InvalidInput
 from ..model import Duration, OnnxModel
 from ..repository import ModelRepository
 from ..serving_config import INTRA_OP_KEY
+from .deadline import deadline_of
 
+_OutputTensor = pb.ModelInferResponse.InferOutputTensor
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 PLATFORM = "onnxruntime_onnx"
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
@@ -32,12 +33,6 @@ class ServerState:
 
     def __init__(self) -> None:
         self.ready = False
-
-
-def deadline_of(context: Context) -> float | None:
-    """The caller's deadline on the event loop's clock, or None when the call has none."""
-    remaining = context.time_remaining()
-    return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -157,11 +152,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._repository.get(request.model_name, request.model_version)
         inputs = decode_inputs(request)
         results, _ = await model.infer_timed(inputs, [o.name for o in request.outputs], deadline_of(context))
-        response = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
-        for name, array in results.items():
-            response.outputs.add(name=name, datatype=codec.datatype_of(array.dtype), shape=array.shape)
-            response.raw_output_contents.append(codec.to_raw(array))
-        return response
+        return pb.ModelInferResponse(
+            model_name=model.name,
+            model_version=model.version,
+            id=request.id,
+            outputs=[
+                _OutputTensor(name=name, datatype=codec.datatype_of(array.dtype), shape=array.shape)
+                for name, array in results.items()
+            ],
+            raw_output_contents=[codec.to_raw(array) for array in results.values()],
+        )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=model_config(self._repository.get(request.name, request.version)))

@@ -16,6 +16,7 @@ from ..errors import InvalidInput
 from ..model import OnnxModel
 from ..repository import ModelRepository
 from ..settings import Settings
+from .deadline import deadline_of
 
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
 DEFAULT_MAX_TOKENS = 64
@@ -94,7 +95,9 @@ class TasksServicer(pb_grpc.TasksServicer):
         if request.top_k > MAX_TOP_K:
             raise InvalidInput(f"top_k is {request.top_k}; at most {MAX_TOP_K}")
         tasks.require_task(model, "classify")
-        ranking = await tasks.classify(model, self._inputs(model, request, "Classify"), request.top_k)
+        ranking = await tasks.classify(
+            model, self._inputs(model, request, "Classify"), request.top_k, deadline_of(context)
+        )
         response = pb.ClassifyResponse(model_name=model.name, model_version=model.version)
         labels = ranking.labels
         for indices, probabilities in zip(ranking.indices.tolist(), ranking.probabilities.tolist(), strict=True):
@@ -136,7 +139,9 @@ class TasksServicer(pb_grpc.TasksServicer):
 
     async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:
         model = self._repository.get(request.model_name, request.model_version)
-        vectors = await tasks.encode(model, self._inputs(model, request, "Encode"), request.normalize)
+        vectors = await tasks.encode(
+            model, self._inputs(model, request, "Encode"), request.normalize, deadline_of(context)
+        )
         response = pb.EncodeResponse(model_name=model.name, model_version=model.version)
         response.embeddings.CopyFrom(_tensor(vectors.main))
         for name, array in vectors.others.items():
@@ -163,7 +168,7 @@ class TasksServicer(pb_grpc.TasksServicer):
                 )
         else:
             raise InvalidInput("SegmentRequest carries no input: set image or tensor")
-        mask = await tasks.segment(model, image, self._settings.max_image_pixels)
+        mask = await tasks.segment(model, image, self._settings.max_image_pixels, deadline_of(context))
         height, width = mask.classes.shape
         return pb.SegmentResponse(
             model_name=model.name,
