@@ -2,11 +2,11 @@
 
     python -m benchmarks.load sdk --target HOST:PORT --model M --model-path P --concurrency C --seconds S
     python -m benchmarks.load raw --model-path P --concurrency C --seconds S --threads T [--batch B]
-    python -m benchmarks.load generate --target HOST:PORT --model M --prefix N --tokens K --repeats R
+    python -m benchmarks.load generate --target HOST:PORT --model M --model-path P --prefixes 16,512 --tokens K
 
 `sdk`: C coroutines on one event loop, each sending batch-1 ModelInfer calls through our AsyncClient
 back to back. `raw`: C Python threads calling onnxruntime's session.run in this process (the floor:
-no transport at all). `generate`: streams K tokens after a prompt of N characters, and reports the
+no transport at all). `generate`: streams K tokens after prompts of each length, alternating, and reports the median
 time between tokens after the first (the first includes the prompt's own pass).
 Every mode stops by itself after S seconds (or R repeats) and counts errors by status code.
 """
@@ -103,7 +103,11 @@ def raw(model_path: Path, concurrency: int, seconds: float, threads: int, batch:
     return _summary([x for lat in per_thread for x in lat], Counter(), time.perf_counter() - started, batch)
 
 
-def generate(target: str, model: str, model_path: Path, prefix: int, tokens: int, repeats: int) -> dict[str, Any]:
+def generate(
+    target: str, model: str, model_path: Path, prefixes: list[int], tokens: int, repeats: int
+) -> dict[str, Any]:
+    """Per prefix length: the median time between streamed tokens after the first. The prefixes
+    alternate within each repeat, so a slow moment of a shared machine hits them alike."""
     import onnxruntime as ort
 
     from nnserve_client import Client
@@ -113,27 +117,32 @@ def generate(target: str, model: str, model_path: Path, prefix: int, tokens: int
     spec = ModelSpec.from_props(ort.InferenceSession(str(model_path)).get_modelmeta().custom_metadata_map)
     if spec is None or not spec.vocabulary:
         raise SystemExit(f"{model_path} has no vocabulary")
+    vocabulary = [c for c in spec.vocabulary if c.isalnum() or c == " "]
+    gaps: dict[int, list[float]] = {p: [] for p in prefixes}
+    firsts: dict[int, list[float]] = {p: [] for p in prefixes}
     with Client(target, timeout=120) as client:
-        vocabulary = [c for c in spec.vocabulary if c.isalnum() or c == " "]
-        prompt = "".join(vocabulary[i % len(vocabulary)] for i in range(prefix))
-        gaps, firsts = [], []
         for _ in range(repeats):
-            started = time.perf_counter()
-            arrivals = []
-            for event in client.generate(model, prompt=prompt, max_tokens=tokens, temperature=0.0):
-                if isinstance(event, TextPiece):
-                    arrivals.append(time.perf_counter())
-            firsts.append(arrivals[0] - started)
-            gaps.append((arrivals[-1] - arrivals[0]) / max(1, len(arrivals) - 1))
-    per_token = float(np.median(gaps))
-    return {
-        "prefix": prefix,
-        "tokens": tokens,
-        "token_ms": per_token * 1000,
-        "tokens_per_s": 1 / per_token,
-        "first_token_ms": float(np.median(firsts) * 1000),
-        "cpu_s": time.process_time(),
-    }
+            for prefix in prefixes:
+                prompt = "".join(vocabulary[i % len(vocabulary)] for i in range(prefix))
+                started = time.perf_counter()
+                arrivals = [
+                    time.perf_counter()
+                    for event in client.generate(model, prompt=prompt, max_tokens=tokens, temperature=0.0)
+                    if isinstance(event, TextPiece)
+                ]
+                firsts[prefix].append(arrivals[0] - started)
+                gaps[prefix].append((arrivals[-1] - arrivals[0]) / max(1, len(arrivals) - 1))
+    result: dict[str, Any] = {"cpu_s": time.process_time()}
+    for prefix in prefixes:
+        per_token = float(np.median(gaps[prefix]))
+        result[str(prefix)] = {
+            "prefix": prefix,
+            "tokens": tokens,
+            "token_ms": per_token * 1000,
+            "tokens_per_s": 1 / per_token,
+            "first_token_ms": float(np.median(firsts[prefix]) * 1000),
+        }
+    return result
 
 
 def main() -> None:
@@ -147,7 +156,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--prefix", type=int, default=16)
+    parser.add_argument("--prefixes", default="16,512", help="prompt lengths in characters, comma-separated")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -156,7 +165,8 @@ def main() -> None:
     elif args.mode == "raw":
         result = raw(args.model_path, args.concurrency, args.seconds, args.threads, args.batch)
     else:
-        result = generate(args.target, args.model, args.model_path, args.prefix, args.tokens, args.repeats)
+        prefixes = [int(p) for p in args.prefixes.split(",")]
+        result = generate(args.target, args.model, args.model_path, prefixes, args.tokens, args.repeats)
     print(json.dumps(result))
 
 

@@ -185,21 +185,24 @@ class Bench:
         cell.errors = int(errors.group(1)) if errors else 0
         return self._record(cell)
 
-    def generate(self, model: str, path: Path, port: int, prefix: int) -> dict[str, Any]:
+    def generate(self, model: str, path: Path, port: int, prefixes: tuple[int, ...]) -> dict[int, Any]:
         command = [
             sys.executable, "-m", "benchmarks.load", "generate", "--target", f"127.0.0.1:{port}", "--model", model,
-            "--model-path", str(path), "--prefix", str(prefix), "--tokens", "48", "--repeats", "3",
+            "--model-path", str(path), "--prefixes", ",".join(map(str, prefixes)), "--tokens", "64",
+            "--repeats", "7",
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
         if done.returncode != 0:
             raise RuntimeError(f"generate load failed: {done.stderr[-2000:]}")
-        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(
-            f"  {model:16} prefix {prefix:4}: {result['token_ms']:.3f} ms/token "
-            f"({result['tokens_per_s']:.0f} tokens/s), first token {result['first_token_ms']:.2f} ms",
-            flush=True,
-        )
-        return result
+        raw: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        results = {prefix: raw[str(prefix)] for prefix in prefixes}
+        for prefix, result in results.items():
+            print(
+                f"  {model:16} prefix {prefix:4}: {result['token_ms']:.3f} ms/token "
+                f"({result['tokens_per_s']:.0f} tokens/s), first token {result['first_token_ms']:.2f} ms",
+                flush=True,
+            )
+        return results
 
 
 def _nnserve(repository: Path, *flags: str) -> list[str]:
@@ -284,7 +287,7 @@ def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
         shutil.copytree(repository / name, lm_repo / name, dirs_exist_ok=True)
     with _server(_nnserve(lm_repo), "lm", out) as (port, _):
         for name in ("chars-lstm", "chars-transformer"):
-            generation[name] = {prefix: bench.generate(name, paths[name], port, prefix) for prefix in (16, 512)}
+            generation[name] = bench.generate(name, paths[name], port, (16, 512))
 
     return {"cells": [asdict(c) for c in bench.cells], "generation": generation}
 
