@@ -15,6 +15,7 @@ import grpc.aio
 import numpy as np
 
 from . import _calls
+from ._channel import channel_target, service_config
 from ._proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from ._proto import tasks_pb2_grpc as tasks_grpc
 from .errors import from_rpc_error
@@ -24,6 +25,7 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_RETRIES = 3
 
 
 def tls_credentials(
@@ -35,10 +37,14 @@ def tls_credentials(
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
-def _channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, Any]]:
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0, got {retries}")
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.service_config", service_config(retries)),
+        ("grpc.enable_retries", 1 if retries else 0),
     ]
 
 
@@ -62,15 +68,19 @@ class Client:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
+        """`target`: host:port, several of them, or dns:///name:port (calls go round-robin over all
+        addresses); `retries`: attempts on another replica after UNAVAILABLE (0: none)."""
         self._settings = _Settings(timeout, metadata)
-        options = _channel_options(max_message_bytes)
+        options = _channel_options(max_message_bytes, retries)
+        target = channel_target(target)
         if credentials is None:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -194,15 +204,19 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float = DEFAULT_TIMEOUT_S,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        retries: int = DEFAULT_RETRIES,
     ) -> None:
+        """`target`: host:port, several of them, or dns:///name:port (calls go round-robin over all
+        addresses); `retries`: attempts on another replica after UNAVAILABLE (0: none)."""
         self._settings = _Settings(timeout, metadata)
-        options = _channel_options(max_message_bytes)
+        options = _channel_options(max_message_bytes, retries)
+        target = channel_target(target)
         if credentials is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)
         else:

@@ -8,6 +8,7 @@ go NOT_SERVING, let in-flight requests finish within the grace period, exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ SERVICE_NAMES = (
 )
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+FLUSH_S = 0.5  # after the last request: time for its response to leave before the server stops
 
 
 @dataclass
@@ -55,9 +57,22 @@ class Server:
         """
         stopping = asyncio.ensure_future(self.grpc_server.stop(grace_s))
         finished = await self.in_flight.wait_idle(grace_s)
+        # The last handlers have returned, but their responses may still be on their way out:
+        # give grpc a moment to finish on its own before cutting what is left (Watch streams).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(stopping), FLUSH_S)
         await self.grpc_server.stop(0)
         await stopping
         return finished
+
+
+def _connection_age(settings: Settings) -> list[tuple[str, int]]:
+    if not settings.max_connection_age_s:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+    ]
 
 
 def create_server(settings: Settings, repository: ModelRepository, metrics: ServerMetrics) -> Server:
@@ -68,6 +83,7 @@ def create_server(settings: Settings, repository: ModelRepository, metrics: Serv
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+            *_connection_age(settings),
         ],
     )
     state = ServerState()

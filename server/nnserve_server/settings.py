@@ -53,6 +53,10 @@ class Settings:
     )
     workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT), each with its own sessions")
     reuse_port: bool = _setting(False, "bind the gRPC port with SO_REUSEPORT, so other servers may share it")
+    max_connection_age_s: float = _setting(
+        0.0, "close each client connection after this long, so clients reconnect and spread over new replicas; 0: never"
+    )
+    max_connection_age_grace_s: float = _setting(10.0, "time calls in flight get when a connection reaches its age")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
     max_image_pixels: int = _setting(4096 * 4096, "largest image (width x height) the task API decodes")
     max_text_chars: int = _setting(
@@ -86,6 +90,8 @@ class Settings:
         for name in ("max_image_pixels", "max_text_chars", "max_tokens", "max_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1")
+        if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
+            problems.append("connection ages must be >= 0")
         if self.grace_period_s < 0:
             problems.append("grace period must be >= 0")
         if not self.providers:
