@@ -95,10 +95,6 @@ class Batcher:
         self._closed = False
 
     @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    @property
     def inline(self) -> bool:
         """Run on the loop thread? Yes below `inline_ns`; once inline, until runs average 4x that.
 
