@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from nnserve_client._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 from .errors import StartupError
-from .interceptor import InFlight, StatusGuard
+from .guard import InFlight, StatusGuard
 from .metrics import ServerMetrics, start_metrics_endpoint
 from .repository import ModelRepository
 from .runtime import Runtime

@@ -1,4 +1,4 @@
-"""Domain errors of the serving core. They carry no transport codes: `interceptor` maps them once.
+"""Domain errors of the serving core. They carry no transport codes: `guard` maps them once.
 
     ServingError                 a request the server refuses, with a message saying what to fix
     ├── InvalidInput             the request itself is wrong             -> INVALID_ARGUMENT
