@@ -60,6 +60,11 @@ def _status_and_message(error: Exception, rpc: str) -> tuple[grpc.StatusCode, st
     return status, str(error)
 
 
+def _refuse_malformed(request: Any, rpc: str) -> None:
+    if isinstance(request, _Malformed):
+        raise InvalidInput(f"the request is not a valid {rpc} request message: {request.error}")
+
+
 class _Malformed:
     """Stands in for a request whose bytes did not parse, so the behavior can refuse it properly."""
 
@@ -145,8 +150,7 @@ class StatusGuard:
             code, response = "OK", None
             self.in_flight.enter()
             try:
-                if isinstance(request, _Malformed):
-                    raise InvalidInput(f"the request is not a valid {rpc} request message: {request.error}")
+                _refuse_malformed(request, rpc)
                 response = await inner(request, context)
                 return response
             except asyncio.CancelledError:
@@ -171,8 +175,7 @@ class StatusGuard:
             code = "OK"
             self.in_flight.enter()
             try:
-                if isinstance(request, _Malformed):
-                    raise InvalidInput(f"the request is not a valid {rpc} request message: {request.error}")
+                _refuse_malformed(request, rpc)
                 async for message in inner(request, context):
                     yield message
             except (asyncio.CancelledError, GeneratorExit):
