@@ -9,8 +9,13 @@ PORT   ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+IMAGE  ?= nnserve
+VERSION := 0.1.0
+# checkov (manifest security checks) has its own venv: its many pins are not the project's.
+CHECKOV_VENV  := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
 
-.PHONY: venv serve test test-fast check protos zoo bench clean
+.PHONY: venv serve test test-fast check protos zoo bench image image-gpu clean
 
 # One venv for the workspace: the three distributions (editable) and the dev tools, all pinned.
 $(STAMP): constraints.txt requirements-dev.txt clients/pyproject.toml server/pyproject.toml exporters/pyproject.toml
@@ -20,6 +25,12 @@ $(STAMP): constraints.txt requirements-dev.txt clients/pyproject.toml server/pyp
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+$(CHECKOV_STAMP): deploy/tools/checkov-constraints.txt
+	test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-c deploy/tools/checkov-constraints.txt checkov
+	touch $(CHECKOV_STAMP)
 
 # The default model repository is built once, when it is missing.
 $(MODELS): | $(STAMP)
@@ -31,10 +42,10 @@ zoo: $(STAMP)
 serve: $(STAMP) | $(MODELS)
 	$(BIN)/nnserve serve --model-repository $(MODELS) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-test: $(STAMP)
+test: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Side-by-side benchmark (raw onnxruntime, bare grpc.aio, nnserve); table in .cache/bench/results.md.
@@ -49,6 +60,15 @@ check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/hadolint deploy/Dockerfile
+
+# Container images (needs a Docker engine; see deploy/README.md). The GPU image: make image-gpu.
+image:
+	docker build -f deploy/Dockerfile --target runtime -t $(IMAGE):$(VERSION)-cpu .
+	docker build -f deploy/Dockerfile --target runtime-zoo -t $(IMAGE):$(VERSION)-cpu-zoo .
+
+image-gpu:
+	docker build -f deploy/Dockerfile --target runtime-gpu -t $(IMAGE):$(VERSION)-gpu .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,4 @@
-"""`nnserve serve [flags]`: build the settings once and run the server."""
+"""`nnserve serve [flags]`: build the settings once and run the server. `nnserve health`: probe one."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from .app import serve
 from .errors import StartupError
+from .healthcheck import main as health_main
 from .settings import Settings, build_parser
 from .workers import supervise
 
@@ -16,11 +17,13 @@ from .workers import supervise
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
-        print("usage: nnserve serve [flags]\n")
+        print("usage: nnserve serve [flags]\n       nnserve health [--target HOST:PORT] [--service NAME]\n")
         build_parser().print_help()
         return 0 if args else 2
+    if args[0] == "health":
+        return health_main(args[1:])
     if args[0] != "serve":
-        print(f"nnserve: unknown command {args[0]!r}; try: nnserve serve --help", file=sys.stderr)
+        print(f"nnserve: unknown command {args[0]!r}; try: nnserve serve --help or nnserve health", file=sys.stderr)
         return 2
     try:
         settings = Settings.load(args[1:])

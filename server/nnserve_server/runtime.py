@@ -76,7 +76,7 @@ class Runtime:
             log.warning("execution providers %s are missing; falling back to %s", missing, chosen or ["CPU"])
         if "CPUExecutionProvider" not in chosen:
             chosen.append("CPUExecutionProvider")  # onnxruntime places what others cannot run on the CPU
-        return cls(tuple(chosen), tuple(missing), cpu_quota())
+        return cls(tuple(chosen), tuple(missing), settings.cpus or cpu_quota())
 
     def session(self, model_path: Path, intra_op_threads: int) -> ort.InferenceSession:
         options = ort.SessionOptions()

@@ -36,6 +36,9 @@ class Settings:
     allow_provider_fallback: bool = _setting(
         False, "start even when a requested provider is missing (logged and counted); else refuse to start"
     )
+    cpus: int = _setting(
+        0, "CPUs to size threads and instances for; 0: the container's CPU quota (cgroup), else the CPUs it may use"
+    )
     intra_op_threads: int = _setting(
         0, "onnxruntime threads per run; 0 sizes them from the CPU quota (quota / instances)"
     )
@@ -74,6 +77,8 @@ class Settings:
             problems.append(f"port {self.port} is not in 0..65535")
         if not -1 <= self.metrics_port <= 65535:
             problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
+        if self.cpus < 0:
+            problems.append("cpus must be >= 0")
         if self.intra_op_threads < 0:
             problems.append("intra-op threads must be >= 0")
         for name in ("instances", "max_queue_delay_us", "inline_run_us"):

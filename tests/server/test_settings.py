@@ -65,6 +65,7 @@ def test_cpu_quota_reads_cgroup_v2(tmp_path: Path) -> None:
 def test_runtime_sizes_threads_from_the_quota_and_refuses_missing_providers() -> None:
     runtime = Runtime.from_settings(Settings())
     assert runtime.cpus == cpu_quota()
+    assert Runtime.from_settings(Settings(cpus=7)).cpus == 7  # Kubernetes passes its CPU limit this way
     assert runtime.providers == ("CPUExecutionProvider",)
     with pytest.raises(StartupError, match="TensorrtExecutionProvider"):
         Runtime.from_settings(Settings(providers=("tensorrt", "cpu")))

@@ -1,0 +1,39 @@
+"""`nnserve health`: ask a running server's grpc.health.v1 service, for container health checks.
+
+Exit status 0 when the service answers SERVING, 1 for anything else (NOT_SERVING, unknown service,
+no server listening, no answer within the timeout), with the answer on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def check(target: str, service: str = "", timeout_s: float = 3.0) -> tuple[bool, str]:
+    """(serving?, what the server said) for one service name; "" is the whole server."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError as error:
+            return False, f"{error.code().name}: {error.details()}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return reply.status == health_pb2.HealthCheckResponse.SERVING, status
+
+
+def main(argv: Sequence[str]) -> int:
+    port = os.environ.get("NNSERVE_PORT", "8001")
+    parser = argparse.ArgumentParser(prog="nnserve health", description=__doc__)
+    parser.add_argument("--target", default=f"127.0.0.1:{port}", help="host:port (default 127.0.0.1:$NNSERVE_PORT)")
+    parser.add_argument("--service", default="", help='a model or gRPC service name; "" (default): the server')
+    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    args = parser.parse_args(argv)
+    serving, said = check(args.target, args.service, args.timeout)
+    print(f"{args.target} {args.service or '(server)'}: {said}")
+    return 0 if serving else 1
