@@ -3,9 +3,14 @@
 gRPC keeps one HTTP/2 connection per address, so a client of a plain ClusterIP Service stays on one
 pod. Given several `host:port` targets, or a `dns:///name` that resolves to several addresses (a
 headless Service), the channel opens a connection to each address and sends calls round-robin.
-A call that fails with UNAVAILABLE before the server answered (a replica stopping or gone) is
-retried on another replica, at most `retries` times, with exponential backoff; every RPC nnserve
-offers is safe to repeat (inference has no side effects; loading a model twice loads it once).
+A call that fails with UNAVAILABLE (a replica stopping or gone) or with a CANCELLED that the server
+sent is retried on another replica, at most `retries` times, with exponential backoff; every RPC
+nnserve offers is safe to repeat (inference has no side effects; loading a model twice loads it once).
+
+Why CANCELLED: when a gRPC server shuts down, calls that reached it but that no handler had taken yet
+end with CANCELLED ("CANCELLED"), not UNAVAILABLE (grpc core, grpc/grpc#41785). A replica that stops
+mid-load thus fails about one call in four test runs unless that status is retried too. A call the
+caller cancels itself is never retried: gRPC retries only statuses that come from the server.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ def service_config(retries: int) -> str:
                     "initialBackoff": "0.05s",
                     "maxBackoff": "1s",
                     "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
                 },
             }
         ]

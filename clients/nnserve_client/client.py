@@ -77,7 +77,7 @@ class Client:
         retries: int = DEFAULT_RETRIES,
     ) -> None:
         """`target`: host:port, several of them, or dns:///name:port (calls go round-robin over all
-        addresses); `retries`: attempts on another replica after UNAVAILABLE (0: none)."""
+        addresses); `retries`: attempts on another replica after UNAVAILABLE or a server-sent CANCELLED (0: none)."""
         self._settings = _Settings(timeout, metadata)
         options = _channel_options(max_message_bytes, retries)
         target = channel_target(target)
@@ -213,7 +213,7 @@ class AsyncClient:
         retries: int = DEFAULT_RETRIES,
     ) -> None:
         """`target`: host:port, several of them, or dns:///name:port (calls go round-robin over all
-        addresses); `retries`: attempts on another replica after UNAVAILABLE (0: none)."""
+        addresses); `retries`: attempts on another replica after UNAVAILABLE or a server-sent CANCELLED (0: none)."""
         self._settings = _Settings(timeout, metadata)
         options = _channel_options(max_message_bytes, retries)
         target = channel_target(target)
