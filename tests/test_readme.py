@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from conftest import ROOT
 
+from nnserve_server.metrics import metrics_table
 from nnserve_server.settings import build_parser, flags_table
 
 
@@ -14,3 +15,8 @@ def test_flags_table_matches_the_settings() -> None:
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help":
                 assert f"`{flag}" in readme or f"/ {flag}`" in readme, flag
+
+
+def test_metrics_table_matches_the_metrics() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert metrics_table() in readme, "README metrics table is stale: paste nnserve_server.metrics.metrics_table()"

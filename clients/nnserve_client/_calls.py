@@ -6,6 +6,7 @@ and how to turn the response into SDK types. The two clients differ only in how 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,14 +21,17 @@ from ._proto import grpc_predict_v2_pb2 as kserve
 from ._proto import tasks_pb2 as tasks
 from .types import (
     Classification,
+    Classifications,
     Embeddings,
     GeneratedImage,
     GenerateEvent,
     GenerationDone,
+    InferResult,
     LabelScore,
     ModelInfo,
     Segmentation,
     ServerInfo,
+    ServerTiming,
     TensorSpec,
     TextPiece,
 )
@@ -41,6 +45,18 @@ class Call(Generic[T]):
     method: str
     request: Any
     parse: Callable[[Any], T]
+    timed: bool = False  # the result carries the server's timing, from the call's trailing metadata
+
+    def result(self, response: Any, trailing_metadata: Any) -> T:
+        """The parsed response, with `timing` set from the trailing metadata when the call is timed."""
+        parsed = self.parse(response)
+        timing = ServerTiming.from_metadata(trailing_metadata)
+        if isinstance(parsed, InferResult | Classifications):
+            parsed.timing = timing
+            return parsed
+        if dataclasses.is_dataclass(parsed) and not isinstance(parsed, type):
+            return dataclasses.replace(parsed, timing=timing)  # type: ignore[return-value]
+        return parsed
 
 
 def live() -> Call[bool]:
@@ -78,7 +94,7 @@ def infer(
     inputs: Mapping[str, np.ndarray],
     outputs: Iterable[str] | None,
     version: str,
-) -> Call[dict[str, np.ndarray]]:
+) -> Call[InferResult]:
     request = kserve.ModelInferRequest(model_name=model, model_version=version)
     for name, value in inputs.items():
         array = np.asarray(value)
@@ -86,7 +102,7 @@ def infer(
         request.raw_input_contents.append(codec.to_raw(array))
     for name in outputs or ():
         request.outputs.add(name=name)
-    return Call("kserve", "ModelInfer", request, _infer_outputs)
+    return Call("kserve", "ModelInfer", request, _infer_outputs, timed=True)
 
 
 ImageLike = Any  # encoded bytes, a file path, or a PIL image
@@ -133,10 +149,10 @@ def _set_input(request: Any, batch: np.ndarray | None, images: Any, texts: Any) 
 
 def classify(
     model: str, batch: np.ndarray | None, images: Any, texts: Any, top_k: int, version: str
-) -> Call[list[Classification]]:
+) -> Call[Classifications]:
     request = tasks.ClassifyRequest(model_name=model, model_version=version, top_k=top_k)
     _set_input(request, batch, images, texts)
-    return Call("tasks", "Classify", request, _classifications)
+    return Call("tasks", "Classify", request, _classifications, timed=True)
 
 
 def generate(
@@ -181,7 +197,7 @@ def encode(
 ) -> Call[Embeddings]:
     request = tasks.EncodeRequest(model_name=model, model_version=version, normalize=normalize)
     _set_input(request, batch, images, texts)
-    return Call("tasks", "Encode", request, _embeddings)
+    return Call("tasks", "Encode", request, _embeddings, timed=True)
 
 
 def segment(model: str, image: ImageLike | np.ndarray, png: bool, version: str) -> Call[Segmentation]:
@@ -190,7 +206,7 @@ def segment(model: str, image: ImageLike | np.ndarray, png: bool, version: str) 
         request.tensor.CopyFrom(_tensor(image))
     else:
         request.image = image_bytes(image)
-    return Call("tasks", "Segment", request, _segmentation)
+    return Call("tasks", "Segment", request, _segmentation, timed=True)
 
 
 def _array(tensor: tasks.Tensor) -> np.ndarray:
@@ -219,8 +235,8 @@ def _segmentation(response: tasks.SegmentResponse) -> Segmentation:
     return Segmentation(mask, tuple(response.labels), counts, response.mask_png or None)
 
 
-def _infer_outputs(response: kserve.ModelInferResponse) -> dict[str, np.ndarray]:
-    results = {}
+def _infer_outputs(response: kserve.ModelInferResponse) -> InferResult:
+    results = InferResult()
     for index, output in enumerate(response.outputs):
         if index < len(response.raw_output_contents):
             results[output.name] = codec.from_raw(response.raw_output_contents[index], output.datatype, output.shape)
@@ -229,10 +245,10 @@ def _infer_outputs(response: kserve.ModelInferResponse) -> dict[str, np.ndarray]
     return results
 
 
-def _classifications(response: tasks.ClassifyResponse) -> list[Classification]:
-    return [
+def _classifications(response: tasks.ClassifyResponse) -> Classifications:
+    return Classifications(
         Classification(tuple(LabelScore(s.label, s.index, s.probability) for s in item.top)) for item in response.items
-    ]
+    )
 
 
 def _specs(specs: Iterable[tasks.TensorSpec]) -> tuple[TensorSpec, ...]:

@@ -19,7 +19,16 @@ from ._channel import channel_target, service_config
 from ._proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from ._proto import tasks_pb2_grpc as tasks_grpc
 from .errors import from_rpc_error
-from .types import Classification, Embeddings, GenerateEvent, ModelInfo, Segmentation, ServerInfo, TextPiece
+from .types import (
+    Classifications,
+    Embeddings,
+    GenerateEvent,
+    InferResult,
+    ModelInfo,
+    Segmentation,
+    ServerInfo,
+    TextPiece,
+)
 
 T = TypeVar("T")
 
@@ -92,8 +101,12 @@ class Client:
 
     def _invoke(self, call: _calls.Call[T], timeout: float | None) -> T:
         method = getattr(self._stubs[call.service], call.method)
+        options = {"timeout": self._settings.deadline(timeout), "metadata": self._settings.metadata}
         try:
-            response = method(call.request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata)
+            if call.timed:
+                response, rpc = method.with_call(call.request, **options)
+                return call.result(response, rpc.trailing_metadata())
+            response = method(call.request, **options)
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return call.parse(response)
@@ -124,7 +137,7 @@ class Client:
         outputs: Iterable[str] | None = None,
         version: str = "",
         timeout: float | None = None,
-    ) -> dict[str, np.ndarray]:
+    ) -> InferResult:
         """Run the model on named input arrays; returns the named outputs (all, or those asked for)."""
         return self._invoke(_calls.infer(model, inputs, outputs, version), timeout)
 
@@ -138,7 +151,7 @@ class Client:
         top_k: int = 5,
         version: str = "",
         timeout: float | None = None,
-    ) -> list[Classification]:
+    ) -> Classifications:
         """Top-k labels for each item: a `batch` array in the model's natural units (digit pixels
         0..16), `images` (PNG/JPEG bytes, file paths or PIL images; one or a list) or `texts`."""
         return self._invoke(_calls.classify(model, batch, images, texts, top_k, version), timeout)
@@ -229,9 +242,10 @@ class AsyncClient:
     async def _invoke(self, call: _calls.Call[T], timeout: float | None) -> T:
         method = getattr(self._stubs[call.service], call.method)
         try:
-            response = await method(
-                call.request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
-            )
+            rpc = method(call.request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata)
+            response = await rpc
+            if call.timed:
+                return call.result(response, await rpc.trailing_metadata())
         except grpc.RpcError as error:
             raise from_rpc_error(error) from None
         return call.parse(response)
@@ -262,7 +276,7 @@ class AsyncClient:
         outputs: Iterable[str] | None = None,
         version: str = "",
         timeout: float | None = None,
-    ) -> dict[str, np.ndarray]:
+    ) -> InferResult:
         return await self._invoke(_calls.infer(model, inputs, outputs, version), timeout)
 
     async def classify(
@@ -275,7 +289,7 @@ class AsyncClient:
         top_k: int = 5,
         version: str = "",
         timeout: float | None = None,
-    ) -> list[Classification]:
+    ) -> Classifications:
         return await self._invoke(_calls.classify(model, batch, images, texts, top_k, version), timeout)
 
     async def generate(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,9 +88,49 @@ GenerateEvent = TextPiece | GeneratedImage | GenerationDone
 
 
 @dataclass(frozen=True)
+class ServerTiming:
+    """Where the server spent one call's time, from its trailing metadata (seconds)."""
+
+    request_id: str  # the x-request-id the call carried, or the one the server made
+    server: float  # arrival to answer
+    queue: float = 0.0  # waiting for an onnxruntime run
+    compute: float = 0.0  # onnxruntime, for the whole batch the request shared
+    batch_size: int = 0  # rows of that run; 0 when the call ran no model
+
+    @classmethod
+    def from_metadata(cls, metadata: Iterable[tuple[str, str | bytes]] | None) -> ServerTiming | None:
+        values = {key: value for key, value in metadata or () if isinstance(value, str)}
+        if "x-request-id" not in values:
+            return None  # not an nnserve server
+        try:
+            return cls(
+                request_id=values["x-request-id"],
+                server=int(values.get("nnserve-server-us", 0)) / 1e6,
+                queue=int(values.get("nnserve-queue-us", 0)) / 1e6,
+                compute=int(values.get("nnserve-compute-us", 0)) / 1e6,
+                batch_size=int(values.get("nnserve-batch-size", 0)),
+            )
+        except ValueError:
+            return None
+
+
+class InferResult(dict[str, np.ndarray]):
+    """`Client.infer`'s outputs by name (a dict), with the server's `timing` of the call."""
+
+    timing: ServerTiming | None = None
+
+
+class Classifications(list[Classification]):
+    """`Client.classify`'s results, one per item (a list), with the server's `timing` of the call."""
+
+    timing: ServerTiming | None = None
+
+
+@dataclass(frozen=True)
 class Embeddings:
     vectors: np.ndarray  # float32 [items, dimensions]
     others: Mapping[str, np.ndarray] = field(default_factory=dict)  # e.g. a VAE's log_variance
+    timing: ServerTiming | None = None
 
 
 @dataclass(frozen=True)
@@ -99,3 +139,4 @@ class Segmentation:
     labels: tuple[str, ...]
     pixel_counts: Mapping[str, int]
     png: bytes | None = None
+    timing: ServerTiming | None = None

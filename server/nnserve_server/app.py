@@ -77,7 +77,7 @@ def _connection_age(settings: Settings) -> list[tuple[str, int]]:
 
 def create_server(settings: Settings, repository: ModelRepository, metrics: ServerMetrics) -> Server:
     """Build the gRPC server with every service registered, bound but not started."""
-    guard = StatusGuard(metrics, repository.knows)
+    guard = StatusGuard(metrics, repository.knows, settings.access_log_sample, settings.access_log_failures)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -126,7 +126,9 @@ async def serve(settings: Settings) -> None:
     metrics = ServerMetrics(registry)
     for provider in runtime.missing_providers:
         metrics.provider_fallbacks.labels(provider).inc()
-    repository = ModelRepository(settings.model_repository, runtime, settings)
+    for provider in runtime.providers:
+        metrics.provider.labels(provider).set(1)
+    repository = ModelRepository(settings.model_repository, runtime, settings, metrics)
     server = create_server(settings, repository, metrics)
     await repository.load_all()
     metrics_address = "off"

@@ -105,6 +105,11 @@ class Batcher:
         self._inline = self._average_run_ns < limit
         return self._inline
 
+    @property
+    def depth(self) -> int:
+        """Requests waiting (a cancelled one counts until it is skipped)."""
+        return len(self._queue)
+
     def warm_up(self, outputs: Sequence[str], feed: dict[str, np.ndarray]) -> None:
         """One run outside the queue (at load time): seeds the inline decision, pages the weights in."""
         started = time.perf_counter_ns()

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from . import logs
 from .app import serve
 from .errors import StartupError
 from .healthcheck import main as health_main
@@ -30,9 +31,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"nnserve: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logs.configure(settings.log_level, settings.log_format)
     try:
         if settings.workers > 1:
             return supervise(settings, args[1:])

@@ -2,13 +2,15 @@
 
 Servicers raise domain errors (`errors.py`) and never touch status codes. The guard maps
 them, turns anything unexpected into INTERNAL with a fixed message (the traceback goes to the
-log), and records each request's status and duration in the metrics.
+log), and reports each request: its status and duration in the metrics, its id and server timing
+in the trailing metadata, and a line in the access log (sampled).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,8 +30,10 @@ from .errors import (
     Unsupported,
 )
 from .metrics import ServerMetrics
+from .request_record import CURRENT, RequestRecord, request_id_from
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("nnserve.access")
 
 
 _STATUS: dict[type[Exception], grpc.StatusCode] = {
@@ -90,17 +94,22 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 class InFlight:
     """Counts requests being answered, so shutdown can wait for them and not for endless streams."""
 
-    def __init__(self) -> None:
+    def __init__(self, gauge: Any = None) -> None:
         self.count = 0
+        self._gauge = gauge
         self._idle = asyncio.Event()
         self._idle.set()
 
     def enter(self) -> None:
         self.count += 1
         self._idle.clear()
+        if self._gauge is not None:
+            self._gauge.inc()
 
     def exit(self) -> None:
         self.count -= 1
+        if self._gauge is not None:
+            self._gauge.dec()
         if self.count == 0:
             self._idle.set()
 
@@ -119,10 +128,18 @@ class StatusGuard:
     method handler each time; wrapping the handlers once costs nothing per call.
     """
 
-    def __init__(self, metrics: ServerMetrics, known_model: Callable[[str], bool]) -> None:
+    def __init__(
+        self,
+        metrics: ServerMetrics,
+        known_model: Callable[[str], bool],
+        access_log_sample: float = 0.0,
+        access_log_failures: bool = True,
+    ) -> None:
         self._metrics = metrics
         self._known_model = known_model
-        self.in_flight = InFlight()
+        self._access_sample = access_log_sample
+        self._access_failures = access_log_failures
+        self.in_flight = InFlight(metrics.in_flight)
 
     def register(self, server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
         """`add_to_server(servicer, server)` (a generated `add_*_to_server`), with every method wrapped."""
@@ -146,12 +163,14 @@ class StatusGuard:
 
     def _wrap(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
+            record = RequestRecord(rpc, request_id_from(context.invocation_metadata()), time.perf_counter_ns())
+            CURRENT.set(record)  # each call runs in its own task, with its own context
             code, response = "OK", None
             self.in_flight.enter()
             try:
                 _refuse_malformed(request, rpc)
                 response = await inner(request, context)
+                context.set_trailing_metadata(record.trailing_metadata(time.perf_counter_ns()))
                 return response
             except asyncio.CancelledError:
                 code = "CANCELLED"
@@ -159,11 +178,10 @@ class StatusGuard:
             except Exception as error:
                 status, message = _status_and_message(error, rpc)
                 code = status.name
-                await context.abort(status, message)
+                await context.abort(status, message, record.trailing_metadata(time.perf_counter_ns()))
             finally:
                 self.in_flight.exit()
-                model, version = self._labels(request, response)
-                self._metrics.observe_request(model, version, rpc, code, time.perf_counter() - started)
+                self._report(record, request, response, code)
 
         return behavior
 
@@ -171,26 +189,58 @@ class StatusGuard:
         """As `_wrap`, for server-streaming RPCs: errors before or between messages map the same way."""
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            started = time.perf_counter()
+            record = RequestRecord(rpc, request_id_from(context.invocation_metadata()), time.perf_counter_ns())
+            CURRENT.set(record)
             code = "OK"
             self.in_flight.enter()
             try:
                 _refuse_malformed(request, rpc)
                 async for message in inner(request, context):
+                    if not record.first_message_ns:
+                        record.first_message_ns = time.perf_counter_ns()
                     yield message
+                context.set_trailing_metadata(record.trailing_metadata(time.perf_counter_ns()))
             except (asyncio.CancelledError, GeneratorExit):
                 code = "CANCELLED"
                 raise
             except Exception as error:
                 status, message = _status_and_message(error, rpc)
                 code = status.name
-                await context.abort(status, message)
+                await context.abort(status, message, record.trailing_metadata(time.perf_counter_ns()))
             finally:
                 self.in_flight.exit()
-                model, _ = self._labels(request, None)
-                self._metrics.observe_request(model, "", rpc, code, time.perf_counter() - started)
+                self._report(record, request, None, code)
 
         return behavior
+
+    def _report(self, record: RequestRecord, request: Any, response: Any, code: str) -> None:
+        ended_ns = time.perf_counter_ns()
+        model, version = self._labels(request, response)
+        if record.model and model not in ("", "unknown"):
+            version = record.version  # the version that served it, also when the caller named none
+        self._metrics.observe_request(model, version, record.rpc, code, (ended_ns - record.started_ns) / 1e9)
+        if record.metrics is not None and code == "OK":
+            decode, encode = record.metrics.codec(record.rpc)
+            decode.observe((record.entered_ns - record.started_ns) / 1e9)
+            encode.observe((ended_ns - record.left_ns) / 1e9)
+            if record.first_message_ns and record.tokens:
+                tokens, first = record.metrics.generation()
+                tokens.observe(record.tokens)
+                first.observe((record.first_message_ns - record.started_ns) / 1e9)
+        failed = code != "OK"
+        if (failed and self._access_failures) or (self._access_sample and random.random() < self._access_sample):
+            fields = {
+                "request_id": record.request_id,
+                "rpc": record.rpc,
+                "model": model,
+                "version": version,
+                "code": code,
+                "duration_ms": round((ended_ns - record.started_ns) / 1e6, 3),
+                "queue_ms": round(record.queue_ns / 1e6, 3),
+                "compute_ms": round(record.compute_ns / 1e6, 3),
+                "batch_size": record.batch_size,
+            }
+            access_log.info("%s %s %s", record.rpc, model or "-", code, extra={"fields": fields})
 
     def _labels(self, request: Any, response: Any) -> tuple[str, str]:
         # Only names the repository knows become label values: callers cannot grow the series.

@@ -22,6 +22,8 @@ from nnserve_client.model_spec import ModelSpec
 
 from .batcher import Batcher, BatchPolicy, Timing
 from .errors import InvalidInput
+from .metrics import ModelMetrics
+from .request_record import CURRENT
 from .runtime import Runtime
 from .serving_config import ServingConfig
 
@@ -115,9 +117,17 @@ class ModelStats:
 
 class OnnxModel:
     def __init__(
-        self, name: str, version: str, path: Path, runtime: Runtime, config: ServingConfig, inline_run_us: int = 0
+        self,
+        name: str,
+        version: str,
+        path: Path,
+        runtime: Runtime,
+        config: ServingConfig,
+        inline_run_us: int = 0,
+        metrics: ModelMetrics | None = None,
     ) -> None:
         self.name = name
+        self.metrics = metrics
         self.version = version
         self.path = path
         self.config = config
@@ -141,7 +151,7 @@ class OnnxModel:
             instances=config.instances,
             inline_ns=inline_run_us * 1000,
         )
-        self.batcher = Batcher(f"{name}:{version}", self._session_run, policy, self.stats.count_run)
+        self.batcher = Batcher(f"{name}:{version}", self._session_run, policy, self._count_run)
         self._warm_up()
         if self.batcher.inline and config.intra_op_threads > 1 and not config.threads_chosen:
             # A run this short loses more to waking a second thread than it gains from it.
@@ -241,6 +251,9 @@ class OnnxModel:
     ) -> tuple[dict[str, np.ndarray], Timing]:
         """As `infer`, with where the time went. `deadline` is on the event loop's clock (loop.time())."""
         started = time.perf_counter_ns()
+        record = CURRENT.get()
+        if record is not None and not record.entered_ns:
+            record.entered_ns = started
         try:
             rows = self.validate(inputs, outputs)
             names = tuple(outputs) or self._all_outputs
@@ -250,7 +263,19 @@ class OnnxModel:
             self.stats.fail.add(time.perf_counter_ns() - started)
             raise
         self.stats.count_request(time.perf_counter_ns() - started, timing, rows)
+        if self.metrics is not None:
+            self.metrics.inferences.inc(rows)
+            self.metrics.queue_wait.observe(timing.queue_ns / 1e9)
+            self.metrics.compute.observe(timing.infer_ns / 1e9)
+        if record is not None:
+            record.add_run(self.name, self.version, self.metrics, timing, rows)
         return dict(zip(names, arrays, strict=True)), timing
+
+    def _count_run(self, timing: Timing) -> None:
+        self.stats.count_run(timing)
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(timing.batch_size)
+            self.metrics.queue_depth.set(self.batcher.depth)
 
     def _session_run(self, outputs: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:

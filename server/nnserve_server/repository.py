@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInput, ModelNotFound, ModelNotReady
+from .metrics import ModelMetrics, ServerMetrics
 from .model import OnnxModel
 from .runtime import Runtime
 from .serving_config import serving_config
@@ -54,8 +56,9 @@ def _listing(names: list[str], limit: int = 20) -> str:
 
 
 class ModelRepository:
-    def __init__(self, root: Path, runtime: Runtime, settings: Settings) -> None:
+    def __init__(self, root: Path, runtime: Runtime, settings: Settings, metrics: ServerMetrics | None = None) -> None:
         self.root = root
+        self._metrics = metrics
         self._runtime = runtime
         self._settings = settings
         self._models: dict[str, dict[str, VersionEntry]] = {}
@@ -93,9 +96,11 @@ class ModelRepository:
 
     def _load_version(self, name: str, version: str) -> VersionEntry:
         path = self.root / name / version / MODEL_FILE
+        started = time.perf_counter()
+        model_metrics = None if self._metrics is None else ModelMetrics(self._metrics, name, version)
         try:
             config = serving_config(self.root / name, self._settings, self._runtime.cpus)
-            model = OnnxModel(name, version, path, self._runtime, config, self._settings.inline_run_us)
+            model = OnnxModel(name, version, path, self._runtime, config, self._settings.inline_run_us, model_metrics)
         except Exception as error:  # a corrupt file or broken metadata must not take the others down
             log.error("model %s version %s failed to load: %s", name, version, error)
             return VersionEntry(version, UNAVAILABLE, f"failed to load: {error}")
@@ -112,6 +117,8 @@ class ModelRepository:
             c.intra_op_threads,
             "inline on the event loop" if batcher.inline else "in the thread pool",
         )
+        if model_metrics is not None:
+            model_metrics.load_duration.set(time.perf_counter() - started)
         return VersionEntry(version, READY, "", model)
 
     async def unload(self, name: str) -> None:
@@ -171,6 +178,9 @@ class ModelRepository:
 
     async def _notify(self, name: str) -> None:
         ready = self.is_ready(name)
+        if self._metrics is not None:
+            loaded = sum(1 for entry in self._models.get(name, {}).values() if entry.model is not None)
+            self._metrics.versions_loaded.labels(name).set(loaded)
         for listener in self._listeners:
             await listener(name, ready)
 

@@ -70,6 +70,11 @@ class Settings:
     grace_period_s: float = _setting(10.0, "seconds in-flight requests get to finish on SIGTERM or SIGINT")
     reflection: bool = _setting(True, "serve gRPC server reflection")
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _setting("text", "text (for terminals) or json (one object per line, for log collectors)")
+    access_log_sample: float = _setting(
+        0.0, "fraction of successful requests written to the access log (logger nnserve.access); 0: none, 1: all"
+    )
+    access_log_failures: bool = _setting(True, "write every failed request to the access log")
 
     def __post_init__(self) -> None:
         problems = []
@@ -103,6 +108,10 @@ class Settings:
             problems.append("name at least one provider")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append(f"log level {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        if self.log_format not in ("text", "json"):
+            problems.append(f"log format {self.log_format!r} is not text or json")
+        if not 0.0 <= self.access_log_sample <= 1.0:
+            problems.append(f"access log sample {self.access_log_sample} is not in 0..1")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 

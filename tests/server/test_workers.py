@@ -48,12 +48,19 @@ def test_workers_share_the_port_and_their_metrics_add_up(own_server: Callable[..
     assert len(set(pids)) == 2
     assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
     _send(running.target, 30)
-    # Each worker counted its own requests; the one endpoint shows their sum.
-    assert (
-        sample(running.metrics(), "nnserve_requests_total", model="echo", version="1", rpc="ModelInfer", code="OK")
-        == 30
-    )
-    assert sample(running.metrics(), "nnserve_model_ready", model="echo") == 1
+    # Each worker counted its own requests; the one endpoint shows their sum, histograms included.
+    text = running.metrics()
+    echo = {"model": "echo", "version": "1"}
+    assert sample(text, "nnserve_requests_total", **echo, rpc="ModelInfer", code="OK") == 30
+    assert sample(text, "nnserve_request_duration_seconds_count", **echo, rpc="ModelInfer", code="OK") == 30
+    assert sample(text, "nnserve_inferences_total", **echo) == 30
+    assert sample(text, "nnserve_batch_size_bucket", **echo, le="+Inf") == 30
+    assert sample(text, "nnserve_compute_seconds_count", **echo) == 30
+    # Gauges: ready if any live worker has it; in flight and queued are sums over the live workers.
+    assert sample(text, "nnserve_model_ready", model="echo") == 1
+    assert sample(text, "nnserve_model_versions_loaded", model="echo") == 1
+    assert sample(text, "nnserve_in_flight_requests") == 0
+    assert sample(text, "nnserve_queue_depth", **echo) == 0
 
     # A worker that dies is started again, and the port keeps serving meanwhile. (Connections the
     # kernel had already queued on the dead worker's socket are reset: that is for client retries.)

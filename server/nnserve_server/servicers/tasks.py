@@ -15,6 +15,7 @@ from .. import generation, images, tasks
 from ..errors import InvalidInput
 from ..model import OnnxModel
 from ..repository import ModelRepository
+from ..request_record import CURRENT
 from ..settings import Settings
 from .deadline import deadline_of
 
@@ -134,7 +135,10 @@ class TasksServicer(pb_grpc.TasksServicer):
             label = request.label if request.HasField("label") else None
             events = generation.generate_images(model, count, seed, latent, label)
         as_tensor = request.image_format == pb.IMAGE_FORMAT_TENSOR
+        record = CURRENT.get()
         async for event in events:
+            if record is not None and isinstance(event, generation.Finished):
+                record.tokens = event.generated_tokens  # for nnserve_generated_tokens
             yield _generate_event(event, as_tensor)
 
     async def Encode(self, request: pb.EncodeRequest, context: Context) -> pb.EncodeResponse:

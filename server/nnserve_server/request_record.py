@@ -1,0 +1,77 @@
+"""What one request did on its way through the server, gathered for its metrics, logs and answer.
+
+The guard opens a record when a call arrives and makes it the current one (a context variable: each
+gRPC call runs in its own asyncio task); models add their runs to it; the guard then reports it as
+trailing metadata, in the access log and in the model's histograms.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .batcher import Timing
+    from .metrics import ModelMetrics
+
+REQUEST_ID_KEY = "x-request-id"  # set by the caller, or made here; returned in trailing metadata
+MAX_REQUEST_ID = 128
+# Trailing metadata with the server's timing (microseconds), read by the SDK (nnserve_client.types.ServerTiming).
+SERVER_US = "nnserve-server-us"  # arrival to answer
+QUEUE_US = "nnserve-queue-us"  # waiting for a run (summed over a stream's runs)
+COMPUTE_US = "nnserve-compute-us"  # onnxruntime (summed likewise)
+BATCH_SIZE = "nnserve-batch-size"  # rows of the largest run the request shared
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    rpc: str
+    request_id: str
+    started_ns: int
+    model: str = ""
+    version: str = ""
+    metrics: ModelMetrics | None = field(default=None, repr=False)
+    runs: int = 0  # onnxruntime runs that served this request (Generate: one per step)
+    rows: int = 0
+    queue_ns: int = 0
+    compute_ns: int = 0
+    batch_size: int = 0  # rows of the largest run it shared
+    entered_ns: int = 0  # when it first reached a model: before that, decoding (and preprocessing)
+    left_ns: int = 0  # when its last run came back: after that, encoding (and postprocessing)
+    first_message_ns: int = 0  # streams: when the first message left
+    tokens: int = 0  # Generate: tokens generated
+
+    def add_run(self, model: str, version: str, metrics: ModelMetrics | None, timing: Timing, rows: int) -> None:
+        self.model, self.version, self.metrics = model, version, metrics
+        self.left_ns = time.perf_counter_ns()
+        self.runs += 1
+        self.rows += rows
+        self.queue_ns += timing.queue_ns
+        self.compute_ns += timing.infer_ns
+        self.batch_size = max(self.batch_size, timing.batch_size)
+
+    def trailing_metadata(self, ended_ns: int) -> tuple[tuple[str, str], ...]:
+        metadata = [(REQUEST_ID_KEY, self.request_id), (SERVER_US, str((ended_ns - self.started_ns) // 1000))]
+        if self.runs:
+            metadata += [
+                (QUEUE_US, str(self.queue_ns // 1000)),
+                (COMPUTE_US, str(self.compute_ns // 1000)),
+                (BATCH_SIZE, str(self.batch_size)),
+            ]
+        return tuple(metadata)
+
+
+CURRENT: ContextVar[RequestRecord | None] = ContextVar("nnserve_request", default=None)
+
+
+def request_id_from(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+    """The caller's x-request-id when it is usable (printable ASCII, at most 128 characters), else a new one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID:
+            if value.isascii() and value.isprintable():
+                return value
+            break
+    return secrets.token_hex(8)
