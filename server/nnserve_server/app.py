@@ -29,6 +29,7 @@ from .runtime import Runtime
 from .servicers.kserve import KServeServicer, ServerState
 from .servicers.tasks import TasksServicer
 from .settings import Settings
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,11 @@ def _connection_age(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def create_server(settings: Settings, repository: ModelRepository, metrics: ServerMetrics) -> Server:
+def create_server(
+    settings: Settings, repository: ModelRepository, metrics: ServerMetrics, tracing: Tracing | None = None
+) -> Server:
     """Build the gRPC server with every service registered, bound but not started."""
-    guard = StatusGuard(metrics, repository.knows, settings.access_log_sample, settings.access_log_failures)
+    guard = StatusGuard(metrics, repository.knows, settings.access_log_sample, settings.access_log_failures, tracing)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -129,7 +132,8 @@ async def serve(settings: Settings) -> None:
     for provider in runtime.providers:
         metrics.provider.labels(provider).set(1)
     repository = ModelRepository(settings.model_repository, runtime, settings, metrics)
-    server = create_server(settings, repository, metrics)
+    tracing = Tracing.from_settings(settings.tracing)
+    server = create_server(settings, repository, metrics, tracing)
     await repository.load_all()
     metrics_address = "off"
     if settings.metrics_port >= 0:
@@ -161,6 +165,8 @@ async def serve(settings: Settings) -> None:
     if not await server.drain(settings.grace_period_s):
         log.warning("grace period over: requests still in flight were cancelled")
     await repository.close()
+    if tracing is not None:
+        tracing.shutdown()
     if settings.metrics_port >= 0:
         http_server.shutdown()
     log.info("stopped")

@@ -31,6 +31,7 @@ from .errors import (
 )
 from .metrics import ServerMetrics
 from .request_record import CURRENT, RequestRecord, request_id_from
+from .tracing import Tracing
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("nnserve.access")
@@ -134,8 +135,10 @@ class StatusGuard:
         known_model: Callable[[str], bool],
         access_log_sample: float = 0.0,
         access_log_failures: bool = True,
+        tracing: Tracing | None = None,
     ) -> None:
         self._metrics = metrics
+        self._tracing = tracing
         self._known_model = known_model
         self._access_sample = access_log_sample
         self._access_failures = access_log_failures
@@ -148,14 +151,16 @@ class StatusGuard:
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         rpc = method.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
+            behavior = self._wrap(rpc, handler.unary_unary)
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap(rpc, handler.unary_unary),
+                behavior if self._tracing is None else _traced(self._tracing, method, behavior),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
+            stream = self._wrap_stream(rpc, handler.unary_stream)
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(rpc, handler.unary_stream),
+                stream if self._tracing is None else _traced_stream(self._tracing, method, stream),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -215,6 +220,7 @@ class StatusGuard:
 
     def _report(self, record: RequestRecord, request: Any, response: Any, code: str) -> None:
         ended_ns = time.perf_counter_ns()
+        record.code = code
         model, version = self._labels(request, response)
         if record.model and model not in ("", "unknown"):
             version = record.version  # the version that served it, also when the caller named none
@@ -251,6 +257,31 @@ class StatusGuard:
             return "unknown", ""
         version = getattr(response, "model_version", "") if response is not None else ""
         return name, version
+
+
+def _traced(tracing: Tracing, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """A span around a guarded unary call (installed only with --tracing)."""
+
+    async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        span = tracing.start(method, context.invocation_metadata())
+        try:
+            return await behavior(request, context)
+        finally:
+            tracing.finish(span, CURRENT.get())  # the record the guarded call set, in this same task
+
+    return traced
+
+
+def _traced_stream(tracing: Tracing, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    async def traced(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        span = tracing.start(method, context.invocation_metadata())
+        try:
+            async for message in behavior(request, context):
+                yield message
+        finally:
+            tracing.finish(span, CURRENT.get())
+
+    return traced
 
 
 class _WrappingRegistrar:

@@ -43,6 +43,7 @@ class RequestRecord:
     left_ns: int = 0  # when its last run came back: after that, encoding (and postprocessing)
     first_message_ns: int = 0  # streams: when the first message left
     tokens: int = 0  # Generate: tokens generated
+    code: str = ""  # the status it was answered with, once it was
 
     def add_run(self, model: str, version: str, metrics: ModelMetrics | None, timing: Timing, rows: int) -> None:
         self.model, self.version, self.metrics = model, version, metrics

@@ -75,6 +75,9 @@ class Settings:
         0.0, "fraction of successful requests written to the access log (logger nnserve.access); 0: none, 1: all"
     )
     access_log_failures: bool = _setting(True, "write every failed request to the access log")
+    tracing: bool = _setting(
+        False, "export OpenTelemetry traces over OTLP (OTEL_EXPORTER_OTLP_* variables); needs nnserve-server[otel]"
+    )
 
     def __post_init__(self) -> None:
         problems = []

@@ -21,11 +21,11 @@ from nnserve_client import (
 
 def test_public_surface_is_pinned() -> None:
     assert sorted(nnserve_client.__all__) == [
-        "AsyncClient", "Cancelled", "Classification", "Client", "DeadlineExceeded", "Embeddings",
-        "FailedPrecondition", "GenerateEvent", "GeneratedImage", "GenerationDone", "InvalidArgument", "LabelScore",
-        "ModelInfo", "NNServeError", "NotFound", "PermissionDenied", "ResourceExhausted", "Segmentation",
-        "ServerError", "ServerInfo", "TensorSpec", "TextPiece", "Unauthenticated", "Unavailable", "Unimplemented",
-        "tls_credentials",
+        "AsyncClient", "Cancelled", "Classification", "Classifications", "Client", "DeadlineExceeded", "Embeddings",
+        "FailedPrecondition", "GenerateEvent", "GeneratedImage", "GenerationDone", "InferResult", "InvalidArgument",
+        "LabelScore", "ModelInfo", "NNServeError", "NotFound", "PermissionDenied", "ResourceExhausted",
+        "Segmentation", "ServerError", "ServerInfo", "ServerTiming", "TensorSpec", "TextPiece", "Unauthenticated",
+        "Unavailable", "Unimplemented", "tls_credentials",
     ]  # fmt: skip
 
 

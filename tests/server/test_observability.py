@@ -15,7 +15,7 @@ import pytest
 from conftest import RunningServer
 from test_health_reflection_metrics import sample
 
-from nnserve_client import Client, InvalidArgument, NotFound
+from nnserve_client import Client, GenerationDone, InvalidArgument, NotFound
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_server.request_record import request_id_from
@@ -174,3 +174,24 @@ def test_a_callers_request_id_is_kept_only_when_usable() -> None:
         made = request_id_from((("x-request-id", unusable),))
         assert made != unusable
         assert len(made) == 16
+
+
+def test_generation_counts_tokens_and_time_to_first_token(zoo_server: RunningServer) -> None:
+    model = "chars-lstm"
+    labels = {"model": model, "version": "1"}
+
+    def generation_metrics() -> tuple[float, float, float]:
+        text = zoo_server.metrics()
+        return (
+            sample(text, "nnserve_generated_tokens_count", **labels),
+            sample(text, "nnserve_generated_tokens_sum", **labels),
+            sample(text, "nnserve_time_to_first_token_seconds_count", **labels),
+        )
+
+    streams, tokens, first = generation_metrics()
+    with Client(zoo_server.target) as client:
+        events = list(client.generate(model, prompt="The ", max_tokens=12, temperature=0.8, seed=3))
+    done = events[-1]
+    assert isinstance(done, GenerationDone)
+    assert generation_metrics() == (streams + 1, tokens + done.generated_tokens, first + 1)
+    assert done.generated_tokens > 0
