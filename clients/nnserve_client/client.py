@@ -46,6 +46,10 @@ def tls_credentials(
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
+def _with_token(metadata: Sequence[tuple[str, str]], token: str | None) -> tuple[tuple[str, str], ...]:
+    return (*metadata, ("authorization", f"Bearer {token}")) if token else tuple(metadata)
+
+
 def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, Any]]:
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
@@ -84,10 +88,12 @@ class Client:
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retries: int = DEFAULT_RETRIES,
+        token: str | None = None,
     ) -> None:
         """`target`: host:port, several of them, or dns:///name:port (calls go round-robin over all
-        addresses); `retries`: attempts on another replica after UNAVAILABLE or a server-sent CANCELLED (0: none)."""
-        self._settings = _Settings(timeout, metadata)
+        addresses); `retries`: attempts on another replica after UNAVAILABLE or a server-sent CANCELLED (0: none);
+        `token`: sent as `authorization: Bearer <token>` (servers started with --auth-token-file)."""
+        self._settings = _Settings(timeout, _with_token(metadata, token))
         options = _channel_options(max_message_bytes, retries)
         target = channel_target(target)
         if credentials is None:
@@ -224,10 +230,12 @@ class AsyncClient:
         metadata: Sequence[tuple[str, str]] = (),
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         retries: int = DEFAULT_RETRIES,
+        token: str | None = None,
     ) -> None:
         """`target`: host:port, several of them, or dns:///name:port (calls go round-robin over all
-        addresses); `retries`: attempts on another replica after UNAVAILABLE or a server-sent CANCELLED (0: none)."""
-        self._settings = _Settings(timeout, metadata)
+        addresses); `retries`: attempts on another replica after UNAVAILABLE or a server-sent CANCELLED (0: none);
+        `token`: sent as `authorization: Bearer <token>` (servers started with --auth-token-file)."""
+        self._settings = _Settings(timeout, _with_token(metadata, token))
         options = _channel_options(max_message_bytes, retries)
         target = channel_target(target)
         if credentials is None:

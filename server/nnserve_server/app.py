@@ -26,6 +26,7 @@ from .guard import InFlight, StatusGuard
 from .metrics import ServerMetrics, start_metrics_endpoint
 from .repository import ModelRepository
 from .runtime import Runtime
+from .security import BearerTokenAuth, read_token, server_credentials
 from .servicers.kserve import KServeServicer, ServerState
 from .servicers.tasks import TasksServicer
 from .settings import Settings
@@ -81,7 +82,9 @@ def create_server(
 ) -> Server:
     """Build the gRPC server with every service registered, bound but not started."""
     guard = StatusGuard(metrics, repository.knows, settings.access_log_sample, settings.access_log_failures, tracing)
+    token = read_token(settings)
     server = grpc.aio.server(
+        interceptors=[BearerTokenAuth(token)] if token else None,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -91,7 +94,9 @@ def create_server(
     )
     state = ServerState()
     guard.register(
-        server, grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, KServeServicer(repository, state)
+        server,
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+        KServeServicer(repository, state, settings.repository_control),
     )
     guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings))
     health_servicer = health.aio.HealthServicer()
@@ -99,7 +104,9 @@ def create_server(
     if settings.reflection:
         names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
     if port == 0:
         raise StartupError(f"cannot bind {settings.host}:{settings.port}; is it in use?")
 

@@ -75,7 +75,10 @@ class ModelRepository:
             return
         for model_dir in sorted(self.root.iterdir()):
             if model_dir.is_dir() and _MODEL_NAME.fullmatch(model_dir.name):
-                await self.load(model_dir.name)
+                try:
+                    await self.load(model_dir.name)
+                except (InvalidInput, ModelNotFound) as error:  # e.g. a symlink out of the repository
+                    log.error("model %s not loaded: %s", model_dir.name, error)
 
     async def load(self, name: str) -> None:
         """Load (or reload) every version of `name` from disk, then swap them in at once."""
@@ -86,7 +89,12 @@ class ModelRepository:
         if not versions:
             raise ModelNotFound(f"model '{name}' has no <version>/{MODEL_FILE} under {model_dir}")
         entries = {}
+        root = self.root.resolve()
         for version in versions:
+            if not (model_dir / version / MODEL_FILE).resolve().is_relative_to(root):
+                log.error("model %s version %s resolves outside the model repository: not loaded", name, version)
+                entries[version] = VersionEntry(version, UNAVAILABLE, "resolves outside the model repository")
+                continue
             entries[version] = await asyncio.to_thread(self._load_version, name, version)
         # Requests that already hold an old version finish on it; its session and threads are
         # released when the last of them lets go (no explicit close, so none of them can fail).

@@ -69,6 +69,17 @@ class Settings:
     max_samples: int = _setting(256, "ceiling on the images one Generate call may ask for")
     grace_period_s: float = _setting(10.0, "seconds in-flight requests get to finish on SIGTERM or SIGINT")
     reflection: bool = _setting(True, "serve gRPC server reflection")
+    repository_control: bool = _setting(
+        True, "allow RepositoryModelLoad and RepositoryModelUnload (off: they answer UNIMPLEMENTED)"
+    )
+    tls_cert_file: str = _setting("", "PEM certificate chain of the server; set with --tls-key-file, gRPC uses TLS")
+    tls_key_file: str = _setting("", "PEM private key of the server certificate")
+    tls_client_ca_file: str = _setting(
+        "", "PEM CA bundle; set, every client must present a certificate it signed (mutual TLS)"
+    )
+    auth_token_file: str = _setting(
+        "", "file holding a token; set, every RPC but health checks needs 'authorization: Bearer <token>'"
+    )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("text", "text (for terminals) or json (one object per line, for log collectors)")
     access_log_sample: float = _setting(
@@ -111,6 +122,10 @@ class Settings:
             problems.append("name at least one provider")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             problems.append(f"log level {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            problems.append("give both --tls-cert-file and --tls-key-file, or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            problems.append("--tls-client-ca-file (mutual TLS) needs the server's --tls-cert-file and --tls-key-file")
         if self.log_format not in ("text", "json"):
             problems.append(f"log format {self.log_format!r} is not text or json")
         if not 0.0 <= self.access_log_sample <= 1.0:

@@ -16,7 +16,7 @@ from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_client._proto import model_config_pb2 as config_pb
 
 from .. import __version__
-from ..errors import InvalidInput
+from ..errors import InvalidInput, Unsupported
 from ..model import Duration, OnnxModel
 from ..repository import ModelRepository
 from ..serving_config import INTRA_OP_KEY
@@ -119,9 +119,14 @@ def _config_type(datatype: str) -> Any:
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, state: ServerState) -> None:
+    def __init__(self, repository: ModelRepository, state: ServerState, repository_control: bool = True) -> None:
         self._repository = repository
         self._state = state
+        self._repository_control = repository_control
+
+    def _allow_repository_control(self) -> None:
+        if not self._repository_control:
+            raise Unsupported("loading and unloading models is turned off on this server (--no-repository-control)")
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -188,11 +193,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
+        self._allow_repository_control()
         await self._repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
+        self._allow_repository_control()
         await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
