@@ -81,7 +81,14 @@ def create_server(
     settings: Settings, repository: ModelRepository, metrics: ServerMetrics, tracing: Tracing | None = None
 ) -> Server:
     """Build the gRPC server with every service registered, bound but not started."""
-    guard = StatusGuard(metrics, repository.knows, settings.access_log_sample, settings.access_log_failures, tracing)
+    guard = StatusGuard(
+        metrics,
+        repository.knows,
+        access_log_sample=settings.access_log_sample,
+        access_log_failures=settings.access_log_failures,
+        tracing=tracing,
+        max_in_flight=settings.max_in_flight,
+    )
     token = read_token(settings)
     server = grpc.aio.server(
         interceptors=[BearerTokenAuth(token)] if token else None,
@@ -161,7 +168,12 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    polling = None
+    if settings.poll_interval_s > 0:
+        polling = asyncio.create_task(repository.poll(settings.poll_interval_s, stop))
     await stop.wait()
+    if polling is not None:
+        await polling
 
     log.info(
         "shutting down: NOT_SERVING, draining %d requests for up to %.1f s",

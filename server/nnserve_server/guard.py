@@ -136,8 +136,10 @@ class StatusGuard:
         access_log_sample: float = 0.0,
         access_log_failures: bool = True,
         tracing: Tracing | None = None,
+        max_in_flight: int = 0,
     ) -> None:
         self._metrics = metrics
+        self._max_in_flight = max_in_flight or 1 << 62
         self._tracing = tracing
         self._known_model = known_model
         self._access_sample = access_log_sample
@@ -173,6 +175,7 @@ class StatusGuard:
             code, response = "OK", None
             self.in_flight.enter()
             try:
+                self._admit()
                 _refuse_malformed(request, rpc)
                 response = await inner(request, context)
                 context.set_trailing_metadata(record.trailing_metadata(time.perf_counter_ns()))
@@ -199,6 +202,7 @@ class StatusGuard:
             code = "OK"
             self.in_flight.enter()
             try:
+                self._admit()
                 _refuse_malformed(request, rpc)
                 async for message in inner(request, context):
                     if not record.first_message_ns:
@@ -217,6 +221,13 @@ class StatusGuard:
                 self._report(record, request, None, code)
 
         return behavior
+
+    def _admit(self) -> None:
+        if self.in_flight.count > self._max_in_flight:  # this request is already counted
+            raise Overloaded(
+                f"the server is answering {self._max_in_flight} requests, its limit (--max-in-flight); "
+                "retry with backoff, or add replicas"
+            )
 
     def _report(self, record: RequestRecord, request: Any, response: Any, code: str) -> None:
         ended_ns = time.perf_counter_ns()

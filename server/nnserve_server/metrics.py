@@ -84,6 +84,8 @@ METRICS = (
                "1 when the model has a version ready to serve, else 0", multiprocess_mode="livemax"),
     MetricSpec("versions_loaded", "nnserve_model_versions_loaded", Gauge, ("model",),
                "Versions of the model loaded and ready", multiprocess_mode="livemax"),
+    MetricSpec("load_failures", "nnserve_model_load_failures", Counter, ("model",),
+               "Versions that failed to load, so were quarantined (UNAVAILABLE, with the reason in calls to them)"),
     MetricSpec("load_duration", "nnserve_model_load_duration_seconds", Gauge, MODEL,
                "How long the version took to load and warm up", multiprocess_mode="livemax"),
     MetricSpec("provider", "nnserve_execution_provider", Gauge, ("provider",),
@@ -128,6 +130,7 @@ class ServerMetrics:
     model_ready: Gauge
     versions_loaded: Gauge
     load_duration: Gauge
+    load_failures: Counter
     provider: Gauge
     provider_fallbacks: Counter
 

@@ -8,6 +8,7 @@ load is kept as UNAVAILABLE with its reason while the others serve.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import time
@@ -19,16 +20,20 @@ from .errors import InvalidInput, ModelNotFound, ModelNotReady
 from .metrics import ModelMetrics, ServerMetrics
 from .model import OnnxModel
 from .runtime import Runtime
-from .serving_config import serving_config
+from .serving_config import CONFIG_FILE, serving_config
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 READY, UNAVAILABLE, UNLOADED = "READY", "UNAVAILABLE", "UNLOADED"
+KEPT = "kept serving: a newer version did not load"
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 StateListener = Callable[[str, bool], Awaitable[None]]
+
+
+Signature = tuple[int, int, int]  # model.onnx's mtime and size, config.pbtxt's mtime: "changed on disk?"
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,40 @@ class VersionEntry:
     state: str
     reason: str = ""
     model: OnnxModel | None = None
+    signature: Signature | None = None  # of the files it was loaded from
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which of the versions on disk are served: all, the latest N, or named ones (Triton's policies)."""
+
+    latest: int = 0
+    specific: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        kind, _, value = text.partition(":")
+        if kind == "all" and not value:
+            return cls()
+        if kind == "latest" and value.isdigit() and int(value) > 0:
+            return cls(latest=int(value))
+        if kind == "specific" and value:
+            return cls(specific=tuple(v.strip() for v in value.split(",") if v.strip()))
+        raise ValueError(f"version policy {text!r}: use all, latest:N or specific:V1,V2")
+
+    def choose(self, versions: list[str]) -> list[str]:
+        """`versions` in ascending order; returns the ones to serve, in the same order."""
+        if self.latest:
+            return versions[-self.latest :]
+        if self.specific:
+            return [v for v in versions if v in self.specific]
+        return versions
+
+
+def _signature(model_dir: Path, version: str) -> Signature:
+    model = (model_dir / version / MODEL_FILE).stat()
+    config = model_dir / CONFIG_FILE
+    return model.st_mtime_ns, model.st_size, config.stat().st_mtime_ns if config.is_file() else 0
 
 
 def _version_key(version: str) -> tuple[int, int | str]:
@@ -59,6 +98,7 @@ class ModelRepository:
     def __init__(self, root: Path, runtime: Runtime, settings: Settings, metrics: ServerMetrics | None = None) -> None:
         self.root = root
         self._metrics = metrics
+        self._policy = VersionPolicy.parse(settings.version_policy)
         self._runtime = runtime
         self._settings = settings
         self._models: dict[str, dict[str, VersionEntry]] = {}
@@ -81,26 +121,95 @@ class ModelRepository:
                     log.error("model %s not loaded: %s", model_dir.name, error)
 
     async def load(self, name: str) -> None:
-        """Load (or reload) every version of `name` from disk, then swap them in at once."""
+        """(Re)load `name` from disk, then swap its versions in at once.
+
+        Versions new or changed on disk are loaded and warmed up; unchanged ones are kept as they are.
+        Requests that already hold a replaced version finish on it; its session is released when the
+        last of them lets go. A new version that fails to load never takes the place of one that
+        serves: the older ready version stays until the policy's count is met by ready ones.
+        """
         model_dir = self._model_dir(name)
         if not model_dir.is_dir():
             raise ModelNotFound(f"no model '{name}' in the repository {self.root}")
-        versions = sorted((p.name for p in model_dir.iterdir() if (p / MODEL_FILE).is_file()), key=_version_key)
-        if not versions:
-            raise ModelNotFound(f"model '{name}' has no <version>/{MODEL_FILE} under {model_dir}")
-        entries = {}
+        found = sorted((p.name for p in model_dir.iterdir() if (p / MODEL_FILE).is_file()), key=_version_key)
+        chosen = self._policy.choose(found)
+        if not chosen:
+            raise ModelNotFound(
+                f"model '{name}' has no <version>/{MODEL_FILE} under {model_dir} that the version policy serves"
+            )
+        previous = self._models.get(name, {})
+        entries: dict[str, VersionEntry] = {}
         root = self.root.resolve()
-        for version in versions:
+        for version in chosen:
+            signature = _signature(model_dir, version)
             if not (model_dir / version / MODEL_FILE).resolve().is_relative_to(root):
                 log.error("model %s version %s resolves outside the model repository: not loaded", name, version)
-                entries[version] = VersionEntry(version, UNAVAILABLE, "resolves outside the model repository")
+                if self._metrics is not None:
+                    self._metrics.load_failures.labels(name).inc()
+                reason = "resolves outside the model repository"
+                entries[version] = VersionEntry(version, UNAVAILABLE, reason, signature=signature)
                 continue
-            entries[version] = await asyncio.to_thread(self._load_version, name, version)
-        # Requests that already hold an old version finish on it; its session and threads are
-        # released when the last of them lets go (no explicit close, so none of them can fail).
-        self._models[name] = entries
+            old = previous.get(version)
+            if old is not None and old.model is not None and old.signature == signature:
+                entries[version] = old
+                continue
+            entry = await asyncio.to_thread(self._load_version, name, version)
+            entries[version] = dataclasses.replace(entry, signature=signature)
+        ready = sum(1 for entry in entries.values() if entry.model is not None)
+        for version in sorted(previous, key=_version_key, reverse=True):
+            old = previous[version]
+            if ready >= len(chosen):
+                break
+            if version not in entries and old.model is not None and (model_dir / version / MODEL_FILE).is_file():
+                log.warning(
+                    "model %s keeps serving version %s: a version meant to replace it is not ready", name, version
+                )
+                entries[version] = dataclasses.replace(old, reason="kept serving: a newer version did not load")
+                ready += 1
+        self._models[name] = dict(sorted(entries.items(), key=lambda item: _version_key(item[0])))
         self._latest[name] = _latest_ready(entries)
         await self._notify(name)
+
+    def changed_on_disk(self) -> list[str]:
+        """Models whose served versions differ from what the policy would load now (new, changed, gone)."""
+        if not self.root.is_dir():
+            return []
+        changed = []
+        for model_dir in sorted(self.root.iterdir()):
+            name = model_dir.name
+            if not (model_dir.is_dir() and _MODEL_NAME.fullmatch(name)):
+                continue
+            entries = self._models.get(name)
+            if entries and all(e.state == UNLOADED for e in entries.values()):
+                continue  # unloaded by request: stays so until asked to load
+            try:
+                found = sorted((p.name for p in model_dir.iterdir() if (p / MODEL_FILE).is_file()), key=_version_key)
+                wanted = {v: _signature(model_dir, v) for v in self._policy.choose(found)}
+            except OSError:  # files moving while we look: try again next time
+                continue
+            loaded = {
+                v: e.signature
+                for v, e in (entries or {}).items()
+                if e.reason != "kept serving: a newer version did not load"
+            }
+            if wanted != loaded:
+                changed.append(name)
+        return changed
+
+    async def poll(self, interval_s: float, stop: asyncio.Event) -> None:
+        """Every `interval_s`, load the models that changed on disk, until `stop` is set."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), interval_s)
+                return
+            except TimeoutError:
+                pass
+            for name in self.changed_on_disk():
+                log.info("model %s changed on disk: loading", name)
+                try:
+                    await self.load(name)
+                except Exception as error:  # one bad model must not stop the polling of the others
+                    log.error("model %s: reload failed: %s", name, error)
 
     def _load_version(self, name: str, version: str) -> VersionEntry:
         path = self.root / name / version / MODEL_FILE
@@ -111,6 +220,8 @@ class ModelRepository:
             model = OnnxModel(name, version, path, self._runtime, config, self._settings.inline_run_us, model_metrics)
         except Exception as error:  # a corrupt file or broken metadata must not take the others down
             log.error("model %s version %s failed to load: %s", name, version, error)
+            if self._metrics is not None:
+                self._metrics.load_failures.labels(name).inc()
             return VersionEntry(version, UNAVAILABLE, f"failed to load: {error}")
         c, batcher = model.config, model.batcher
         log.info(

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,10 @@ def _setting(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class Settings:
     model_repository: Path = _setting(Path("models"), "model repository: <dir>/<model>/<version>/model.onnx")
+    poll_interval_s: float = _setting(
+        0.0, "seconds between scans of the repository for new, changed or removed versions; 0: never"
+    )
+    version_policy: str = _setting("all", "versions served of each model: all, latest:N or specific:V1,V2")
     host: str = _setting("127.0.0.1", "address the gRPC server binds")
     port: int = _setting(8001, "gRPC port; 0 picks a free one (printed at start)")
     metrics_host: str = _setting("127.0.0.1", "address of the Prometheus metrics endpoint")
@@ -51,6 +56,9 @@ class Settings:
         0, "how long a request may wait for others to join its batch; 0: run what is queued when free"
     )
     max_queue_size: int = _setting(1024, "requests that may wait per model; beyond it RESOURCE_EXHAUSTED at once")
+    max_in_flight: int = _setting(
+        4096, "requests the whole server answers at once; beyond it RESOURCE_EXHAUSTED at once (0: no limit)"
+    )
     inline_run_us: int = _setting(
         200, "a model whose runs average under this runs on the event loop thread (cheaper than a thread hop); 0: never"
     )
@@ -96,6 +104,10 @@ class Settings:
             problems.append(f"port {self.port} is not in 0..65535")
         if not -1 <= self.metrics_port <= 65535:
             problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
+        if not re.fullmatch(r"all|latest:[1-9][0-9]*|specific:[^,]+(,[^,]+)*", self.version_policy):
+            problems.append(f"version policy {self.version_policy!r}: use all, latest:N or specific:V1,V2")
+        if self.poll_interval_s < 0:
+            problems.append("poll interval must be >= 0")
         if self.cpus < 0:
             problems.append("cpus must be >= 0")
         if self.intra_op_threads < 0:
@@ -103,6 +115,8 @@ class Settings:
         for name in ("instances", "max_queue_delay_us", "inline_run_us"):
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', ' ')} must be >= 0")
+        if self.max_in_flight < 0:
+            problems.append("max in flight must be >= 0")
         if self.max_queue_size < 1:
             problems.append("max queue size must be >= 1")
         if not 1 <= self.workers <= 64:

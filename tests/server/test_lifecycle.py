@@ -78,6 +78,10 @@ def test_a_corrupt_model_is_quarantined(
             client.infer("broken", {})
     assert check(running.target, "broken") == NOT_SERVING
     assert "model broken version 1 failed to load" in running.log()
+    text = running.metrics()
+    assert sample(text, "nnserve_model_load_failures_total", model="broken") == 1
+    assert sample(text, "nnserve_model_ready", model="broken") == 0
+    assert sample(text, "nnserve_model_ready", model="digits-fnn") == 1
 
 
 def test_missing_provider_refuses_to_start(model_repository: Path) -> None:

@@ -77,7 +77,7 @@ def test_a_known_sequence_gives_exact_counts_and_buckets(own_server: Callable[..
     assert sample(text, "process_cpu_seconds_total") > 0
 
 
-def test_rejected_and_deadline_failures_are_counted_by_reason(own_server: Callable[..., RunningServer]) -> None:
+def test_rejected_requests_are_counted_by_reason(own_server: Callable[..., RunningServer]) -> None:
     running = own_server("--max-queue-size", "1", "--instances", "1")
     slow = {"x": np.ones((1, 1024), np.float32)}
     with Client(running.target, timeout=30, retries=0) as client:
