@@ -9,13 +9,14 @@ PORT   ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+SOAK_ARGS ?=
 IMAGE  ?= nnserve
 VERSION := 0.1.0
 # checkov (manifest security checks) has its own venv: its many pins are not the project's.
 CHECKOV_VENV  := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
 
-.PHONY: venv serve test test-fast check protos zoo bench image image-gpu clean
+.PHONY: venv serve test test-fast check protos zoo bench soak image image-gpu clean
 
 # One venv for the workspace: the three distributions (editable) and the dev tools, all pinned.
 $(STAMP): constraints.txt requirements-dev.txt clients/pyproject.toml server/pyproject.toml exporters/pyproject.toml
@@ -51,6 +52,10 @@ test-fast: $(STAMP) $(CHECKOV_STAMP)
 # Side-by-side benchmark (raw onnxruntime, bare grpc.aio, nnserve); table in .cache/bench/results.md.
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# Ten minutes of mixed load with bad requests and cancellations (SOAK_ARGS="--minutes 1" for a short one).
+soak: $(STAMP) | $(MODELS)
+	$(BIN)/python -m benchmarks.soak --repository $(MODELS) $(SOAK_ARGS)
 
 protos: $(STAMP)
 	$(BIN)/python protos/generate.py
