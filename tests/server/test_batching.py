@@ -8,6 +8,7 @@ inference_count, batch_stats), the numbers perf_analyzer and Triton users read.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -174,6 +175,27 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_never_computed(batching
     after = _stats(batching_server.target, "slow")
     # Only the first request ran: the late one was dropped before its batch was formed.
     assert after.execution_count - before.execution_count == 1
+    assert after.inference_stats.success.count - before.inference_stats.success.count == 1
+
+
+def test_a_request_whose_caller_went_away_is_never_computed(batching_server: RunningServer) -> None:
+    rows = np.random.default_rng(2).standard_normal((256, SLOW_WIDTH)).astype(np.float32)
+    before = _stats(batching_server.target, "slow")
+
+    async def scenario() -> object:
+        async with AsyncClient(batching_server.target, timeout=30) as client:
+            first = asyncio.ensure_future(client.infer("slow", {"x": rows}))  # 256 rows on the only instance
+            await asyncio.sleep(0.01)
+            gone = asyncio.ensure_future(client.infer("slow", {"x": rows[:1]}))  # no deadline: waits in the queue
+            await asyncio.sleep(0.01)
+            gone.cancel()  # the caller leaves: the call is cancelled on the server too
+            await asyncio.gather(gone, return_exceptions=True)
+            return await first
+
+    assert isinstance(asyncio.run(scenario()), dict)
+    time.sleep(0.5)  # let the server finish whatever it would still run
+    after = _stats(batching_server.target, "slow")
+    assert after.execution_count - before.execution_count == 1  # the cancelled request never ran
     assert after.inference_stats.success.count - before.inference_stats.success.count == 1
 
 
