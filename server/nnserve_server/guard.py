@@ -170,26 +170,19 @@ class StatusGuard:
 
     def _wrap(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            record = RequestRecord(rpc, request_id_from(context.invocation_metadata()), time.perf_counter_ns())
-            CURRENT.set(record)  # each call runs in its own task, with its own context
-            code, response = "OK", None
-            self.in_flight.enter()
+            record, response = self._open(rpc, context), None
             try:
-                self._admit()
-                _refuse_malformed(request, rpc)
+                self._admit(request, rpc)
                 response = await inner(request, context)
                 context.set_trailing_metadata(record.trailing_metadata(time.perf_counter_ns()))
                 return response
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                record.code = "CANCELLED"
                 raise
             except Exception as error:
-                status, message = _status_and_message(error, rpc)
-                code = status.name
-                await context.abort(status, message, record.trailing_metadata(time.perf_counter_ns()))
+                await self._fail(error, record, context, request)
             finally:
-                self.in_flight.exit()
-                self._report(record, request, response, code)
+                self._close(record, request, response)
 
         return behavior
 
@@ -197,41 +190,59 @@ class StatusGuard:
         """As `_wrap`, for server-streaming RPCs: errors before or between messages map the same way."""
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            record = RequestRecord(rpc, request_id_from(context.invocation_metadata()), time.perf_counter_ns())
-            CURRENT.set(record)
-            code = "OK"
-            self.in_flight.enter()
+            record = self._open(rpc, context)
             try:
-                self._admit()
-                _refuse_malformed(request, rpc)
+                self._admit(request, rpc)
                 async for message in inner(request, context):
                     if not record.first_message_ns:
                         record.first_message_ns = time.perf_counter_ns()
                     yield message
                 context.set_trailing_metadata(record.trailing_metadata(time.perf_counter_ns()))
             except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"
+                record.code = "CANCELLED"
                 raise
             except Exception as error:
-                status, message = _status_and_message(error, rpc)
-                code = status.name
-                await context.abort(status, message, record.trailing_metadata(time.perf_counter_ns()))
+                await self._fail(error, record, context, request)
             finally:
-                self.in_flight.exit()
-                self._report(record, request, None, code)
+                self._close(record, request, None)
 
         return behavior
 
-    def _admit(self) -> None:
+    def _open(self, rpc: str, context: grpc.aio.ServicerContext) -> RequestRecord:
+        """Start the call's record, current for its task (each call runs in a task of its own)."""
+        record = RequestRecord(rpc, request_id_from(context.invocation_metadata()), time.perf_counter_ns())
+        CURRENT.set(record)
+        self.in_flight.enter()
+        return record
+
+    def _admit(self, request: Any, rpc: str) -> None:
         if self.in_flight.count > self._max_in_flight:  # this request is already counted
             raise Overloaded(
                 f"the server is answering {self._max_in_flight} requests, its limit (--max-in-flight); "
                 "retry with backoff, or add replicas"
             )
+        _refuse_malformed(request, rpc)
 
-    def _report(self, record: RequestRecord, request: Any, response: Any, code: str) -> None:
+    async def _fail(
+        self, error: Exception, record: RequestRecord, context: grpc.aio.ServicerContext, request: Any
+    ) -> None:
+        """End the call with the status `error` maps to. grpc.aio's abort sends the status at once, so
+        the call is reported first: whoever sees the error also sees it counted."""
+        status, message = _status_and_message(error, record.rpc)
+        record.code = status.name
+        self._close(record, request, None)
+        await context.abort(status, message, record.trailing_metadata(time.perf_counter_ns()))
+
+    def _close(self, record: RequestRecord, request: Any, response: Any) -> None:
+        if record.reported:
+            return
+        record.reported = True
+        self.in_flight.exit()
+        self._report(record, request, response)
+
+    def _report(self, record: RequestRecord, request: Any, response: Any) -> None:
         ended_ns = time.perf_counter_ns()
-        record.code = code
+        code = record.code = record.code or "OK"
         model, version = self._labels(request, response)
         if record.model and model not in ("", "unknown"):
             version = record.version  # the version that served it, also when the caller named none

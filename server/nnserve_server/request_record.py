@@ -44,6 +44,7 @@ class RequestRecord:
     first_message_ns: int = 0  # streams: when the first message left
     tokens: int = 0  # Generate: tokens generated
     code: str = ""  # the status it was answered with, once it was
+    reported: bool = False  # counted in the metrics and the access log (once)
 
     def add_run(self, model: str, version: str, metrics: ModelMetrics | None, timing: Timing, rows: int) -> None:
         self.model, self.version, self.metrics = model, version, metrics
