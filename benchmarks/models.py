@@ -9,6 +9,7 @@ Both take a dynamic batch axis, so the server may batch them.
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 import torch
@@ -75,9 +76,15 @@ def language_models(out: Path, force: bool = False) -> dict[str, Path]:
     paths = {}
     for family in (lstm, transformer_lm):
         path = out / family.NAME / "1" / "model.onnx"
-        if force or not path.is_file():
+        # Rebuilt when the family's code changed since (its export format may have).
+        source = hashlib.sha256(
+            Path(str(family.__file__)).read_bytes() + Path(str(api.__file__)).read_bytes()
+        ).hexdigest()
+        stamp = path.with_name("source.sha256")
+        if force or not path.is_file() or not stamp.is_file() or stamp.read_text() != source:
             torch.manual_seed(0)
             family.export(family.build(), out, {})
+            stamp.write_text(source)
         paths[family.NAME] = path
     return paths
 

@@ -41,6 +41,34 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class AppendCache:
+    """A key/value cache the caller keeps in buffers and the model never copies (Transformer LMs).
+
+    Each buffer input has room for `capacity` positions along `axis`, of which the first `length`
+    (the int64 [1] input named `length_input`) are filled. The model returns, in the output paired
+    with each buffer, only this call's positions; the caller writes them into the buffer at `length`
+    and adds the steps to `length`. A token then costs one step that reads the past in place.
+    """
+
+    buffers: Mapping[str, str]  # buffer input -> the output holding this call's positions for it
+    length_input: str
+    axis: int
+
+    def to_json(self) -> str:
+        return json.dumps({"buffers": dict(self.buffers), "length_input": self.length_input, "axis": self.axis})
+
+    @classmethod
+    def from_json(cls, text: str) -> AppendCache | None:
+        raw = json.loads(text)
+        if not raw:
+            return None
+        buffers = {str(k): str(v) for k, v in raw["buffers"].items()}
+        if not buffers:
+            raise SpecError(f"{PREFIX}cache names no buffers")
+        return cls(buffers, str(raw["length_input"]), int(raw["axis"]))
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     task: str
     family: str
@@ -57,6 +85,7 @@ class ModelSpec:
     # Step models (RNN/LSTM/GRU state, Transformer key/value cache): state input -> the output
     # that feeds it on the next step, so a token costs one step, not a rerun of the prefix.
     state: Mapping[str, str] = field(default_factory=dict)
+    cache: AppendCache | None = None  # Transformer LMs: a cache filled in place (see AppendCache)
     vocabulary: tuple[str, ...] = ()  # character models: token id -> text
     tokenizer: str = ""  # a `tokenizers` JSON, for word-piece and BPE models
     image_size: tuple[int, ...] = ()  # (height, width) the model was trained on
@@ -84,6 +113,7 @@ class ModelSpec:
             PREFIX + "exporter_version": self.exporter_version,
             PREFIX + "outputs": json.dumps(dict(self.outputs)),
             PREFIX + "state": json.dumps(dict(self.state)),
+            PREFIX + "cache": self.cache.to_json() if self.cache else "{}",
             PREFIX + "vocabulary": json.dumps(list(self.vocabulary)),
             PREFIX + "tokenizer": self.tokenizer,
             PREFIX + "image_size": json.dumps(list(self.image_size)),
@@ -113,12 +143,13 @@ class ModelSpec:
                 exporter_version=get("exporter_version"),
                 outputs={str(k): str(v) for k, v in json.loads(get("outputs", "{}")).items()},
                 state={str(k): str(v) for k, v in json.loads(get("state", "{}")).items()},
+                cache=AppendCache.from_json(get("cache", "{}")),
                 vocabulary=tuple(str(t) for t in json.loads(get("vocabulary", "[]"))),
                 tokenizer=get("tokenizer"),
                 image_size=tuple(int(d) for d in json.loads(get("image_size", "[]"))),
                 extra={str(k): str(v) for k, v in json.loads(get("extra", "{}")).items()},
             )
-        except (json.JSONDecodeError, TypeError, ValueError, AttributeError) as error:
+        except (json.JSONDecodeError, TypeError, ValueError, AttributeError, KeyError) as error:
             if isinstance(error, SpecError):
                 raise
             raise SpecError(f"unreadable {PREFIX}* metadata: {error}") from None

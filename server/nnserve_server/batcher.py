@@ -52,8 +52,22 @@ class Timing:
     batch_size: int
 
 
-class _Pending:
-    __slots__ = ("deadline", "enqueued_ns", "future", "inputs", "key", "outputs", "rows")
+class _Request:
+    """One caller's inputs, as a run takes them."""
+
+    __slots__ = ("enqueued_ns", "inputs", "outputs", "rows")
+
+    def __init__(self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], rows: int) -> None:
+        self.inputs = inputs
+        self.outputs = outputs
+        self.rows = rows
+        self.enqueued_ns = time.perf_counter_ns()
+
+
+class _Pending(_Request):
+    """A queued request: its caller's future and deadline, and what it may share a run with."""
+
+    __slots__ = ("deadline", "future", "key")
     key: object
 
     def __init__(
@@ -64,12 +78,9 @@ class _Pending:
         deadline: float | None,
         future: asyncio.Future[tuple[list[np.ndarray], Timing]],
     ) -> None:
-        self.inputs = inputs
-        self.outputs = outputs
-        self.rows = rows
+        super().__init__(inputs, outputs, rows)
         self.deadline = deadline
         self.future = future
-        self.enqueued_ns = time.perf_counter_ns()
         # Requests share a run only when everything but the batch axis agrees.
         self.key = (outputs, tuple((name, array.shape[1:]) for name, array in inputs.items()))
 
@@ -115,6 +126,32 @@ class Batcher:
         started = time.perf_counter_ns()
         self._run(outputs, feed)
         self._average_run_ns = float(time.perf_counter_ns() - started)
+
+    def run_now(
+        self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], rows: int, deadline: float | None
+    ) -> tuple[list[np.ndarray], Timing] | None:
+        """Run one request at once, on the loop thread, when that is what the queue would do anyway:
+        an inline model, nothing queued, an instance free, and no delay to wait for others. Saves the
+        future, the dispatch callback and the two loop turns. None: `submit` it instead."""
+        policy = self.policy
+        if self._queue or self._busy >= policy.instances or self._closed or not self.inline:
+            return None
+        if policy.max_queue_delay_us and policy.max_batch_size:
+            return None
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            return None  # the queue answers it DeadlineExceeded without computing it
+        batch = [_Request(inputs, outputs, rows)]
+        self._busy += 1
+        try:
+            results, error = self._execute(batch)
+        finally:
+            self._busy -= 1
+        if error is not None:
+            raise error
+        assert results is not None
+        if self._on_run is not None:
+            self._on_run(results[0][1])
+        return results[0]
 
     def submit(
         self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], rows: int, deadline: float | None
@@ -215,7 +252,7 @@ class Batcher:
 
         self._executor.submit(run_and_report)
 
-    def _execute(self, batch: list[_Pending]) -> _Outcome:
+    def _execute(self, batch: Sequence[_Request]) -> _Outcome:
         """Concatenate, run, split: on the loop thread or a pool thread. Returns (results, error)."""
         try:
             began = time.perf_counter_ns()

@@ -2,24 +2,28 @@
 
 A language model described with `state` in its metadata is a step model: the prompt goes through
 once, then every token is one call with one token and the state from the call before, so a token
-costs one step whatever the prefix length. Cancelling the consumer (the client going away) stops
-the loop at its next await: no further model call is made.
+costs one step whatever the prefix length. A model described with `cache` (a Transformer) keeps its
+keys and values in buffers this module sizes once per stream and fills in place. Cancelling the
+consumer (the client going away) stops the loop at its next await: no further model call is made.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from nnserve_client.model_spec import ModelSpec
+from nnserve_client.model_spec import AppendCache, ModelSpec
 
 from . import images
 from .errors import InvalidInput
 from .model import OnnxModel
 from .tasks import require_task
 from .text import CharacterCodec
+
+MAX_CACHE_BYTES = 256 << 20  # one stream's key/value buffers
 
 
 @dataclass(frozen=True)
@@ -93,21 +97,72 @@ def _initial_state(model: OnnxModel, spec: ModelSpec) -> dict[str, np.ndarray]:
     return state
 
 
+class _Cache:
+    """The buffers of an `AppendCache` model for one stream, sized once for the whole generation;
+    each step's new positions are written in place, so no step copies the past."""
+
+    def __init__(self, model: OnnxModel, cache: AppendCache, capacity: int) -> None:
+        self.spec = cache
+        self.length = 0
+        self.buffers = {}
+        for name in cache.buffers:
+            shape = [1 if d == -1 else d for d in model.inputs[name].shape]
+            if not 0 <= cache.axis < len(shape):
+                raise InvalidInput(f"model '{model.name}' names cache axis {cache.axis} of {len(shape)}-d '{name}'")
+            shape[cache.axis] = capacity
+            self.buffers[name] = np.zeros(shape, np.float32)
+
+    def feed(self) -> dict[str, np.ndarray]:
+        return {self.spec.length_input: np.array([self.length], np.int64), **self.buffers}
+
+    def append(self, result: dict[str, np.ndarray], steps: int) -> None:
+        for name, output in self.spec.buffers.items():
+            buffer = self.buffers[name]
+            where = [slice(None)] * buffer.ndim
+            where[self.spec.axis] = slice(self.length, self.length + steps)
+            buffer[tuple(where)] = result[output]
+        self.length += steps
+
+
+def cache_bytes(model: OnnxModel, cache: AppendCache, capacity: int) -> int:
+    """What a stream's cache buffers take, to check before allocating them."""
+    total = 0
+    for name in cache.buffers:
+        shape = [1 if d == -1 else d for d in model.inputs[name].shape]
+        if 0 <= cache.axis < len(shape):
+            shape[cache.axis] = capacity
+        total += 4 * math.prod(shape)
+    return total
+
+
 async def generate_text(model: OnnxModel, prompt: str, sampling: Sampling) -> AsyncIterator[TextPiece | Finished]:
     spec = require_task(model, "generate")
-    if not spec.vocabulary or not spec.state:
+    if not spec.vocabulary or not (spec.state or spec.cache):
         raise InvalidInput(f"model '{model.name}' generates images, not text: ask for num_samples, not a prompt")
     if not prompt:
         raise InvalidInput("the prompt is empty; give at least one character")
     codec = CharacterCodec(spec.vocabulary)
     rng = np.random.default_rng(sampling.seed)
-    state = _initial_state(model, spec)
-    outputs = ["logits", *spec.state.values()]
     tokens = codec.encode(prompt)[np.newaxis]
+    state = _initial_state(model, spec)
+    cache = None
+    if spec.cache is not None:
+        # The last token sampled is never fed back: the cache holds the prompt and max_tokens - 1.
+        capacity = tokens.shape[1] + sampling.max_tokens - 1
+        if cache_bytes(model, spec.cache, capacity) > MAX_CACHE_BYTES:
+            raise InvalidInput(
+                f"a {tokens.shape[1]}-character prompt and {sampling.max_tokens} tokens need a "
+                f"{cache_bytes(model, spec.cache, capacity) >> 20} MiB cache for model '{model.name}'; "
+                f"at most {MAX_CACHE_BYTES >> 20} MiB: shorten the prompt or ask for fewer tokens"
+            )
+        cache = _Cache(model, spec.cache, capacity)
+    outputs = ["logits", *spec.state.values(), *(spec.cache.buffers.values() if spec.cache else ())]
     produced, emitted = "", 0  # text so far, and how much of it has been sent
     for count in range(1, sampling.max_tokens + 1):
-        result = await model.infer({"tokens": tokens, **state}, outputs)
+        result = await model.infer({"tokens": tokens, **state, **(cache.feed() if cache else {})}, outputs)
         state = {name: result[out] for name, out in spec.state.items()}
+        if cache is not None and count < sampling.max_tokens:
+            cache.append(result, tokens.shape[1])
         token = next_token(result["logits"][0, -1], sampling, rng)
         produced += codec.decode(token)
         stop_at = min((i for s in sampling.stop if (i := produced.find(s, max(0, emitted - len(s)))) >= 0), default=-1)

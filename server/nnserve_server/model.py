@@ -258,7 +258,8 @@ class OnnxModel:
             rows = self.validate(inputs, outputs)
             names = tuple(outputs) or self._all_outputs
             feed = {name: _text(name, array) if array.dtype == object else array for name, array in inputs.items()}
-            arrays, timing = await self.batcher.submit(feed, names, rows, deadline)
+            done = self.batcher.run_now(feed, names, rows, deadline)
+            arrays, timing = done if done is not None else await self.batcher.submit(feed, names, rows, deadline)
         except BaseException:
             self.stats.fail.add(time.perf_counter_ns() - started)
             raise

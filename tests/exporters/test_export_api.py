@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnserve_client.model_spec import ModelSpec, Preprocessing, SpecError
+from nnserve_client.model_spec import AppendCache, ModelSpec, Preprocessing, SpecError
 from nnserve_exporters import ParityError, export, verify
 from nnserve_exporters.zoo import build_zoo, table
 
@@ -63,6 +63,17 @@ def test_plain_onnx_has_no_spec_and_broken_metadata_is_an_error() -> None:
     assert ModelSpec.from_props({}) is None
     with pytest.raises(SpecError, match="unreadable"):
         ModelSpec.from_props({"nnserve.task": "classify", "nnserve.labels": "[not json"})
+
+
+def test_an_append_cache_round_trips_and_a_broken_one_is_an_error() -> None:
+    cache = AppendCache({"past_keys_0": "keys_0", "past_values_0": "values_0"}, "length", axis=2)
+    spec = ModelSpec(task="generate", family="transformer", cache=cache, vocabulary=("a", "b"))
+    assert ModelSpec.from_props(spec.to_props()) == spec
+    assert ModelSpec.from_props(ModelSpec(task="generate", family="rnn").to_props()).cache is None  # type: ignore[union-attr]
+    props = spec.to_props()
+    for broken in ('{"buffers": {}, "length_input": "length", "axis": 2}', '{"buffers": {"a": "b"}}', "[1]"):
+        with pytest.raises(SpecError):
+            ModelSpec.from_props({**props, "nnserve.cache": broken})
 
 
 def test_zoo_builds_what_a_family_needs_and_installs_atomically(tmp_path: Path) -> None:

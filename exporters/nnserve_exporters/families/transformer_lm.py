@@ -1,9 +1,9 @@
 """Transformer: a small causal (GPT-style) character language model with an explicit key/value cache.
 
-The exported step model takes (tokens [batch, steps], past_keys, past_values) with the cache shaped
-[layers, batch, heads, past, head_dim] and returns (logits, keys, values) with `past + steps`
-positions: the prompt fills the cache once, then each token attends to the cache and appends one
-position, so a token costs one step whatever the prefix length. Positions are encoded ALiBi-style
+The exported step model (`CachedStep`) reads per-layer key/value buffers that the server keeps and
+returns only the new positions, which the server writes into the buffers in place (the spec's
+`cache`): the prompt fills the cache once, then each token is one step that reads the past without
+copying it, so a token's cost barely grows with the prefix. Positions are encoded ALiBi-style
 (each head penalises attention linearly with distance) rather than with learned embeddings, so text
 longer than the 128-character training windows stays coherent: learned embeddings past the trained
 length are untrained vectors, and generation fell apart after 64 characters with them.
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from nnserve_client.model_spec import AppendCache
 
 from .. import api, datasets
 from ..training import Trained, fit_language_model
@@ -49,6 +51,29 @@ class Block(nn.Module):
         attended = (scores.softmax(dim=-1) @ values).transpose(1, 2).reshape(batch, steps, width)
         x = x + self.proj(attended)
         return x + self.mlp(self.norm2(x)), keys, values
+
+    def step(
+        self,
+        x: torch.Tensor,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        bias_cached: torch.Tensor,
+        bias_new: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` over a cache buffer, without copying it: the new positions' scores are computed
+        apart and joined to the cached ones' (a row of scores, not the cache), and the attention sums
+        the two parts. Returns the output and only this call's keys and values."""
+        batch, steps, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(width, dim=2)
+        q, k, v = (t.reshape(batch, steps, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        scale = 1 / math.sqrt(self.head_dim)
+        cached_scores = (q @ cache_k.transpose(-1, -2)) * scale + bias_cached  # [batch, heads, steps, capacity]
+        new_scores = (q @ k.transpose(-1, -2)) * scale + bias_new  # [batch, heads, steps, steps]
+        weights = torch.cat([cached_scores, new_scores], dim=-1).softmax(dim=-1)
+        capacity = cache_k.shape[2]
+        attended = weights[..., :capacity] @ cache_v + weights[..., capacity:] @ v
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, steps, width))
+        return x + self.mlp(self.norm2(x)), k, v
 
 
 class CausalLM(nn.Module):
@@ -88,6 +113,39 @@ class CausalLM(nn.Module):
         return self.head(self.norm(x)), torch.stack(keys), torch.stack(values)
 
 
+class CachedStep(nn.Module):
+    """What is exported: a step over key/value buffers that the server keeps and fills in place.
+
+    Inputs: tokens [batch, steps]; `length` [1], how many cache positions are filled; per layer i,
+    `past_keys_i` and `past_values_i` [batch, heads, capacity, head_dim], buffers of which the first
+    `length` positions hold the past. Outputs: logits [batch, steps, vocab] and per layer `keys_i`,
+    `values_i` [batch, heads, steps, head_dim]: this call's positions only, for the caller to write
+    into the buffers at `length`. Nothing in a step copies the cache, so a token's cost barely grows
+    with the prefix (the concatenating cache copied the whole past, in and out, on every token).
+    """
+
+    def __init__(self, lm: CausalLM) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, tokens: torch.Tensor, length: torch.Tensor, *caches: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        lm = self.lm
+        steps, capacity = tokens.shape[1], caches[0].shape[2]
+        x = lm.embed(tokens)
+        positions = torch.arange(steps) + length  # of the queries
+        slots = torch.arange(capacity)
+        distance = (positions.unsqueeze(1) - slots.unsqueeze(0)).float()  # [steps, capacity]
+        bias_cached = (-lm.slopes * distance).masked_fill((slots >= length).unsqueeze(0), float("-inf"))
+        among = (torch.arange(steps).unsqueeze(1) - torch.arange(steps).unsqueeze(0)).float()
+        bias_new = (-lm.slopes * among.clamp(min=0)).masked_fill(among < 0, float("-inf"))
+        new: list[torch.Tensor] = []
+        blocks: list[Block] = list(lm.blocks)  # type: ignore[arg-type]  # ModuleList items are Modules
+        for layer, block in enumerate(blocks):
+            x, k, v = block.step(x, caches[2 * layer], caches[2 * layer + 1], bias_cached, bias_new)
+            new += [k, v]
+        return (lm.head(lm.norm(x)), *new)
+
+
 def build(fast: bool = False) -> nn.Module:
     vocab = len(datasets.text_corpus().vocabulary)
     return CausalLM(vocab, 16, 2, 1) if fast else CausalLM(vocab, 128, 4, 3)
@@ -110,20 +168,25 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
     assert isinstance(model, CausalLM)
     corpus = datasets.text_corpus()
     path = out / NAME / "1" / "model.onnx"
-    cache = {1: "batch", 3: "past"}
-    grown = {1: "batch", 3: "past_plus_steps"}
+    buffers = {
+        f"past_{kind}_{layer}": f"{kind}_{layer}" for layer in range(model.layers) for kind in ("keys", "values")
+    }
+    shape = (model.heads, model.head_dim)
 
     def sample(batch: int, variant: int) -> tuple[torch.Tensor, ...]:
         generator = torch.Generator().manual_seed(variant)
-        past, steps = ((0, 6), (5, 1))[variant]  # an empty cache and a prompt; then one step on a cache
-        shape = (model.layers, batch, model.heads, past, model.head_dim)
+        # A prompt into empty buffers; then one step on buffers holding 5 positions and 3 unfilled
+        # slots of noise (which must not count).
+        length, capacity, steps = ((0, 4, 6), (5, 8, 1))[variant]
         tokens = torch.randint(0, len(corpus.vocabulary), (batch, steps), generator=generator)
-        return tokens, torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        caches = [torch.randn(batch, shape[0], capacity, shape[1], generator=generator) for _ in buffers]
+        return (tokens, torch.tensor([length]), *caches)
 
-    example_cache = torch.zeros(model.layers, 2, model.heads, 3, model.head_dim)
+    example: tuple[torch.Tensor, ...] = (torch.zeros(2, 4, dtype=torch.int64), torch.tensor([3]))
+    example += tuple(torch.zeros(2, shape[0], 5, shape[1]) for _ in buffers)
     parity = api.export(
-        model,
-        (torch.zeros(2, 4, dtype=torch.int64), example_cache, example_cache.clone()),
+        CachedStep(model),
+        example,
         task=TASK,
         out=path,
         family=FAMILY,
@@ -132,24 +195,25 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
         training_data=datasets.TEXT_SOURCE,
         description=f"Causal transformer, {model.layers} layers, {model.heads} heads, width "
         f"{model.heads * model.head_dim}, ALiBi positions, over characters",
-        input_names=("tokens", "past_keys", "past_values"),
-        output_names=("logits", "keys", "values"),
+        input_names=("tokens", "length", *buffers),
+        output_names=("logits", *buffers.values()),
         dynamic_axes={
             "tokens": {0: "batch", 1: "steps"},
-            "past_keys": cache,
-            "past_values": cache,
             "logits": {0: "batch", 1: "steps"},
-            "keys": grown,
-            "values": grown,
+            **{name: {0: "batch", 2: "capacity"} for name in buffers},
+            **{name: {0: "batch", 2: "steps"} for name in buffers.values()},
         },
         sample=sample,
         vocabulary=corpus.vocabulary,
-        state={"past_keys": "keys", "past_values": "values"},
+        cache=AppendCache(buffers, "length", axis=2),
         outputs={
             "logits": "next-character logits over the vocabulary, for each input step",
-            "keys": "the key cache with this call's steps appended: feed it back as past_keys",
-            "values": "the value cache with this call's steps appended: feed it back as past_values",
+            **{
+                name: f"this call's {name.split('_')[0]} of layer {name.split('_')[1]}: write them into "
+                f"past_{name} at `length`"
+                for name in buffers.values()
+            },
         },
-        extra={"initial_state": "empty cache (past = 0)", "position_encoding": "alibi"},
+        extra={"position_encoding": "alibi"},
     )
     return [api.Exported(NAME, TASK, path, parity)]
