@@ -6,6 +6,10 @@ still parsed by protobuf, as any Python server speaking this protocol must. Same
 nnserve: one asyncio process, grpc.aio, the same message-size options.
 
     python -m benchmarks.bare_server --model-repository DIR --port 0   (prints "listening on HOST:PORT")
+
+With `--run-model` it also runs the model once per request (onnxruntime, one thread, on a fixed
+input prepared at start; nothing is decoded or encoded): the floor of any server that runs the
+model in the process that speaks gRPC, whatever else its request path costs.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ _DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32
 
 
 class _Model:
-    def __init__(self, name: str, path: Path) -> None:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    def __init__(self, name: str, path: Path, run: bool = False) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.name = name
+        self.session = session if run else None
         self.inputs = [
             (a.name, _DTYPES[a.type], [d if isinstance(d, int) else -1 for d in a.shape]) for a in session.get_inputs()
         ]
@@ -59,6 +66,8 @@ class _Model:
             )
         )
         self._responses: dict[int, pb.ModelInferResponse] = {}
+        self.feed = {n: np.zeros([1, *(d if d > 0 else 1 for d in s[1:])], t) for n, t, s in self.inputs}
+        self.output_names = [n for n, _, _ in self.outputs]
 
     def response(self, batch: int) -> pb.ModelInferResponse:
         """A batch's response: the sizes a real model returns, made once per batch size."""
@@ -96,11 +105,15 @@ class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         batch = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
-        return self._models[request.model_name].response(batch)
+        model = self._models[request.model_name]
+        if model.session is not None:
+            model.session.run(model.output_names, model.feed)
+        return model.response(batch)
 
 
-def load(repository: Path) -> dict[str, _Model]:
-    return {p.parent.parent.name: _Model(p.parent.parent.name, p) for p in sorted(repository.glob("*/1/model.onnx"))}
+def load(repository: Path, run: bool = False) -> dict[str, _Model]:
+    paths = sorted(repository.glob("*/1/model.onnx"))
+    return {p.parent.parent.name: _Model(p.parent.parent.name, p, run) for p in paths}
 
 
 async def run(models: dict[str, _Model], host: str, port: int, reuse_port: bool) -> None:
@@ -124,8 +137,9 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--reuse-port", action="store_true")
+    parser.add_argument("--run-model", action="store_true", help="run the model once per request")
     args = parser.parse_args()
-    asyncio.run(run(load(args.model_repository), args.host, args.port, args.reuse_port))
+    asyncio.run(run(load(args.model_repository, args.run_model), args.host, args.port, args.reuse_port))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import models
+from benchmarks import bare_server, models
 from benchmarks.run import LISTENING, ROOT, targets
 from nnserve_client import codec
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
@@ -29,8 +29,9 @@ def mlp_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-def test_the_bare_server_answers_with_the_sizes_a_real_model_returns(mlp_repository: Path) -> None:
-    command = [sys.executable, "-m", "benchmarks.bare_server", "--model-repository", str(mlp_repository)]
+@pytest.mark.parametrize("flags", [[], ["--run-model"]])
+def test_the_bare_server_answers_with_the_sizes_a_real_model_returns(mlp_repository: Path, flags: list[str]) -> None:
+    command = [sys.executable, "-m", "benchmarks.bare_server", "--model-repository", str(mlp_repository), *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert process.stdout is not None
@@ -50,6 +51,14 @@ def test_the_bare_server_answers_with_the_sizes_a_real_model_returns(mlp_reposit
     finally:
         process.terminate()
         process.communicate(timeout=10)
+
+
+def test_the_run_only_server_runs_the_model_and_the_bare_one_does_not(mlp_repository: Path) -> None:
+    ran = bare_server.load(mlp_repository, run=True)[models.MLP]
+    assert ran.session is not None
+    (logits,) = ran.session.run(ran.output_names, ran.feed)
+    assert logits.shape == (1, 10)
+    assert bare_server.load(mlp_repository)[models.MLP].session is None
 
 
 def test_the_raw_load_generator_reports_throughput_and_its_own_cpu(mlp_repository: Path) -> None:
