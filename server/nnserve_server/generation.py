@@ -97,20 +97,28 @@ def _initial_state(model: OnnxModel, spec: ModelSpec) -> dict[str, np.ndarray]:
     return state
 
 
+def _cache_shapes(model: OnnxModel, cache: AppendCache, capacity: int) -> dict[str, list[int]]:
+    """Each buffer's shape for one stream: batch 1, room for `capacity` positions along the axis."""
+    shapes = {}
+    for name in cache.buffers:
+        if name not in model.inputs:
+            raise InvalidInput(f"model '{model.name}' names cache buffer '{name}', which its graph does not take")
+        shape = [1 if d == -1 else d for d in model.inputs[name].shape]
+        if not 0 <= cache.axis < len(shape):
+            raise InvalidInput(f"model '{model.name}' names cache axis {cache.axis} of {len(shape)}-d '{name}'")
+        shape[cache.axis] = capacity
+        shapes[name] = shape
+    return shapes
+
+
 class _Cache:
     """The buffers of an `AppendCache` model for one stream, sized once for the whole generation;
     each step's new positions are written in place, so no step copies the past."""
 
-    def __init__(self, model: OnnxModel, cache: AppendCache, capacity: int) -> None:
+    def __init__(self, cache: AppendCache, shapes: dict[str, list[int]]) -> None:
         self.spec = cache
         self.length = 0
-        self.buffers = {}
-        for name in cache.buffers:
-            shape = [1 if d == -1 else d for d in model.inputs[name].shape]
-            if not 0 <= cache.axis < len(shape):
-                raise InvalidInput(f"model '{model.name}' names cache axis {cache.axis} of {len(shape)}-d '{name}'")
-            shape[cache.axis] = capacity
-            self.buffers[name] = np.zeros(shape, np.float32)
+        self.buffers = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
 
     def feed(self) -> dict[str, np.ndarray]:
         return {self.spec.length_input: np.array([self.length], np.int64), **self.buffers}
@@ -122,17 +130,6 @@ class _Cache:
             where[self.spec.axis] = slice(self.length, self.length + steps)
             buffer[tuple(where)] = result[output]
         self.length += steps
-
-
-def cache_bytes(model: OnnxModel, cache: AppendCache, capacity: int) -> int:
-    """What a stream's cache buffers take, to check before allocating them."""
-    total = 0
-    for name in cache.buffers:
-        shape = [1 if d == -1 else d for d in model.inputs[name].shape]
-        if 0 <= cache.axis < len(shape):
-            shape[cache.axis] = capacity
-        total += 4 * math.prod(shape)
-    return total
 
 
 async def generate_text(model: OnnxModel, prompt: str, sampling: Sampling) -> AsyncIterator[TextPiece | Finished]:
@@ -148,14 +145,15 @@ async def generate_text(model: OnnxModel, prompt: str, sampling: Sampling) -> As
     cache = None
     if spec.cache is not None:
         # The last token sampled is never fed back: the cache holds the prompt and max_tokens - 1.
-        capacity = tokens.shape[1] + sampling.max_tokens - 1
-        if cache_bytes(model, spec.cache, capacity) > MAX_CACHE_BYTES:
+        shapes = _cache_shapes(model, spec.cache, tokens.shape[1] + sampling.max_tokens - 1)
+        size = sum(4 * math.prod(shape) for shape in shapes.values())
+        if size > MAX_CACHE_BYTES:
             raise InvalidInput(
-                f"a {tokens.shape[1]}-character prompt and {sampling.max_tokens} tokens need a "
-                f"{cache_bytes(model, spec.cache, capacity) >> 20} MiB cache for model '{model.name}'; "
-                f"at most {MAX_CACHE_BYTES >> 20} MiB: shorten the prompt or ask for fewer tokens"
+                f"a {tokens.shape[1]}-character prompt and {sampling.max_tokens} tokens need a {size >> 20} MiB "
+                f"cache for model '{model.name}'; at most {MAX_CACHE_BYTES >> 20} MiB: shorten the prompt or "
+                "ask for fewer tokens"
             )
-        cache = _Cache(model, spec.cache, capacity)
+        cache = _Cache(spec.cache, shapes)
     outputs = ["logits", *spec.state.values(), *(spec.cache.buffers.values() if spec.cache else ())]
     produced, emitted = "", 0  # text so far, and how much of it has been sent
     for count in range(1, sampling.max_tokens + 1):

@@ -1,0 +1,83 @@
+"""The Transformer's key/value cache in the server: buffers sized once per stream, filled in place,
+and refused before they are allocated when a stream would need too much memory."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nnserve_server import generation
+from nnserve_server.errors import InvalidInput
+from nnserve_server.generation import Finished, Sampling, TextPiece
+from nnserve_server.model import OnnxModel
+from nnserve_server.runtime import Runtime
+from nnserve_server.serving_config import serving_config
+from nnserve_server.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def transformer(fast_zoo: tuple[Path, list[object]]) -> OnnxModel:
+    folder = fast_zoo[0] / "chars-transformer"
+    settings = Settings()
+    runtime = Runtime.from_settings(settings)
+    config = serving_config(folder, settings, runtime.cpus)
+    return OnnxModel("chars-transformer", "1", folder / "1" / "model.onnx", runtime, config)
+
+
+def _generate(model: OnnxModel, prompt: str, max_tokens: int) -> str:
+    async def collect() -> str:
+        sampling = Sampling(max_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop=())
+        text = ""
+        async for event in generation.generate_text(model, prompt, sampling):
+            if isinstance(event, TextPiece):
+                text += event.text
+            else:
+                assert isinstance(event, Finished)
+                assert event.generated_tokens == max_tokens
+        return text
+
+    return asyncio.run(collect())
+
+
+def test_the_buffers_filled_in_place_hold_exactly_the_prefix(transformer: OnnxModel) -> None:
+    """The prompt, then one token per call through the model's own path, each call's positions written
+    into the stream's buffers: the logits are those of the whole sequence in one call."""
+    spec = transformer.spec
+    assert spec is not None
+    assert spec.cache is not None
+    cache_spec = spec.cache
+    tokens = np.random.default_rng(0).integers(0, len(spec.vocabulary), (1, 9)).astype(np.int64)
+    outputs = ["logits", *cache_spec.buffers.values()]
+
+    async def stepped() -> list[np.ndarray]:
+        cache = generation._Cache(cache_spec, generation._cache_shapes(transformer, cache_spec, 9))
+        logits = []
+        for start, end in ((0, 5), (5, 6), (6, 7), (7, 8), (8, 9)):
+            result = await transformer.infer({"tokens": tokens[:, start:end], **cache.feed()}, outputs)
+            cache.append(result, end - start)
+            logits.append(result["logits"])
+        assert cache.length == 9
+        return logits
+
+    shapes = generation._cache_shapes(transformer, cache_spec, 0)
+    empty = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    (whole,) = transformer.session.run(["logits"], {"tokens": tokens, cache_spec.length_input: np.array([0]), **empty})
+    np.testing.assert_allclose(np.concatenate(asyncio.run(stepped()), axis=1), whole, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generation_runs_to_max_tokens(transformer: OnnxModel) -> None:
+    assert len(_generate(transformer, "The cache ", 12)) == 12
+
+
+def test_a_cache_too_large_is_refused_before_it_is_allocated(
+    transformer: OnnxModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[object] = []
+    monkeypatch.setattr(generation, "_Cache", lambda *args: built.append(args))
+    monkeypatch.setattr(generation, "MAX_CACHE_BYTES", 1 << 10)
+    with pytest.raises(InvalidInput, match="MiB cache for model 'chars-transformer'; at most 0 MiB"):
+        _generate(transformer, "a prompt long enough", 100)
+    assert built == []  # refused before any buffer was made
