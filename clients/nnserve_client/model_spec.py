@@ -82,8 +82,8 @@ class ModelSpec:
     exporter_version: str = ""
     # What each output means, e.g. {"logits": "next-character logits over the vocabulary"}.
     outputs: Mapping[str, str] = field(default_factory=dict)
-    # Step models (RNN/LSTM/GRU state, Transformer key/value cache): state input -> the output
-    # that feeds it on the next step, so a token costs one step, not a rerun of the prefix.
+    # Step models (RNN/LSTM/GRU state, or a key/value cache returned whole): state input -> the
+    # output that feeds it on the next step, so a token costs one step, not a rerun of the prefix.
     state: Mapping[str, str] = field(default_factory=dict)
     cache: AppendCache | None = None  # Transformer LMs: a cache filled in place (see AppendCache)
     vocabulary: tuple[str, ...] = ()  # character models: token id -> text
