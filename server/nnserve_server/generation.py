@@ -119,9 +119,15 @@ class _Cache:
         self.spec = cache
         self.length = 0
         self.buffers = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+        # The prompt's call sees buffers of no positions: the same answer as the empty slots (all
+        # masked), without scoring them (a 512-character prompt: 38 ms against 84 ms, raw).
+        nothing = [slice(None)] * len(next(iter(shapes.values())))
+        nothing[cache.axis] = slice(0, 0)
+        self._empty = {name: buffer[tuple(nothing)] for name, buffer in self.buffers.items()}
 
     def feed(self) -> dict[str, np.ndarray]:
-        return {self.spec.length_input: np.array([self.length], np.int64), **self.buffers}
+        buffers = self.buffers if self.length else self._empty
+        return {self.spec.length_input: np.array([self.length], np.int64), **buffers}
 
     def append(self, result: dict[str, np.ndarray], steps: int) -> None:
         for name, output in self.spec.buffers.items():

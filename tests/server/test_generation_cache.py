@@ -55,7 +55,11 @@ def test_the_buffers_filled_in_place_hold_exactly_the_prefix(transformer: OnnxMo
     async def stepped() -> list[np.ndarray]:
         cache = generation._Cache(cache_spec, generation._cache_shapes(transformer, cache_spec, 9))
         logits = []
+        axis = cache_spec.axis
+        assert {buffer.shape[axis] for buffer in list(cache.feed().values())[1:]} == {0}  # the prompt scores no slots
         for start, end in ((0, 5), (5, 6), (6, 7), (7, 8), (8, 9)):
+            if start:
+                assert {buffer.shape[axis] for buffer in list(cache.feed().values())[1:]} == {9}
             result = await transformer.infer({"tokens": tokens[:, start:end], **cache.feed()}, outputs)
             cache.append(result, end - start)
             logits.append(result["logits"])
