@@ -104,6 +104,8 @@ class Batcher:
         self._average_run_ns = math.inf  # moving average of one run, for the inline decision; inf: unknown
         self._inline = False
         self._closed = False
+        # Does the oldest request wait for others to join it? Only with a delay and a batch axis.
+        self._waits = bool(policy.max_queue_delay_us and policy.max_batch_size)
 
     @property
     def inline(self) -> bool:
@@ -136,7 +138,7 @@ class Batcher:
         policy = self.policy
         if self._queue or self._busy >= policy.instances or self._closed or not self.inline:
             return None
-        if policy.max_queue_delay_us and policy.max_batch_size:
+        if self._waits:
             return None
         if deadline is not None and asyncio.get_running_loop().time() >= deadline:
             return None  # the queue answers it DeadlineExceeded without computing it
@@ -187,7 +189,7 @@ class Batcher:
             if head.future.done():  # cancelled while it waited
                 self._queue.popleft()
                 continue
-            if policy.max_queue_delay_us and policy.max_batch_size:
+            if self._waits:
                 waited_ns = time.perf_counter_ns() - head.enqueued_ns
                 wait_ns = policy.max_queue_delay_us * 1000 - waited_ns
                 if wait_ns > 0 and self._rows_like(head) < policy.max_batch_size:
