@@ -198,7 +198,21 @@ def digits_holdout() -> tuple[np.ndarray, np.ndarray]:
     return split.x_test, split.y_test
 
 
-def run_python(script: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+# tritonclient lives in a venv of its own (make test creates it): it needs a newer grpcio than the server's pin.
+TRITONCLIENT_PYTHON = ROOT / ".cache" / "venv-tritonclient" / "bin" / "python"
+
+
+def run_python(
+    script: Path, *args: str, timeout: float = 120, python: Path | str = sys.executable
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout, check=False
+        [str(python), str(script), *args], capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+def run_tritonclient(script: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`script` in tritonclient's venv (a script that imports tritonclient, never our stubs)."""
+    assert TRITONCLIENT_PYTHON.exists(), (
+        "tritonclient's venv is missing: run `make test` (it makes .cache/venv-tritonclient)"
+    )
+    return run_python(script, *args, timeout=timeout, python=TRITONCLIENT_PYTHON)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
 
-from . import logs
+from . import event_loop, logs
 from .app import serve
 from .errors import StartupError
 from .healthcheck import main as health_main
@@ -35,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if settings.workers > 1:
             return supervise(settings, args[1:])
-        asyncio.run(serve(settings))
+        event_loop.run(serve(settings), event_loop.chosen(settings.event_loop))
     except StartupError as error:
         logging.getLogger("nnserve").error("cannot start: %s", error)
         return 1

@@ -63,6 +63,9 @@ class Settings:
         200, "a model whose runs average under this runs on the event loop thread (cheaper than a thread hop); 0: never"
     )
     workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT), each with its own sessions")
+    event_loop: str = _setting(
+        "auto", "asyncio, uvloop (faster per call; a server dependency), or auto: uvloop when installed"
+    )
     reuse_port: bool = _setting(False, "bind the gRPC port with SO_REUSEPORT, so other servers may share it")
     max_connection_age_s: float = _setting(
         0.0, "close each client connection after this long, so clients reconnect and spread over new replicas; 0: never"
@@ -140,6 +143,8 @@ class Settings:
             problems.append("give both --tls-cert-file and --tls-key-file, or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
             problems.append("--tls-client-ca-file (mutual TLS) needs the server's --tls-cert-file and --tls-key-file")
+        if self.event_loop not in ("auto", "asyncio", "uvloop"):
+            problems.append(f"event loop {self.event_loop!r} is not auto, asyncio or uvloop")
         if self.log_format not in ("text", "json"):
             problems.append(f"log format {self.log_format!r} is not text or json")
         if not 0.0 <= self.access_log_sample <= 1.0:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from conftest import RunningServer, run_python
+from conftest import RunningServer, run_tritonclient
 
 from nnserve_client import Client
 
@@ -14,7 +14,7 @@ CHECKS = Path(__file__).with_name("tritonclient_checks.py")
 
 
 def test_tritonclient_end_to_end(server: RunningServer) -> None:
-    done = run_python(CHECKS, server.target)
+    done = run_tritonclient(CHECKS, server.target)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
     assert seen["live"] is True

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import run_python
+from conftest import run_python, run_tritonclient
 
 DUMP = Path(__file__).with_name("dump_descriptors.py")
 
 
 def dump(side: str) -> dict[str, dict[str, object]]:
-    done = run_python(DUMP, side)
+    done = run_python(DUMP, side) if side == "ours" else run_tritonclient(DUMP, side)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)  # type: ignore[no-any-return]
 

@@ -157,7 +157,7 @@ class EncodeRequest(_message.Message):
     images: ImageBatch
     tensor: Tensor
     normalize: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., texts: _Optional[_Union[TextBatch, _Mapping]] = ..., images: _Optional[_Union[ImageBatch, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., normalize: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., texts: _Optional[_Union[TextBatch, _Mapping]] = ..., images: _Optional[_Union[ImageBatch, _Mapping]] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., normalize: bool = ...) -> None: ...
 
 class EncodeResponse(_message.Message):
     __slots__ = ("model_name", "model_version", "embeddings", "others")
@@ -190,7 +190,7 @@ class SegmentRequest(_message.Message):
     image: bytes
     tensor: Tensor
     png: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., png: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., png: bool = ...) -> None: ...
 
 class SegmentResponse(_message.Message):
     __slots__ = ("model_name", "model_version", "height", "width", "mask", "mask_png", "labels", "pixel_counts")
@@ -271,4 +271,4 @@ class ModelDescription(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     quality: _containers.ScalarMap[str, float]
     description: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., ready: _Optional[bool] = ..., task: _Optional[str] = ..., family: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., quality: _Optional[_Mapping[str, float]] = ..., description: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., ready: bool = ..., task: _Optional[str] = ..., family: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., quality: _Optional[_Mapping[str, float]] = ..., description: _Optional[str] = ...) -> None: ...

@@ -6,7 +6,7 @@ import warnings
 
 from . import tasks_pb2 as nnserve_dot_v1_dot_tasks__pb2
 
-GRPC_GENERATED_VERSION = '1.81.1'
+GRPC_GENERATED_VERSION = '1.75.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -19,14 +19,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in nnserve/v1/tasks_pb2_grpc.py depends on'
+        + f' but the generated code in nnserve/v1/tasks_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class TasksStub:
+class TasksStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -67,7 +67,7 @@ class TasksStub:
                 _registered_method=True)
 
 
-class TasksServicer:
+class TasksServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Classify(self, request, context):
@@ -154,7 +154,7 @@ def add_TasksServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Tasks:
+class Tasks(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
