@@ -49,6 +49,9 @@ _CONTENTS_FIELD = {
 }
 
 MAX_RANK = 32
+# No real tensor has more elements than this (a petabyte of bytes); numpy itself refuses shapes whose
+# dimensions multiply past its index type, even when another dimension is 0 and the tensor is empty.
+MAX_ELEMENTS = 1 << 48
 _LENGTH_PREFIX = struct.Struct("<I")
 
 
@@ -85,20 +88,28 @@ def _find_datatype(dtype: np.dtype[Any]) -> str:
 
 
 def element_count(shape: Sequence[int]) -> int:
-    """The number of elements in `shape`, refusing negative dimensions and absurd ranks."""
+    """The number of elements in `shape`, refusing negative dimensions, absurd ranks, and dimensions
+    that multiply past MAX_ELEMENTS (zeros aside: `[2**62, 2**31, 0]` is refused, not an empty tensor)."""
     if len(shape) > MAX_RANK:
         raise TensorError(f"shape {list(shape)[:8]}... has rank {len(shape)}; at most {MAX_RANK} is allowed")
-    count = 1
+    count = nonzero = 1
     for dim in shape:
         if dim < 0:
             raise TensorError(f"shape {list(shape)} has a negative dimension; every dimension must be >= 0")
         count *= dim
+        if dim:
+            nonzero *= dim
+    if nonzero > MAX_ELEMENTS:
+        raise TensorError(
+            f"shape {list(shape)} has dimensions that multiply to more than 2**48 elements; no tensor is that large"
+        )
     return count
 
 
 def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
     """Decode raw little-endian contents; a zero-copy, read-only view where the dtype allows."""
     dtype = dtype_of(datatype)
+    shape = shape[:]  # a list or tuple; from a protobuf repeated field, a list (the cheapest copy)
     count = element_count(shape)
     if datatype == "BYTES":
         return _split_bytes(raw, count).reshape(tuple(shape))
@@ -108,7 +119,7 @@ def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
             f"raw contents hold {len(raw)} bytes, but shape {list(shape)} of {datatype} needs {expected} "
             f"({count} elements x {dtype.itemsize} bytes)"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
 def from_contents(contents: kserve.InferTensorContents, datatype: str, shape: Sequence[int]) -> np.ndarray:

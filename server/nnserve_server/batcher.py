@@ -21,10 +21,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from .errors import DeadlineExceeded, Overloaded
+from .stats import ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,9 @@ class BatchPolicy:
     inline_ns: int  # a model whose runs average below this runs on the event loop thread; 0: never
 
 
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """Where one request's time went, in nanoseconds; `batch_size` is the rows of its run."""
+class Timing(NamedTuple):
+    """Where one request's time went, in nanoseconds; `batch_size` is the rows of its run.
+    (A tuple: made for every request, and a frozen dataclass costs several times as much to build.)"""
 
     queue_ns: int
     input_ns: int
@@ -89,13 +91,11 @@ _Outcome = tuple[list[tuple[list[np.ndarray], Timing]] | None, BaseException | N
 
 
 class Batcher:
-    def __init__(
-        self, name: str, run: RunFn, policy: BatchPolicy, on_run: Callable[[Timing], None] | None = None
-    ) -> None:
+    def __init__(self, name: str, run: RunFn, policy: BatchPolicy, stats: ModelStats | None = None) -> None:
         self.name = name
         self.policy = policy
-        self._run = run
-        self._on_run = on_run
+        self.run_fn = run
+        self._stats = stats  # each run is counted there (batch size, execution count, per-size times)
         self._queue: deque[_Pending] = deque()
         self._busy = 0
         self._scheduled = False
@@ -126,7 +126,7 @@ class Batcher:
     def warm_up(self, outputs: Sequence[str], feed: dict[str, np.ndarray]) -> None:
         """One run outside the queue (at load time): seeds the inline decision, pages the weights in."""
         started = time.perf_counter_ns()
-        self._run(outputs, feed)
+        self.run_fn(outputs, feed)
         self._average_run_ns = float(time.perf_counter_ns() - started)
 
     def run_now(
@@ -135,25 +135,23 @@ class Batcher:
         """Run one request at once, on the loop thread, when that is what the queue would do anyway:
         an inline model, nothing queued, an instance free, and no delay to wait for others. Saves the
         future, the dispatch callback and the two loop turns. None: `submit` it instead."""
-        policy = self.policy
-        if self._queue or self._busy >= policy.instances or self._closed or not self.inline:
-            return None
-        if self._waits:
+        arrived = time.perf_counter_ns()
+        if self._queue or self._busy >= self.policy.instances or self._closed or self._waits or not self.inline:
             return None
         if deadline is not None and asyncio.get_running_loop().time() >= deadline:
             return None  # the queue answers it DeadlineExceeded without computing it
-        batch = [_Request(inputs, outputs, rows)]
         self._busy += 1
         try:
-            results, error = self._execute(batch)
+            began = time.perf_counter_ns()
+            arrays = self.run_fn(outputs, inputs)
+            run_ns = time.perf_counter_ns() - began
         finally:
             self._busy -= 1
-        if error is not None:
-            raise error
-        assert results is not None
-        if self._on_run is not None:
-            self._on_run(results[0][1])
-        return results[0]
+        self._average_run_ns += (run_ns - self._average_run_ns) * 0.1  # finite: inline needs a measured run
+        timing = Timing(began - arrived, 0, run_ns, 0, rows)
+        if self._stats is not None:
+            self._stats.count_run(timing)
+        return arrays, timing
 
     def submit(
         self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], rows: int, deadline: float | None
@@ -264,7 +262,7 @@ class Batcher:
             else:
                 feed = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
             fed = time.perf_counter_ns()
-            arrays = self._run(outputs, feed)
+            arrays = self.run_fn(outputs, feed)
             ran = time.perf_counter_ns()
             average = self._average_run_ns
             self._average_run_ns = ran - fed if average == math.inf else average + (ran - fed - average) * 0.1
@@ -307,8 +305,8 @@ class Batcher:
                 else:
                     assert results is not None
                     pending.future.set_result(results[index])
-            if results is not None and self._on_run is not None:
-                self._on_run(results[0][1])
+            if results is not None and self._stats is not None:
+                self._stats.count_run(results[0][1])
         if self._queue and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._dispatch)

@@ -93,24 +93,21 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
 
 
 class InFlight:
-    """Counts requests being answered, so shutdown can wait for them and not for endless streams."""
+    """Counts requests being answered, so shutdown can wait for them and not for endless streams
+    (the in-flight gauge reads `count` when scraped)."""
 
-    def __init__(self, gauge: Any = None) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        self._gauge = gauge
         self._idle = asyncio.Event()
         self._idle.set()
 
     def enter(self) -> None:
+        if not self.count:
+            self._idle.clear()
         self.count += 1
-        self._idle.clear()
-        if self._gauge is not None:
-            self._gauge.inc()
 
     def exit(self) -> None:
         self.count -= 1
-        if self._gauge is not None:
-            self._gauge.dec()
         if self.count == 0:
             self._idle.set()
 
@@ -144,7 +141,9 @@ class StatusGuard:
         self._known_model = known_model
         self._access_sample = access_log_sample
         self._access_failures = access_log_failures
-        self.in_flight = InFlight(metrics.in_flight)
+        self.in_flight = InFlight()
+        metrics.stats.in_flight = lambda: self.in_flight.count
+        self._stats = metrics.stats
 
     def register(self, server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: Any) -> None:
         """`add_to_server(servicer, server)` (a generated `add_*_to_server`), with every method wrapped."""
@@ -246,15 +245,15 @@ class StatusGuard:
         model, version = self._labels(request, response)
         if record.model and model not in ("", "unknown"):
             version = record.version  # the version that served it, also when the caller named none
-        self._metrics.observe_request(model, version, record.rpc, code, (ended_ns - record.started_ns) / 1e9)
-        if record.metrics is not None and code == "OK":
-            decode, encode = record.metrics.codec(record.rpc)
-            decode.observe((record.entered_ns - record.started_ns) / 1e9)
-            encode.observe((ended_ns - record.left_ns) / 1e9)
+        self._stats.count(model, version, record.rpc, code, (ended_ns - record.started_ns) / 1e9)
+        stats = record.stats
+        if stats is not None and code == "OK":
+            codec = stats.codec_of(record.rpc)
+            codec.decode.observe((record.entered_ns - record.started_ns) / 1e9)
+            codec.encode.observe((ended_ns - record.left_ns) / 1e9)
             if record.first_message_ns and record.tokens:
-                tokens, first = record.metrics.generation()
-                tokens.observe(record.tokens)
-                first.observe((record.first_message_ns - record.started_ns) / 1e9)
+                stats.generated_tokens.observe(record.tokens)
+                stats.time_to_first_token.observe((record.first_message_ns - record.started_ns) / 1e9)
         failed = code != "OK"
         if (failed and self._access_failures) or (self._access_sample and random.random() < self._access_sample):
             fields = {

@@ -1,30 +1,29 @@
-"""Prometheus metrics, registered on a registry that the caller passes in (no module globals).
+"""Prometheus metrics: the families nnserve exports, and the collector that reads them at scrape time.
 
 Every metric is declared once in `METRICS`; the README's table is generated from the same list
 (`metrics_table()`, a test compares). Latencies are histograms, not summaries, so they aggregate
-across pods. With `--workers N` each worker writes prometheus-client's multiprocess files and the
-supervisor's endpoint adds them up; each gauge says how (`multiprocess_mode`).
+across pods. Figures counted per request (requests, latencies, inferences, batch sizes, ...) live in
+`stats.py` as plain integers and become families only when the endpoint is scraped; the rest (model
+state, load failures, providers) are ordinary prometheus-client gauges and counters, set rarely.
+With `--workers N` the supervisor adds up its workers' expositions (`worker_metrics.py`); each gauge says how
+(`multiprocess_mode`).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-# 100 us .. 30 s: covers a tiny MLP on loopback and a large model on a busy CPU.
-LATENCY_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-)  # fmt: skip
-# 10 us .. 1 s: decoding and encoding a request is far cheaper than serving it.
-CODEC_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048)
+from .stats import CodecStats, ModelStats, ServerStats
+from .stats import Histogram as Buckets
 
 # What a failed request's status code counts as in nnserve_request_failures_total.
 FAILURE_REASONS = {
@@ -47,39 +46,40 @@ class MetricSpec:
     kind: type[Counter] | type[Gauge] | type[Histogram]
     labels: tuple[str, ...]
     help: str
-    buckets: tuple[float, ...] = ()
+    per_request: bool = False  # counted in stats.py, exported by the collector; else a prometheus-client object
     multiprocess_mode: str = ""  # gauges: how --workers combines the processes' values
 
 
 MODEL = ("model", "version")
 METRICS = (
     MetricSpec("requests", "nnserve_requests", Counter, (*MODEL, "rpc", "code"),
-               "gRPC requests answered, by model, version, RPC and status code"),
+               "gRPC requests answered, by model, version, RPC and status code", per_request=True),
     MetricSpec("request_duration", "nnserve_request_duration_seconds", Histogram, (*MODEL, "rpc", "code"),
-               "Time from a request's arrival to its answer (a stream: to its end)", LATENCY_BUCKETS),
+               "Time from a request's arrival to its answer (a stream: to its end)", per_request=True),
     MetricSpec("failures", "nnserve_request_failures", Counter, (*MODEL, "rpc", "reason"),
                "Failed requests by reason: rejected (queue full), deadline, cancelled, invalid, not_found, "
-               "unavailable, unimplemented, internal"),
+               "unavailable, unimplemented, internal", per_request=True),
     MetricSpec("inferences", "nnserve_inferences", Counter, MODEL,
-               "Rows (batch items) inferred; with nnserve_batch_size_count, the runs they took"),
+               "Rows (batch items) inferred; with nnserve_batch_size_count, the runs they took", per_request=True),
     MetricSpec("queue_wait", "nnserve_queue_wait_seconds", Histogram, MODEL,
-               "Time a request waited in its model's queue before its run began", LATENCY_BUCKETS),
+               "Time a request waited in its model's queue before its run began", per_request=True),
     MetricSpec("compute", "nnserve_compute_seconds", Histogram, MODEL,
-               "onnxruntime time of the run that served a request (its whole batch)", LATENCY_BUCKETS),
+               "onnxruntime time of the run that served a request (its whole batch)", per_request=True),
     MetricSpec("decode", "nnserve_decode_seconds", Histogram, (*MODEL, "rpc"),
-               "Time turning a request into arrays (tensor decoding, image and text preprocessing)", CODEC_BUCKETS),
+               "Time turning a request into arrays (tensor decoding, image and text preprocessing)", per_request=True),
     MetricSpec("encode", "nnserve_encode_seconds", Histogram, (*MODEL, "rpc"),
-               "Time turning results into the response message", CODEC_BUCKETS),
+               "Time turning results into the response message", per_request=True),
     MetricSpec("batch_size", "nnserve_batch_size", Histogram, MODEL,
-               "Rows per onnxruntime run (dynamic batches and batched requests)", BATCH_BUCKETS),
+               "Rows per onnxruntime run (dynamic batches and batched requests)", per_request=True),
     MetricSpec("generated_tokens", "nnserve_generated_tokens", Histogram, MODEL,
-               "Tokens generated per Generate stream", TOKEN_BUCKETS),
+               "Tokens generated per Generate stream", per_request=True),
     MetricSpec("time_to_first_token", "nnserve_time_to_first_token_seconds", Histogram, MODEL,
-               "Time from a Generate request's arrival to its first streamed message", LATENCY_BUCKETS),
+               "Time from a Generate request's arrival to its first streamed message", per_request=True),
     MetricSpec("in_flight", "nnserve_in_flight_requests", Gauge, (),
-               "Requests being answered now", multiprocess_mode="livesum"),
+               "Requests being answered now", per_request=True, multiprocess_mode="livesum"),
     MetricSpec("queue_depth", "nnserve_queue_depth", Gauge, MODEL,
-               "Requests waiting in the model's queue, sampled when each run ends", multiprocess_mode="livesum"),
+               "Requests waiting in the model's queue, read when scraped", per_request=True,
+               multiprocess_mode="livesum"),
     MetricSpec("model_ready", "nnserve_model_ready", Gauge, ("model",),
                "1 when the model has a version ready to serve, else 0", multiprocess_mode="livemax"),
     MetricSpec("versions_loaded", "nnserve_model_versions_loaded", Gauge, ("model",),
@@ -97,36 +97,25 @@ METRICS = (
 
 
 class ServerMetrics:
-    """Every nnserve metric on one registry; label children are cached (label sets are bounded)."""
+    """Every nnserve metric on one registry: the per-request figures in `stats` (read at scrape time
+    by a collector), the rarely set ones as prometheus-client objects."""
 
     def __init__(self, registry: CollectorRegistry, process: bool = True) -> None:
         self.registry = registry
-        self._by_request: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
+        self.stats = ServerStats()
         for spec in METRICS:
+            if spec.per_request:
+                continue
             options: dict[str, Any] = {"registry": registry}
-            if spec.buckets:
-                options["buckets"] = spec.buckets
             if spec.multiprocess_mode:
                 options["multiprocess_mode"] = spec.multiprocess_mode
             setattr(self, spec.attribute, spec.kind(spec.name, spec.help, list(spec.labels), **options))
+        registry.register(StatsCollector(self.stats))
         if process:  # process_cpu_seconds_total, process_resident_memory_bytes, ... of this process
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
 
     # Declared for the type checker; created from METRICS above.
-    requests: Counter
-    request_duration: Histogram
-    failures: Counter
-    inferences: Counter
-    queue_wait: Histogram
-    compute: Histogram
-    decode: Histogram
-    encode: Histogram
-    batch_size: Histogram
-    generated_tokens: Histogram
-    time_to_first_token: Histogram
-    in_flight: Gauge
-    queue_depth: Gauge
     model_ready: Gauge
     versions_loaded: Gauge
     load_duration: Gauge
@@ -134,53 +123,86 @@ class ServerMetrics:
     provider: Gauge
     provider_fallbacks: Counter
 
-    def observe_request(self, model: str, version: str, rpc: str, code: str, seconds: float) -> None:
-        key = (model, version, rpc, code)
-        children = self._by_request.get(key)
-        if children is None:
-            children = self._by_request[key] = (
-                self.requests.labels(model, version, rpc, code),
-                self.request_duration.labels(model, version, rpc, code),
-            )
-        children[0].inc()
-        children[1].observe(seconds)
-        if code != "OK":
-            self.failures.labels(model, version, rpc, FAILURE_REASONS.get(code, "internal")).inc()
-
     async def model_state_changed(self, model: str, ready: bool) -> None:
         self.model_ready.labels(model).set(1 if ready else 0)
 
 
-class ModelMetrics:
-    """The children one model version observes into, bound once when it loads."""
+_SPECS = {spec.attribute: spec for spec in METRICS}
 
-    def __init__(self, metrics: ServerMetrics, model: str, version: str) -> None:
-        self.inferences = metrics.inferences.labels(model, version)
-        self.queue_wait = metrics.queue_wait.labels(model, version)
-        self.compute = metrics.compute.labels(model, version)
-        self.batch_size = metrics.batch_size.labels(model, version)
-        self.queue_depth = metrics.queue_depth.labels(model, version)
-        self.load_duration = metrics.load_duration.labels(model, version)
-        self._metrics = metrics
-        self._model = model
-        self._version = version
-        self._codec: dict[str, tuple[Any, Any]] = {}
 
-    def codec(self, rpc: str) -> tuple[Any, Any]:
-        """(decode, encode) histogram children for one RPC."""
-        children = self._codec.get(rpc)
-        if children is None:
-            children = self._codec[rpc] = (
-                self._metrics.decode.labels(self._model, self._version, rpc),
-                self._metrics.encode.labels(self._model, self._version, rpc),
-            )
-        return children
+def _family(attribute: str) -> Any:  # a Counter-, Gauge- or HistogramMetricFamily
+    spec = _SPECS[attribute]
+    kind = {Counter: CounterMetricFamily, Gauge: GaugeMetricFamily, Histogram: HistogramMetricFamily}[spec.kind]
+    return kind(spec.name, spec.help, labels=spec.labels)
 
-    def generation(self) -> tuple[Any, Any]:
-        return (
-            self._metrics.generated_tokens.labels(self._model, self._version),
-            self._metrics.time_to_first_token.labels(self._model, self._version),
-        )
+
+def _add_histogram(family: Any, labels: list[str], buckets: Buckets) -> None:
+    family.add_metric(labels, buckets.cumulative(), buckets.sum)
+
+
+class StatsCollector:
+    """Turns `ServerStats` into Prometheus families when scraped (on the endpoint's thread: it only
+    reads integers the event loop writes, so a scrape may be a request behind, never torn)."""
+
+    def __init__(self, stats: ServerStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats
+        requests, durations, failures = _family("requests"), _family("request_duration"), _family("failures")
+        failed: dict[tuple[str, str, str, str], int] = {}
+        for (model, version, rpc, code), entry in list(stats.requests.items()):
+            requests.add_metric([model, version, rpc, code], entry.count)
+            _add_histogram(durations, [model, version, rpc, code], entry.duration)
+            if code != "OK":
+                key = (model, version, rpc, FAILURE_REASONS.get(code, "internal"))
+                failed[key] = failed.get(key, 0) + entry.count
+        for key, count in failed.items():
+            failures.add_metric(list(key), count)
+        yield from (requests, durations, failures)
+        yield from self._per_model(_by_version(list(stats.models)))
+        in_flight = _family("in_flight")
+        in_flight.add_metric([], stats.in_flight())
+        yield in_flight
+
+    def _per_model(self, versions: dict[tuple[str, str], list[ModelStats]]) -> Iterator[Metric]:
+        names = ("inferences", "queue_wait", "compute", "batch_size", "generated_tokens", "time_to_first_token")
+        families = {name: _family(name) for name in (*names, "decode", "encode", "queue_depth")}
+        for (model, version), stores in versions.items():
+            labels = [model, version]
+            families["inferences"].add_metric(labels, sum(s.inference_count for s in stores))
+            for name in ("queue_wait", "compute", "batch_size"):
+                _add_histogram(families[name], labels, _summed(getattr(s, name) for s in stores))
+            for name in ("generated_tokens", "time_to_first_token"):
+                total = _summed(getattr(s, name) for s in stores)
+                if total.count:  # shown once a stream has been counted, as before
+                    _add_histogram(families[name], labels, total)
+            codec: dict[str, list[CodecStats]] = {}
+            for store in stores:
+                for rpc, figures in list(store.codec.items()):
+                    codec.setdefault(rpc, []).append(figures)
+            for rpc, parts in codec.items():
+                _add_histogram(families["decode"], [*labels, rpc], _summed(p.decode for p in parts))
+                _add_histogram(families["encode"], [*labels, rpc], _summed(p.encode for p in parts))
+            families["queue_depth"].add_metric(labels, stores[-1].queue_depth())
+        yield from families.values()
+
+
+def _by_version(stores: list[ModelStats]) -> dict[tuple[str, str], list[ModelStats]]:
+    grouped: dict[tuple[str, str], list[ModelStats]] = {}
+    for store in stores:
+        grouped.setdefault((store.name, store.version), []).append(store)
+    return grouped
+
+
+def _summed(histograms: Iterator[Buckets] | Any) -> Buckets:
+    parts = list(histograms)
+    if len(parts) == 1:
+        return parts[0]  # type: ignore[no-any-return]
+    total = Buckets(parts[0].bounds)
+    for part in parts:
+        total.add(part)
+    return total
 
 
 def metrics_table() -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import InvalidInput, ModelNotFound, ModelNotReady
-from .metrics import ModelMetrics, ServerMetrics
+from .metrics import ServerMetrics
 from .model import OnnxModel
 from .runtime import Runtime
 from .serving_config import CONFIG_FILE, serving_config
@@ -214,10 +214,10 @@ class ModelRepository:
     def _load_version(self, name: str, version: str) -> VersionEntry:
         path = self.root / name / version / MODEL_FILE
         started = time.perf_counter()
-        model_metrics = None if self._metrics is None else ModelMetrics(self._metrics, name, version)
+        stats = None if self._metrics is None else self._metrics.stats.model(name, version)
         try:
             config = serving_config(self.root / name, self._settings, self._runtime.cpus)
-            model = OnnxModel(name, version, path, self._runtime, config, self._settings.inline_run_us, model_metrics)
+            model = OnnxModel(name, version, path, self._runtime, config, self._settings.inline_run_us, stats)
         except Exception as error:  # a corrupt file or broken metadata must not take the others down
             log.error("model %s version %s failed to load: %s", name, version, error)
             if self._metrics is not None:
@@ -236,8 +236,8 @@ class ModelRepository:
             c.intra_op_threads,
             "inline on the event loop" if batcher.inline else "in the thread pool",
         )
-        if model_metrics is not None:
-            model_metrics.load_duration.set(time.perf_counter() - started)
+        if self._metrics is not None:
+            self._metrics.load_duration.labels(name, version).set(time.perf_counter() - started)
         return VersionEntry(version, READY, "", model)
 
     async def unload(self, name: str) -> None:

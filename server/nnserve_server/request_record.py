@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .batcher import Timing
-    from .metrics import ModelMetrics
+    from .stats import ModelStats
 
 REQUEST_ID_KEY = "x-request-id"  # set by the caller, or made here; returned in trailing metadata
 MAX_REQUEST_ID = 128
@@ -33,7 +33,7 @@ class RequestRecord:
     started_ns: int
     model: str = ""
     version: str = ""
-    metrics: ModelMetrics | None = field(default=None, repr=False)
+    stats: ModelStats | None = field(default=None, repr=False)
     runs: int = 0  # onnxruntime runs that served this request (Generate: one per step)
     rows: int = 0
     queue_ns: int = 0
@@ -46,8 +46,8 @@ class RequestRecord:
     code: str = ""  # the status it was answered with, once it was
     reported: bool = False  # counted in the metrics and the access log (once)
 
-    def add_run(self, model: str, version: str, metrics: ModelMetrics | None, timing: Timing, rows: int) -> None:
-        self.model, self.version, self.metrics = model, version, metrics
+    def add_run(self, model: str, version: str, stats: ModelStats | None, timing: Timing, rows: int) -> None:
+        self.model, self.version, self.stats = model, version, stats
         self.left_ns = time.perf_counter_ns()
         self.runs += 1
         self.rows += rows

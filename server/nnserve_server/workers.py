@@ -2,10 +2,9 @@
 
 The supervisor (this module) reserves the port, starts N copies of `nnserve serve` that bind it with
 SO_REUSEPORT (the kernel spreads connections across them), each with its own sessions, and serves
-the metrics of all of them from one endpoint: the workers write prometheus-client's multiprocess
-files into a private folder and the supervisor adds them up (counters and histograms sum; gauges
-take the live workers' maximum). A worker that dies is logged and started again; SIGTERM or
-SIGINT is passed to every worker, which drains as a single server would.
+the metrics of all of them from one endpoint: each worker serves its own on a private loopback
+port and the supervisor adds them up (`worker_metrics.py`). A worker that dies is logged and
+started again; SIGTERM or SIGINT is passed to every worker, which drains as a single server would.
 """
 
 from __future__ import annotations
@@ -13,24 +12,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import shutil
+import re
 import signal
 import socket
 import sys
-import tempfile
-from pathlib import Path
 
-from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client import CollectorRegistry
 
 from .errors import StartupError
 from .metrics import start_metrics_endpoint
 from .settings import Settings
+from .worker_metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
 READY_LINE = "nnserve listening on "
+METRICS_URL = re.compile(r"metrics at (http://\S+/metrics)")
 RESTART_DELAY_S = 1.0
+REFRESH_S = 2.0  # how often the workers' metrics are read besides scrapes: what a SIGKILL may lose
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -50,7 +49,7 @@ def _worker_command(argv: list[str], port: int) -> list[str]:
     """The supervisor's own flags, then the ones that make a process a worker (last flag wins)."""
     return [
         sys.executable, "-m", "nnserve_server.cli", "serve", *argv,
-        "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-port", "-1",
+        "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", "0",
     ]  # fmt: skip
 
 
@@ -58,7 +57,7 @@ class Supervisor:
     def __init__(self, settings: Settings, argv: list[str]) -> None:
         self.settings = settings
         self._argv = argv
-        self._metrics_dir = Path(tempfile.mkdtemp(prefix="nnserve-metrics-"))
+        self.metrics = WorkerMetrics()
         self._processes: dict[int, asyncio.subprocess.Process] = {}
         self._stopping = False
         self._drains: list[asyncio.Task[None]] = []
@@ -68,9 +67,8 @@ class Supervisor:
         settings = self.settings
         reserved = _reserve_port(settings.host, settings.port)
         port = reserved.getsockname()[1]
-        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._metrics_dir)}
         try:
-            ready = await asyncio.gather(*(self._start(index, port, env) for index in range(settings.workers)))
+            ready = await asyncio.gather(*(self._start(index, port) for index in range(settings.workers)))
             if not all(ready):
                 await self._stop_all()
                 raise StartupError("a worker exited before it was ready; its log is above")
@@ -78,7 +76,7 @@ class Supervisor:
             http_server = None
             if settings.metrics_port >= 0:
                 registry = CollectorRegistry()
-                multiprocess.MultiProcessCollector(registry, path=str(self._metrics_dir))
+                registry.register(self.metrics)
                 http_server, _, metrics_port = start_metrics_endpoint(
                     settings.metrics_host, settings.metrics_port, registry
                 )
@@ -90,7 +88,8 @@ class Supervisor:
                 flush=True,
             )
             reserved.close()  # the workers hold the port now
-            watchers = [asyncio.create_task(self._watch(index, port, env)) for index in self._processes]
+            watchers = [asyncio.create_task(self._watch(index, port)) for index in self._processes]
+            watchers.append(asyncio.create_task(self._refresh()))
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -104,17 +103,20 @@ class Supervisor:
             return 0 if all(code == 0 for code in codes) else 1
         finally:
             reserved.close()
-            shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
-    async def _start(self, index: int, port: int, env: dict[str, str]) -> bool:
+    async def _start(self, index: int, port: int) -> bool:
         """Start worker `index` and wait until it says it is listening; False if it exits first."""
         process = await asyncio.create_subprocess_exec(
-            *_worker_command(self._argv, port), stdout=asyncio.subprocess.PIPE, env=env
+            *_worker_command(self._argv, port), stdout=asyncio.subprocess.PIPE
         )
         self._processes[index] = process
         assert process.stdout is not None
         while line := await process.stdout.readline():
-            if line.decode(errors="replace").startswith(READY_LINE):
+            text = line.decode(errors="replace")
+            if text.startswith(READY_LINE):
+                url = METRICS_URL.search(text)
+                if url is not None:
+                    self.metrics.add(index, url.group(1))
                 log.info("worker %d (pid %d) is ready", index, process.pid)
                 self._drains.append(asyncio.create_task(self._drain(process)))
                 return True
@@ -126,19 +128,24 @@ class Supervisor:
         while await process.stdout.readline():
             pass  # the worker's hints for a terminal; the supervisor printed its own
 
-    async def _watch(self, index: int, port: int, env: dict[str, str]) -> None:
+    async def _refresh(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(REFRESH_S)
+            await asyncio.to_thread(self.metrics.refresh)
+
+    async def _watch(self, index: int, port: int) -> None:
         """Start a worker again when it dies: the others keep serving meanwhile."""
         while True:
             process = self._processes[index]
             code = await process.wait()
             if self._stopping:
                 return
-            multiprocess.mark_process_dead(process.pid, str(self._metrics_dir))
+            self.metrics.retire(index)
             self.restarts += 1
             log.error("worker %d (pid %d) exited with %s; starting it again", index, process.pid, code)
             await asyncio.sleep(RESTART_DELAY_S)
             if not self._stopping:
-                await self._start(index, port, env)
+                await self._start(index, port)
 
     async def _stop_all(self) -> list[int]:
         self._stopping = True

@@ -70,7 +70,9 @@ def test_fp16_has_no_typed_field() -> None:
     [
         (b"\x00" * 8, "FP32", [3], "hold 8 bytes, but shape \\[3\\] of FP32 needs 12"),
         (b"", "FP32", [-1, 4], "negative dimension"),
-        (b"\x00" * 4, "FP32", [2**40, 2**40, 2**40], "needs"),  # refused without allocating ~4e36 bytes
+        (b"\x00" * 4, "FP32", [2**40, 2**40, 2**40], "more than 2\\*\\*48"),  # refused, nothing allocated
+        (b"", "FP32", [2**62, 2**31, 0, 1, 64], "more than 2\\*\\*48"),  # empty, but numpy would refuse it
+        (b"", "BYTES", [2**62, 2**31, 0], "more than 2\\*\\*48"),
         (b"", "FP32", [1] * 40, "rank 40"),
         (b"", "COMPLEX64", [1], "unknown datatype 'COMPLEX64'"),
         (b"\x05\x00\x00\x00ab", "BYTES", [1], "claims 5 bytes"),

@@ -132,7 +132,23 @@ def test_absurd_dimensions_are_refused_before_allocating(stub: pb_grpc.GRPCInfer
     request.inputs[0].shape[:] = [2**62, 2**62]
     error = refused(stub, request)
     assert error.code() == INVALID
-    assert "needs" in error.details()
+    assert "more than 2**48 elements" in error.details()
+
+
+@pytest.mark.parametrize("typed", [False, True])
+def test_huge_dimensions_beside_a_zero_are_refused(stub: pb_grpc.GRPCInferenceServiceStub, typed: bool) -> None:
+    # Zero elements, so no size check on the bytes catches it; numpy's reshape would ("array is too big").
+    request = pb.ModelInferRequest(model_name="digits-fnn")
+    request.inputs.add(name="input", datatype="FP32", shape=[2**62, 2**31, 0, 1, 64])
+    if typed:
+        request.inputs[0].contents.SetInParent()
+    else:
+        request.raw_input_contents.append(b"")
+    error = refused(stub, request)
+    assert error.code() == INVALID
+    assert "more than 2**48 elements" in error.details()
+    # ... and the server answers the next good request.
+    assert stub.ModelInfer(fnn_request(), timeout=10).outputs[0].name == "logits"
 
 
 def test_batch_larger_than_max_batch_size(stub: pb_grpc.GRPCInferenceServiceStub) -> None:

@@ -17,9 +17,11 @@ from nnserve_client._proto import model_config_pb2 as config_pb
 
 from .. import __version__
 from ..errors import InvalidInput, Unsupported
-from ..model import Duration, OnnxModel
+from ..model import OnnxModel
 from ..repository import ModelRepository
 from ..serving_config import INTRA_OP_KEY
+from ..session import MAX_REMEMBERED_SIGNATURES
+from ..stats import Duration
 from .deadline import deadline_of
 
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
@@ -36,22 +38,27 @@ class ServerState:
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    raw = request.raw_input_contents
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input"
-        )
-    arrays = {}
-    for index, tensor in enumerate(request.inputs):
-        if tensor.name in arrays:
-            raise InvalidInput(f"input '{tensor.name}' is given twice")
-        if raw:
-            if tensor.HasField("contents"):
-                raise InvalidInput(f"input '{tensor.name}' has typed contents as well as raw_input_contents; use one")
-            arrays[tensor.name] = codec.from_raw(raw[index], tensor.datatype, tensor.shape)
-        else:
-            arrays[tensor.name] = codec.from_contents(tensor.contents, tensor.datatype, tensor.shape)
+    tensors, raw = request.inputs, request.raw_input_contents
+    arrays: dict[str, np.ndarray] = {}
+    if not raw:
+        for tensor in tensors:
+            name = _unique(tensor.name, arrays)
+            arrays[name] = codec.from_contents(tensor.contents, tensor.datatype, tensor.shape)
+        return arrays
+    if len(raw) != len(tensors):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; send one per input")
+    for tensor, contents in zip(tensors, raw, strict=True):
+        name = _unique(tensor.name, arrays)
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"input '{name}' has typed contents as well as raw_input_contents; use one")
+        arrays[name] = codec.from_raw(contents, tensor.datatype, tensor.shape)
     return arrays
+
+
+def _unique(name: str, arrays: dict[str, np.ndarray]) -> str:
+    if name in arrays:
+        raise InvalidInput(f"input '{name}' is given twice")
+    return name
 
 
 def _duration(d: Duration) -> pb.StatisticDuration:
@@ -123,6 +130,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._repository = repository
         self._state = state
         self._repository_control = repository_control
+        self._metadata: dict[object, list[pb.ModelInferResponse.InferOutputTensor]] = {}
 
     def _allow_repository_control(self) -> None:
         if not self._repository_control:
@@ -161,12 +169,24 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             model_name=model.name,
             model_version=model.version,
             id=request.id,
-            outputs=[
-                _OutputTensor(name=name, datatype=codec.datatype_of(array.dtype), shape=array.shape)
-                for name, array in results.items()
-            ],
+            outputs=self._output_metadata(results),
             raw_output_contents=[codec.to_raw(array) for array in results.values()],
         )
+
+    def _output_metadata(self, results: dict[str, np.ndarray]) -> list[pb.ModelInferResponse.InferOutputTensor]:
+        """The outputs' names, datatypes and shapes, built once per signature (a stream of same-shaped
+        answers then costs a dict lookup; the cache is capped like the validation cache)."""
+        key = tuple((name, array.dtype, array.shape) for name, array in results.items())
+        metadata = self._metadata.get(key)
+        if metadata is None:
+            metadata = [
+                _OutputTensor(name=name, datatype=codec.datatype_of(array.dtype), shape=array.shape)
+                for name, array in results.items()
+            ]
+            if len(self._metadata) >= MAX_REMEMBERED_SIGNATURES:
+                self._metadata.clear()
+            self._metadata[key] = metadata
+        return metadata
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=model_config(self._repository.get(request.name, request.version)))
