@@ -66,6 +66,7 @@ class _Model:
             )
         )
         self._responses: dict[int, pb.ModelInferResponse] = {}
+        self.inferences = 0
         self.feed = {n: np.zeros([1, *(d if d > 0 else 1 for d in s[1:])], t) for n, t, s in self.inputs}
         self.output_names = [n for n, _, _ in self.outputs]
 
@@ -103,9 +104,17 @@ class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
         return self._models[request.name].config
 
+    async def ModelStatistics(self, request: Any, context: Any) -> pb.ModelStatisticsResponse:
+        """Only the inference count: the bench divides the server's CPU by it."""
+        model = self._models[request.name]
+        return pb.ModelStatisticsResponse(
+            model_stats=[pb.ModelStatistics(name=model.name, version="1", inference_count=model.inferences)]
+        )
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         batch = request.inputs[0].shape[0] if request.inputs and request.inputs[0].shape else 1
         model = self._models[request.model_name]
+        model.inferences += batch
         if model.session is not None:
             model.session.run(model.output_names, model.feed)
         return model.response(batch)
@@ -138,8 +147,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--reuse-port", action="store_true")
     parser.add_argument("--run-model", action="store_true", help="run the model once per request")
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
-    asyncio.run(run(load(args.model_repository, args.run_model), args.host, args.port, args.reuse_port))
+    main_coroutine = run(load(args.model_repository, args.run_model), args.host, args.port, args.reuse_port)
+    if args.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(main_coroutine)
+    else:
+        asyncio.run(main_coroutine)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
-"""`make bench`: nnserve side by side with raw onnxruntime and a bare grpc.aio server, in one run.
+"""`make bench`: nnserve side by side with raw onnxruntime, a bare grpc.aio server and Triton, in one run.
 
 Rows, for the MLP (64-256-256-10) and ResNet-18 (3x224x224), random weights, built by our exporters:
   1. raw onnxruntime in this machine's Python, no transport (the floor; its best configuration);
-  2. a bare grpc.aio KServe v2 server with no model, answering the same sizes (the transport's ceiling);
-  3. nnserve, with batching on and off, and with --workers 2;
-each measured with perf_analyzer (Triton's C++ load tool, a standard KServe v2 client) and with our
-Python SDK, at concurrency 1, 8 and 32, batch-1 requests. Then the zoo's LSTM and Transformer LMs:
-the cost of a generated token after a 16- and a 512-character prompt. Load is closed-loop, bounded
-in time, on 127.0.0.1. Each cell records the load generator's CPU use (cores), so a saturated client
-shows. The table goes to stdout and everything to a JSON file; the targets of the performance issue
-are checked at the end (ratios from this run only: absolute times on a shared machine mean little).
+  2. a bare grpc.aio KServe v2 server with no model, answering the same sizes (the transport's ceiling),
+     on the pinned stack (grpcio and event loop) and on the alternatives, so the choice is measured;
+  3. the same bare server running the model once per request (the run-only floor);
+  4. nnserve, with batching on and off, with --workers 2, and on the alternative stacks;
+  5. Triton 2.51 (`triton_peer.py`: PyPI's tritonserver, Python backend running onnxruntime);
+each measured with perf_analyzer (Triton's C++ load tool, a standard KServe v2 client) and some with
+our Python SDK, batch-1 requests. Then the zoo's LSTM and Transformer LMs: the cost of a generated
+token after a 16- and a 512-character prompt. Load is closed-loop, bounded in time, on 127.0.0.1.
+Each cell records the load generator's CPU (cores) and the server's CPU per inference (all its
+processes, from the kernel's counters, divided by the inferences it answered), so a saturated client
+and a dear request path both show. The table goes to stdout and everything to a JSON file; the
+targets are checked at the end (ratios from this run only: absolute times on a shared machine mean little).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import models
+import grpc
+
+from benchmarks import models, triton_peer
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
@@ -48,6 +54,8 @@ class Cell:
     errors: int = 0
     client_cores: float = float("nan")  # CPU seconds of the load generator per wall second
     server_cores: float = float("nan")
+    server_us: float = float("nan")  # server CPU (all its processes) per inference answered, microseconds
+    stack: str = ""  # grpcio and event loop the server ran on (Python servers)
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -76,12 +84,51 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
+PINNED = "grpcio 1.75.0, uvloop"  # the stack constraints.txt pins (and nnserve's default loop)
+NEWEST_GRPCIO = "1.85.3"  # the newest grpcio measured beside it, from an overlay folder
+
+
+def _overlay(version: str) -> Path:
+    """A folder holding only grpcio `version`, put first on PYTHONPATH: the same venv on another grpcio."""
+    folder = ROOT / ".cache" / "stacks" / f"grpcio-{version}"
+    if not (folder / "grpc").is_dir():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+             "--target", str(folder), f"grpcio=={version}"],
+            check=True, timeout=300,
+        )  # fmt: skip
+    return folder
+
+
+def _served(port: int, model: str) -> int | None:
+    """Inferences the server has answered for `model` (KServe ModelStatistics); None where it does not say
+    (a --workers server answers for one worker only, so its cells estimate from the throughput)."""
+    from nnserve_client._proto import grpc_predict_v2_pb2 as pb
+    from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                pb.ModelStatisticsRequest(name=model), timeout=10
+            )
+    except grpc.RpcError:
+        return None
+    return sum(s.inference_count for s in stats.model_stats) if stats.model_stats else None
+
+
+def _per_inference(cpu_s: float, before: int | None, after: int | None, estimate: float) -> float:
+    answered = after - before if before is not None and after is not None else estimate
+    return cpu_s / answered * 1e6 if answered > 0 else float("nan")
+
+
 @contextmanager
-def _server(command: list[str], log_name: str, out: Path) -> Iterator[tuple[int, int]]:
-    """Start a server, wait for its 'listening on' line; yields (port, pid). Stops it after."""
+def _server(command: list[str], log_name: str, out: Path, grpcio: str = "") -> Iterator[tuple[int, int]]:
+    """Start a server, wait for its 'listening on' line; yields (port, pid). Stops it after.
+    `grpcio`: run it on that grpcio release instead of the pinned one."""
     log_path = out / f"{log_name}.log"
+    env = {**os.environ, "PYTHONPATH": str(_overlay(grpcio))} if grpcio else None
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -114,7 +161,8 @@ class Bench:
         print(
             f"  {cell.model:16} {cell.system:28} {cell.client:14} c={cell.concurrency:<3} "
             f"{cell.throughput:9.1f}/s  p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  "
-            f"errors {cell.errors}  client {cell.client_cores:.2f} cores {cell.note}",
+            f"errors {cell.errors}  client {cell.client_cores:.2f} cores  server {cell.server_us:5.0f} us/inf "
+            f"{cell.note}",
             flush=True,
         )
         return cell
@@ -126,13 +174,15 @@ class Bench:
         cell = Cell(model, "raw onnxruntime", "in-process", concurrency, note=f"{threads} thread(s), batch {batch}")
         return self._record(self._fill(cell, result))
 
-    def sdk(self, model: str, system: str, port: int, server_pid: int, concurrency: int) -> Cell:
-        before = _tree_cpu(server_pid)
+    def sdk(self, model: str, system: str, port: int, server_pid: int, concurrency: int, stack: str = PINNED) -> Cell:
+        before, served = _tree_cpu(server_pid), _served(port, model)
         path = ROOT / ".cache" / "bench-models" / model / "1" / "model.onnx"
         target = ["--target", f"127.0.0.1:{port}", "--model", model, "--model-path", str(path)]
         result = self._load(["sdk", *target], concurrency)
-        cell = self._fill(Cell(model, system, "sdk", concurrency), result)
-        cell.server_cores = (_tree_cpu(server_pid) - before) / max(result["wall_s"], 1e-9)
+        cell = self._fill(Cell(model, system, "sdk", concurrency, stack=stack), result)
+        cpu = _tree_cpu(server_pid) - before
+        cell.server_cores = cpu / max(result["elapsed"], 1e-9)
+        cell.server_us = _per_inference(cpu, served, _served(port, model), cell.throughput * result["wall_s"])
         return self._record(cell)
 
     def _load(self, args: list[str], concurrency: int) -> dict[str, Any]:
@@ -154,8 +204,18 @@ class Bench:
         cell.client_cores = result["cpu_s"] / result["elapsed"]
         return cell
 
-    def pa(self, model: str, system: str, port: int, server_pid: int, concurrency: int) -> Cell:
-        cell = Cell(model, system, "perf_analyzer", concurrency)
+    def pa(
+        self,
+        model: str,
+        system: str,
+        port: int,
+        server_pid: int,
+        concurrency: int,
+        stack: str = PINNED,
+        counted: bool = True,
+    ) -> Cell:
+        """`counted`: the server's ModelStatistics covers all its processes (not so with --workers)."""
+        cell = Cell(model, system, "perf_analyzer", concurrency, stack=stack)
         if self.perf_analyzer is None:
             cell.note = "perf_analyzer unavailable"
             return self._record(cell)
@@ -165,11 +225,13 @@ class Bench:
             "--concurrency-range", str(concurrency), "-p", str(int(self.seconds * 1000 / 2)),
             "-s", "100", "--max-trials", "4", "-f", str(csv),
         ]  # fmt: skip
+        served = _served(port, model) if counted else None
         cpu_before, server_before, started = _children_cpu(), _tree_cpu(server_pid), time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, timeout=self.seconds * 10 + 60)
         wall = time.perf_counter() - started
+        server_cpu = _tree_cpu(server_pid) - server_before
         cell.client_cores = (_children_cpu() - cpu_before) / wall
-        cell.server_cores = (_tree_cpu(server_pid) - server_before) / wall
+        cell.server_cores = server_cpu / wall
         if not csv.is_file():
             cell.errors = 1
             cell.note = f"perf_analyzer failed ({done.returncode}): {done.stdout[-300:]} {done.stderr[-300:]}".replace(
@@ -183,6 +245,8 @@ class Bench:
         cell.p99_ms = float(values["p99 latency"]) / 1000
         errors = re.search(r"(\d+) failed", done.stdout)
         cell.errors = int(errors.group(1)) if errors else 0
+        after = _served(port, model) if counted else None
+        cell.server_us = _per_inference(server_cpu, served, after, cell.throughput * wall)
         return self._record(cell)
 
     def generate(self, model: str, path: Path, port: int, prefixes: tuple[int, ...]) -> dict[int, Any]:
@@ -226,22 +290,45 @@ def _bare(repository: Path, *flags: str) -> list[str]:
 
 
 RUN_ONLY = "run-only grpc.aio"  # the bare server plus one onnxruntime run per request: the floor
+TRITON = "Triton 2.51"
+ASYNCIO = "grpcio 1.75.0, asyncio"
+NEWEST = f"grpcio {NEWEST_GRPCIO}, asyncio"
+NEWEST_UVLOOP = f"grpcio {NEWEST_GRPCIO}, uvloop"
+
+
+def _perf_analyzer() -> str | None:
+    try:
+        installer = ROOT / "benchmarks" / "install_perf_analyzer.sh"
+        return subprocess.run(
+            ["bash", str(installer), str(ROOT / ".cache" / "perf_analyzer")],
+            capture_output=True, text=True, check=True, timeout=300,
+        ).stdout.strip().splitlines()[-1]  # fmt: skip
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+        print(f"perf_analyzer could not be installed ({error}); its rows are skipped", flush=True)
+        return None
+
+
+def _triton(bench: Bench, paths: dict[str, Path], out: Path, label: str, levels: tuple[int, ...]) -> None:
+    mlp, resnet = models.MLP, models.RESNET
+    repository = out / "triton-repository"
+    triton_peer.make_repository(
+        {mlp: (paths[mlp], 64, [64], [10]), resnet: (paths[resnet], 8, [3, 224, 224], [1000])}, repository
+    )
+    try:
+        with triton_peer.serve(ROOT / ".cache" / "triton", repository, out / "triton.log") as (port, pid):
+            for concurrency in levels:
+                bench.pa(mlp, label, port, pid, concurrency, stack="C++ front end")
+            if label == TRITON:
+                bench.pa(resnet, label, port, pid, 4, stack="C++ front end")
+    except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+        print(f"Triton could not be run ({str(error)[:300]}); its rows are skipped", flush=True)
 
 
 def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     repository = ROOT / ".cache" / "bench-models"
     paths = models.build(repository) | models.language_models(repository)
-    try:
-        installer = ROOT / "benchmarks" / "install_perf_analyzer.sh"
-        perf_analyzer: str | None = subprocess.run(
-            ["bash", str(installer), str(ROOT / ".cache" / "perf_analyzer")],
-            capture_output=True, text=True, check=True, timeout=300,
-        ).stdout.strip().splitlines()[-1]  # fmt: skip
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
-        print(f"perf_analyzer could not be installed ({error}); its rows are skipped", flush=True)
-        perf_analyzer = None
-    bench = Bench(out, seconds, perf_analyzer)
+    bench = Bench(out, seconds, _perf_analyzer())
     mlp, resnet = models.MLP, models.RESNET
     concurrencies = (1, 32) if quick else (1, 8, 32)
     # Only the two benchmark models are served (the LMs get their own server below).
@@ -257,43 +344,58 @@ def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
     bench.raw(resnet, paths[resnet], 2, 1)
     bench.raw(resnet, paths[resnet], 1, 2, batch=4)
 
-    print("bare grpc.aio server (no model):", flush=True)
-    with _server(_bare(classify_repo), "bare", out) as (port, pid):
+    print("bare grpc.aio server (no model), on the pinned stack and the alternatives:", flush=True)
+    with _server(_bare(classify_repo, "--event-loop", "uvloop"), "bare", out) as (port, pid):
         for concurrency in concurrencies:
             bench.pa(mlp, "bare grpc.aio", port, pid, concurrency)
-            bench.sdk(mlp, "bare grpc.aio", port, pid, concurrency)
+        bench.sdk(mlp, "bare grpc.aio", port, pid, 32)
         bench.pa(resnet, "bare grpc.aio", port, pid, 4)
+    stacks = (("asyncio", "", ASYNCIO), ("asyncio", NEWEST_GRPCIO, NEWEST), ("uvloop", NEWEST_GRPCIO, NEWEST_UVLOOP))
+    for loop, grpcio, stack in stacks:
+        with _server(_bare(classify_repo, "--event-loop", loop), f"bare-{loop}{grpcio}", out, grpcio) as (port, pid):
+            bench.pa(mlp, "bare grpc.aio", port, pid, 32, stack=stack)
     print(f"{RUN_ONLY} (the bare server plus one onnxruntime run per request, nothing else):", flush=True)
-    with _server(_bare(classify_repo, "--run-model"), "run-only", out) as (port, pid):
+    with _server(_bare(classify_repo, "--run-model", "--event-loop", "uvloop"), "run-only", out) as (port, pid):
         for concurrency in (1, 32):
             bench.pa(mlp, RUN_ONLY, port, pid, concurrency)
+
+    print(f"{TRITON} (Python backend running onnxruntime):", flush=True)
+    _triton(bench, paths, out, TRITON, concurrencies)
 
     configurations = (
         ("nnserve batching", (), concurrencies),
         ("nnserve batching 200us", ("--max-queue-delay-us", "200"), concurrencies[1:]),
-        ("nnserve no batching", ("--no-dynamic-batching",), concurrencies),
+        ("nnserve no batching", ("--no-dynamic-batching",), (1, 32)),
     )
     for label, flags, levels in configurations:
         print(f"{label}:", flush=True)
         with _server(_nnserve(classify_repo, *flags), label.replace(" ", "-"), out) as (port, pid):
             for concurrency in levels:
                 bench.pa(mlp, label, port, pid, concurrency)
-                bench.sdk(mlp, label, port, pid, concurrency)
             bench.pa(resnet, label, port, pid, 4)
             if label == "nnserve batching":
+                bench.sdk(mlp, label, port, pid, 1)
+                bench.sdk(mlp, label, port, pid, 32)
                 bench.pa(resnet, label, port, pid, 1)
                 bench.sdk(resnet, label, port, pid, 4)
+    print("nnserve on the alternative stacks:", flush=True)
+    for loop, grpcio, stack in stacks[:2]:
+        flags = ("--event-loop", loop)
+        with _server(_nnserve(classify_repo, *flags), f"nnserve-{loop}{grpcio}", out, grpcio) as (port, pid):
+            bench.pa(mlp, "nnserve batching", port, pid, 32, stack=stack)
 
     print("nnserve --workers 2:", flush=True)
     with _server(_nnserve(classify_repo, "--workers", "2"), "workers", out) as (port, pid):
-        bench.pa(mlp, "nnserve --workers 2", port, pid, 32)
+        bench.pa(mlp, "nnserve --workers 2", port, pid, 32, counted=False)
     delayed = ("--max-queue-delay-us", "200")
     with _server(_nnserve(classify_repo, "--workers", "2", *delayed), "workers-200us", out) as (port, pid):
-        bench.pa(mlp, "nnserve --workers 2 batching 200us", port, pid, 32)
-    with _server(_bare(classify_repo), "bare-again", out) as (port, pid):
-        bench.pa(mlp, "bare grpc.aio (again)", port, pid, 1)  # the c=1 gap is small: measure it twice
+        bench.pa(mlp, "nnserve --workers 2 batching 200us", port, pid, 32, counted=False)
+    # The c=1 latencies are close: measure each once more, interleaved.
+    with _server(_bare(classify_repo, "--event-loop", "uvloop"), "bare-again", out) as (port, pid):
+        bench.pa(mlp, "bare grpc.aio (again)", port, pid, 1)
     with _server(_nnserve(classify_repo), "nnserve-again", out) as (port, pid):
         bench.pa(mlp, "nnserve batching (again)", port, pid, 1)
+    _triton(bench, paths, out, f"{TRITON} (again)", (1,))
 
     print("language models (tokens after a 16- and a 512-character prompt):", flush=True)
     lm_repo = out / "lm-repository"
@@ -313,7 +415,7 @@ def _best(
 ) -> dict[str, Any] | None:
     """The fastest cell matching `match`; `one_process`: any one-process nnserve configuration;
     `workers`: any --workers configuration."""
-    found = [c for c in cells if all(c[k] == v for k, v in match.items()) and c["throughput"] > 0]
+    found = [c for c in cells if all(c.get(k) == v for k, v in match.items()) and c["throughput"] > 0]
     if one_process:
         found = [c for c in found if c["system"].startswith("nnserve") and "workers" not in c["system"]]
     if workers:
@@ -334,47 +436,48 @@ def _mlp_p50s_at_1(cells: list[dict[str, Any]], system_prefix: str) -> list[floa
         and c["system"].startswith(system_prefix)
         and c["client"] == "perf_analyzer"
         and c["concurrency"] == 1
+        and c["throughput"] > 0
     ]
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """The performance targets, each judged from ratios between cells of this run."""
     cells = results["cells"]
     checks: list[tuple[str, bool, str]] = []
     mlp, resnet = models.MLP, models.RESNET
+    pa: dict[str, Any] = {"client": "perf_analyzer"}
+    triton = _best(cells, model=mlp, system=TRITON, concurrency=32, **pa)
+    ours = _best(cells, model=mlp, concurrency=32, one_process=True, stack=PINNED, **pa)
+    if triton and ours:
+        ratio = ours["throughput"] / triton["throughput"]
+        checks.append(("MLP c=32 one process >= 0.9x Triton", ratio >= 0.9, f"{ratio:.2f}x ({ours['system']})"))
+    workers = _best(cells, model=mlp, concurrency=32, workers=True, **pa)
+    if triton and workers:
+        ratio = workers["throughput"] / triton["throughput"]
+        what = f"{ratio:.2f}x ({workers['system']})"
+        checks.append(("MLP c=32 --workers 2 >= 1.25x Triton", ratio >= 1.25, what))
+    triton_p50, ours_p50 = _mlp_p50s_at_1(cells, TRITON), _mlp_p50s_at_1(cells, "nnserve batching")
+    if triton_p50 and ours_p50:
+        what = f"{_mean(ours_p50):.3f} ms vs {_mean(triton_p50):.3f} ms"
+        checks.append(("MLP c=1 p50 <= Triton's (mean of two runs each)", _mean(ours_p50) <= _mean(triton_p50), what))
+    floor = _best(cells, model=mlp, system=RUN_ONLY, concurrency=32, **pa)
+    batching = _best(cells, model=mlp, system="nnserve batching", concurrency=32, stack=PINNED, **pa)
+    if floor and batching:
+        ratio = batching["server_us"] / floor["server_us"]
+        what = f"{ratio:.2f}x ({batching['server_us']:.0f} vs {floor['server_us']:.0f} us)"
+        checks.append(("MLP c=32 server CPU per inference <= 1.2x the run-only floor's", ratio <= 1.2, what))
     raw_resnet = _best(cells, model=resnet, system="raw onnxruntime")
-    served = _best(cells, model=resnet, client="perf_analyzer", concurrency=4, one_process=True)
+    served = _best(cells, model=resnet, concurrency=4, one_process=True, **pa)
+    triton_resnet = _best(cells, model=resnet, system=TRITON, concurrency=4, **pa)
     if raw_resnet and served:
         ratio = served["throughput"] / raw_resnet["throughput"]
-        what = f"{ratio:.1%} ({served['system']})"
-        checks.append(("ResNet-18 c=4 served >= 95% of raw onnxruntime's best", ratio >= 0.95, what))
-    bare = _best(cells, model=mlp, system="bare grpc.aio", client="perf_analyzer", concurrency=32)
-    ours = _best(cells, model=mlp, client="perf_analyzer", concurrency=32, one_process=True)
-    if bare and ours:
-        ratio = ours["throughput"] / bare["throughput"]
-        what = f"{ratio:.1%} ({ours['system']})"
-        floor = _best(cells, model=mlp, system=RUN_ONLY, concurrency=32)
-        if floor:
-            what += f"; {RUN_ONLY}: {floor['throughput'] / bare['throughput']:.1%}"
-        checks.append(("MLP c=32 one process >= 90% of bare gRPC", ratio >= 0.90, what))
-        checks.append(("MLP c=32 one process p99 < 15 ms", ours["p99_ms"] < 15, f"{ours['p99_ms']:.2f} ms"))
-    workers = _best(cells, model=mlp, concurrency=32, workers=True)
-    if workers:
-        checks.append(
-            (
-                "MLP c=32 --workers 2 >= 3,800/s (Triton)",
-                workers["throughput"] >= 3800,
-                f"{workers['throughput']:.0f}/s ({workers['system']})",
-            )
-        )
-    bare_p50 = _mlp_p50s_at_1(cells, "bare")
-    ours_p50 = _mlp_p50s_at_1(cells, "nnserve batching")
-    if bare_p50 and ours_p50:
-        gap = _mean(ours_p50) - _mean(bare_p50)
-        what = f"+{gap:.3f} ms"
-        floor = _best(cells, model=mlp, system=RUN_ONLY, concurrency=1)
-        if floor:
-            what += f"; {RUN_ONLY}: {floor['p50_ms'] - _mean(bare_p50):+.3f} ms"
-        checks.append(("MLP c=1 p50 <= bare + 0.15 ms (mean of two runs each)", gap <= 0.15, what))
+        what = f"{ratio:.2f}x ({served['system']})"
+        checks.append(("ResNet-18 c=4 >= 0.92x raw onnxruntime's best", ratio >= 0.92, what))
+    if triton_resnet and served:
+        ratio = served["throughput"] / triton_resnet["throughput"]
+        checks.append(("ResNet-18 c=4 >= 1.05x Triton", ratio >= 1.05, f"{ratio:.2f}x"))
+    failed = [f"{c['system']} c={c['concurrency']}" for c in cells if c["errors"]]
+    checks.append(("no cell with errors", not failed, ", ".join(failed) or "none"))
     for name, by_prefix in results["generation"].items():
         ratio = by_prefix[512]["token_ms"] / by_prefix[16]["token_ms"]
         checks.append((f"{name}: token at prefix 512 <= 1.5x prefix 16", ratio <= 1.5, f"{ratio:.2f}x"))
@@ -384,23 +487,23 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
 def table(results: dict[str, Any]) -> str:
     cells = results["cells"]
     lines = [
-        "| model | system | client | conc | inferences/s | p50 ms | p99 ms | errors | vs raw best | vs bare "
-        "| client cores |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | system | stack | client | conc | inferences/s | p50 ms | p99 ms | errors | vs raw best | vs Triton "
+        "| server us/inf | vs run-only CPU | client cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         raw = _best(cells, model=c["model"], system="raw onnxruntime")
-        bare = _best(cells, model=c["model"], system="bare grpc.aio", client=c["client"], concurrency=c["concurrency"])
+        peer = _best(cells, model=c["model"], system=TRITON, client=c["client"], concurrency=c["concurrency"])
+        floor = _best(cells, model=c["model"], system=RUN_ONLY, client=c["client"], concurrency=c["concurrency"])
+        served = c["throughput"] and c["system"] != "raw onnxruntime"
         vs_raw = f"{c['throughput'] / raw['throughput']:.1%}" if raw and c["throughput"] else ""
-        vs_bare = (
-            f"{c['throughput'] / bare['throughput']:.1%}"
-            if bare and c["throughput"] and c["system"] != "raw onnxruntime"
-            else ""
-        )
+        vs_peer = f"{c['throughput'] / peer['throughput']:.2f}x" if peer and served else ""
+        vs_floor = f"{c['server_us'] / floor['server_us']:.2f}x" if floor and served and c["server_us"] > 0 else ""
+        server_us = f"{c['server_us']:.0f}" if c["server_us"] == c["server_us"] else ""
         lines.append(
-            f"| {c['model']} | {c['system']}{' (' + c['note'] + ')' if c['note'] else ''} | {c['client']} | "
-            f"{c['concurrency']} | {c['throughput']:.0f} | {c['p50_ms']:.3f} | {c['p99_ms']:.3f} | {c['errors']} | "
-            f"{vs_raw} | {vs_bare} | {c['client_cores']:.2f} |"
+            f"| {c['model']} | {c['system']}{' (' + c['note'] + ')' if c['note'] else ''} | {c.get('stack', '')} | "
+            f"{c['client']} | {c['concurrency']} | {c['throughput']:.0f} | {c['p50_ms']:.3f} | {c['p99_ms']:.3f} | "
+            f"{c['errors']} | {vs_raw} | {vs_peer} | {server_us} | {vs_floor} | {c['client_cores']:.2f} |"
         )
     lines += ["", "| language model | prefix | ms/token | tokens/s | first token ms |", "|---|---|---|---|---|"]
     for name, by_prefix in results["generation"].items():

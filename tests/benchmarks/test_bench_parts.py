@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import bare_server, models
-from benchmarks.run import LISTENING, ROOT, targets
+from benchmarks.run import LISTENING, PINNED, ROOT, RUN_ONLY, TRITON, targets
 from nnserve_client import codec
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -74,21 +74,27 @@ def test_the_raw_load_generator_reports_throughput_and_its_own_cpu(mlp_repositor
 
 def test_targets_are_judged_from_ratios_of_the_same_run() -> None:
     def cell(
-        system: str, client: str, concurrency: int, throughput: float, p50: float, p99: float
+        system: str, concurrency: int, throughput: float, p50: float, server_us: float = float("nan"), errors: int = 0
     ) -> dict[str, object]:
-        return {"model": models.MLP, "system": system, "client": client, "concurrency": concurrency,
-                "throughput": throughput, "p50_ms": p50, "p99_ms": p99}  # fmt: skip
+        return {"model": models.MLP, "system": system, "client": "perf_analyzer", "concurrency": concurrency,
+                "throughput": throughput, "p50_ms": p50, "p99_ms": 2 * p50, "server_us": server_us,
+                "stack": PINNED if system != TRITON else "C++ front end", "errors": errors}  # fmt: skip
 
     results = {
         "cells": [
-            cell("bare grpc.aio", "perf_analyzer", 32, 1000.0, 5.0, 10.0),
-            cell("nnserve batching", "perf_analyzer", 32, 950.0, 5.0, 12.0),
-            cell("bare grpc.aio", "perf_analyzer", 1, 2000.0, 0.40, 1.0),
-            cell("nnserve batching", "perf_analyzer", 1, 1500.0, 0.60, 1.0),
+            cell(TRITON, 32, 1000.0, 5.0),
+            cell("nnserve batching", 32, 950.0, 5.0, server_us=400.0),
+            cell(RUN_ONLY, 32, 1200.0, 4.0, server_us=350.0),
+            cell("nnserve --workers 2", 32, 1200.0, 4.0),
+            cell(TRITON, 1, 2000.0, 0.40),
+            cell("nnserve batching", 1, 1500.0, 0.60),
+            cell(f"{TRITON} (again)", 1, 2000.0, 0.40, errors=2),
         ],
         "generation": {},
     }
-    verdicts = {name: met for name, met, _ in targets(results)}
-    assert verdicts["MLP c=32 one process >= 90% of bare gRPC"] is True  # 95%
-    assert verdicts["MLP c=32 one process p99 < 15 ms"] is True
-    assert verdicts["MLP c=1 p50 <= bare + 0.15 ms (mean of two runs each)"] is False  # +0.20 ms
+    verdicts = {name: (met, value) for name, met, value in targets(results)}
+    assert verdicts["MLP c=32 one process >= 0.9x Triton"] == (True, "0.95x (nnserve batching)")
+    assert verdicts["MLP c=32 --workers 2 >= 1.25x Triton"][0] is False  # 1.2x
+    assert verdicts["MLP c=1 p50 <= Triton's (mean of two runs each)"][0] is False  # 0.60 against 0.40 ms
+    assert verdicts["MLP c=32 server CPU per inference <= 1.2x the run-only floor's"][0] is True  # 1.14x
+    assert verdicts["no cell with errors"] == (False, f"{TRITON} (again) c=1")
