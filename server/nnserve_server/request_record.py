@@ -7,6 +7,7 @@ trailing metadata, in the access log and in the model's histograms.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from contextvars import ContextVar
@@ -69,6 +70,12 @@ class RequestRecord:
 CURRENT: ContextVar[RequestRecord | None] = ContextVar("nnserve_request", default=None)
 
 
+# Ids the server makes: a random prefix per process (so workers and restarts never collide) and a
+# counter, cheaper than fresh random bytes on every request.
+_ID_PREFIX = secrets.token_hex(5)
+_ID_COUNTER = itertools.count(1)
+
+
 def request_id_from(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
     """The caller's x-request-id when it is usable (printable ASCII, at most 128 characters), else a new one."""
     for key, value in metadata or ():
@@ -76,4 +83,4 @@ def request_id_from(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str
             if value.isascii() and value.isprintable():
                 return value
             break
-    return secrets.token_hex(8)
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):06x}"
