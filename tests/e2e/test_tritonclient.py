@@ -34,6 +34,12 @@ def test_tritonclient_end_to_end(server: RunningServer) -> None:
     assert seen["stats_inference_count"] >= 6
     assert ["digits-fnn", "2", "READY"] in seen["index"]
     assert seen["unknown_model_status"] == "StatusCode.NOT_FOUND"
+    assert "classification" in seen["server_extensions"]
+    # class_count=3: each row's three highest logits, as Triton writes them, with the model's labels.
+    logits = np.array(seen["raw_logits"], dtype=np.float32)
+    for row, classes in zip(logits, seen["classes"], strict=True):
+        top = np.argsort(-row)[:3]
+        assert classes == [f"{row[i]:f}:{i}:{i}" for i in top]  # digits-fnn's labels are "0".."9"
 
     # The same numbers as our own SDK gives for the same input.
     x = (np.arange(3 * 64, dtype=np.float32).reshape(3, 64) % 17) / 16

@@ -38,6 +38,11 @@ def main(target: str) -> dict[str, object]:
     raw_logits = result.as_numpy("logits")
     seen["raw"] = {"shape": list(raw_logits.shape), "id": result.get_response().id}
 
+    # The classification extension: top-3 "value:index:label" strings per row.
+    top = client.infer("digits-fnn", [raw_input], outputs=[triton.InferRequestedOutput("logits", class_count=3)])
+    seen["classes"] = [[item.decode() for item in row] for row in top.as_numpy("logits").tolist()]
+    seen["raw_logits"] = raw_logits.tolist()
+
     # Typed contents: tritonclient always sends raw bytes, so build the request with its own protos.
     request = service_pb2.ModelInferRequest(model_name="digits-fnn")
     tensor = request.inputs.add(name="input", datatype="FP32", shape=[3, 64])

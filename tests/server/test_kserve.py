@@ -166,3 +166,67 @@ def test_unimplemented_rpcs_answer_unimplemented(stub: pb_grpc.GRPCInferenceServ
     with pytest.raises(grpc.RpcError) as caught:
         call(stub)  # type: ignore[operator]
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def _classes(
+    stub: pb_grpc.GRPCInferenceServiceStub, output: str, count: int, model: str = "echo"
+) -> pb.ModelInferResponse:
+    arrays = echo_arrays()
+    request = pb.ModelInferRequest(model_name="echo")
+    for datatype, array in arrays.items():
+        request.inputs.add(name=f"in_{datatype}", datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(codec.to_raw(array))
+    requested = request.outputs.add(name=output)
+    requested.parameters["classification"].int64_param = count
+    return stub.ModelInfer(request)
+
+
+def test_the_classification_extension_answers_top_k_strings(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    values = echo_arrays()["FP32"]
+    response = _classes(stub, "out_FP32", 2)
+    (output,) = response.outputs
+    assert (output.name, output.datatype, list(output.shape)) == ("out_FP32", "BYTES", [2, 2])
+    strings = codec.from_raw(response.raw_output_contents[0], "BYTES", [2, 2])
+    order = np.argsort(-values, axis=1)[:, :2]
+    expected = [[f"{values[r, i]:f}:{i}".encode() for i in order[r]] for r in range(2)]
+    assert strings.tolist() == expected  # no labels on the echo model: "value:index"
+    # Integers print as integers; a count past the row's length is capped at it (Triton does the same).
+    ints = codec.from_raw(_classes(stub, "out_INT32", 50).raw_output_contents[0], "BYTES", [2, 3])
+    assert ints[1].tolist() == [b"3:2", b"2:1", b"1:0"]
+
+
+@pytest.mark.parametrize(
+    ("output", "count", "message"),
+    [
+        ("out_BYTES", 1, "needs one vector of numbers per row"),
+        ("out_FP32", 0, "ask for 1..65536"),
+        ("out_FP32", -3, "ask for 1..65536"),
+    ],
+)
+def test_classification_requests_it_cannot_answer_are_refused(
+    stub: pb_grpc.GRPCInferenceServiceStub, output: str, count: int, message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        _classes(stub, output, count)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in str(raised.value.details())
+    assert _classes(stub, "out_FP32", 1).outputs[0].datatype == "BYTES"  # and the next request is answered
+
+
+@pytest.mark.parametrize(
+    ("key", "code"),
+    [("shared_memory_region", grpc.StatusCode.UNIMPLEMENTED), ("no_such_option", grpc.StatusCode.INVALID_ARGUMENT)],
+)
+def test_tensor_parameters_the_server_does_not_support_are_refused(
+    stub: pb_grpc.GRPCInferenceServiceStub, key: str, code: grpc.StatusCode
+) -> None:
+    for where in ("input", "output"):
+        request = pb.ModelInferRequest(model_name="digits-fnn")
+        tensor = request.inputs.add(name="input", datatype="FP32", shape=[1, 64])
+        request.raw_input_contents.append(np.zeros((1, 64), np.float32).tobytes())
+        target = tensor if where == "input" else request.outputs.add(name="logits")
+        target.parameters[key].string_param = "region-0"
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.ModelInfer(request, timeout=10)
+        assert raised.value.code() == code, where
+        assert key in str(raised.value.details()) or "shared memory" in str(raised.value.details())

@@ -15,7 +15,7 @@ from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_client._proto import model_config_pb2 as config_pb
 
-from .. import __version__
+from .. import __version__, classification
 from ..errors import InvalidInput, Unsupported
 from ..model import OnnxModel
 from ..repository import ModelRepository
@@ -25,7 +25,8 @@ from ..stats import Duration
 from .deadline import deadline_of
 
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
-EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
+SHARED_MEMORY = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
 PLATFORM = "onnxruntime_onnx"
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
 
@@ -43,16 +44,42 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     if not raw:
         for tensor in tensors:
             name = _unique(tensor.name, arrays)
+            if tensor.parameters:
+                _refuse_parameters(f"input '{name}'", tensor.parameters, ())
             arrays[name] = codec.from_contents(tensor.contents, tensor.datatype, tensor.shape)
         return arrays
     if len(raw) != len(tensors):
         raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; send one per input")
     for tensor, contents in zip(tensors, raw, strict=True):
         name = _unique(tensor.name, arrays)
+        if tensor.parameters:
+            _refuse_parameters(f"input '{name}'", tensor.parameters, ())
         if tensor.HasField("contents"):
             raise InvalidInput(f"input '{name}' has typed contents as well as raw_input_contents; use one")
         arrays[name] = codec.from_raw(contents, tensor.datatype, tensor.shape)
     return arrays
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str], dict[str, int]]:
+    """The outputs asked for, and those asked for as top-k classes (the classification extension)."""
+    names, classes = [], {}
+    for output in request.outputs:
+        names.append(output.name)
+        if output.parameters:
+            _refuse_parameters(f"output '{output.name}'", output.parameters, (classification.PARAMETER,))
+            if classification.PARAMETER in output.parameters:
+                count = output.parameters[classification.PARAMETER].int64_param
+                classification.check_count(output.name, count)
+                classes[output.name] = count
+    return names, classes
+
+
+def _refuse_parameters(what: str, parameters: Any, known: tuple[str, ...]) -> None:
+    for key in parameters:
+        if key in SHARED_MEMORY:
+            raise Unsupported(f"{what} names a shared-memory region; this server does not serve shared memory yet")
+        if key not in known:
+            raise InvalidInput(f"{what} has the parameter {key!r}, which this server does not support")
 
 
 def _unique(name: str, arrays: dict[str, np.ndarray]) -> str:
@@ -164,7 +191,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         model = self._repository.get(request.model_name, request.model_version)
         inputs = decode_inputs(request)
-        results, _ = await model.infer_timed(inputs, [o.name for o in request.outputs], deadline_of(context))
+        names, classes = requested_outputs(request)
+        results, _ = await model.infer_timed(inputs, names, deadline_of(context))
+        if classes:
+            labels = model.spec.labels if model.spec is not None else ()
+            batched = bool(model.max_batch_size)
+            for name, count in classes.items():
+                results[name] = classification.top_classes(name, results[name], count, labels, batched)
         return pb.ModelInferResponse(
             model_name=model.name,
             model_version=model.version,
