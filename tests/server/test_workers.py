@@ -81,3 +81,38 @@ def test_workers_share_the_port_and_their_metrics_add_up(own_server: Callable[..
         == 50
     )
     assert running.stop() == 0
+
+
+def test_worker_metrics_sum_counters_and_combine_gauges_by_mode() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from nnserve_server.metrics import ServerMetrics
+    from nnserve_server.worker_metrics import WorkerMetrics, _read
+
+    def exposition(requests: int, ready: int, in_flight: int) -> str:
+        metrics = ServerMetrics(CollectorRegistry(), process=False)
+        for _ in range(requests):
+            metrics.stats.count("echo", "1", "ModelInfer", "OK", 0.001)
+        metrics.model_ready.labels("echo").set(ready)
+        metrics.stats.in_flight = lambda: in_flight
+        return generate_latest(metrics.registry).decode()
+
+    merged = WorkerMetrics()
+    for index, text in enumerate((exposition(3, 1, 2), exposition(4, 0, 5))):
+        headers, samples = _read(text)
+        merged._headers.update(headers)
+        merged._last[index] = samples
+    registry = CollectorRegistry()
+    registry.register(merged)
+    text = generate_latest(registry).decode()
+    echo = {"model": "echo", "version": "1", "rpc": "ModelInfer", "code": "OK"}
+    assert sample(text, "nnserve_requests_total", **echo) == 7
+    assert sample(text, "nnserve_request_duration_seconds_count", **echo) == 7
+    assert sample(text, "nnserve_model_ready", model="echo") == 1  # livemax
+    assert sample(text, "nnserve_in_flight_requests") == 7  # livesum
+    assert "process_cpu_seconds_total" not in text  # one process's figures are not added up
+    merged.retire(0)  # its counters stay in the sum, its gauges leave with it
+    text = generate_latest(registry).decode()
+    assert sample(text, "nnserve_requests_total", **echo) == 7
+    assert sample(text, "nnserve_model_ready", model="echo") == 0
+    assert sample(text, "nnserve_in_flight_requests") == 5
