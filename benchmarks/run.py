@@ -142,11 +142,7 @@ def _server(command: list[str], log_name: str, out: Path, grpcio: str = "") -> I
             time.sleep(0.1)
         raise RuntimeError(f"{log_name} did not start:\n{log_path.read_text()}")
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        triton_peer.stop(process)
 
 
 class Bench:

@@ -146,9 +146,14 @@ def serve(root: Path, repository: Path, log: Path) -> Iterator[tuple[int, int]]:
             time.sleep(0.5)
         raise RuntimeError(f"tritonserver was not ready in 120 s:\n{log.read_text()[-3000:]}")
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 30 s: the bench's servers never outlive it."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -20,12 +20,10 @@ from .batcher import Batcher, BatchPolicy, Timing
 from .request_record import CURRENT
 from .runtime import Runtime
 from .serving_config import ServingConfig
-from .session import ModelSession, TensorSpec
+from .session import ModelSession
 from .stats import ModelStats
 
 log = logging.getLogger(__name__)
-
-__all__ = ["OnnxModel", "TensorSpec"]
 
 
 class OnnxModel:
