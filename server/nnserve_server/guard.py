@@ -150,28 +150,25 @@ class StatusGuard:
         add_to_server(servicer, _WrappingRegistrar(server, self))
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        rpc = method.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
-            behavior = self._wrap(rpc, handler.unary_unary)
             return grpc.unary_unary_rpc_method_handler(
-                behavior if self._tracing is None else _traced(self._tracing, method, behavior),
+                self._wrap(method, handler.unary_unary),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
-            stream = self._wrap_stream(rpc, handler.unary_stream)
             return grpc.unary_stream_rpc_method_handler(
-                stream if self._tracing is None else _traced_stream(self._tracing, method, stream),
+                self._wrap_stream(method, handler.unary_stream),
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
 
-    def _wrap(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            record, response = self._open(rpc, context), None
+            record, response = self._open(method, context), None
             try:
-                self._admit(request, rpc)
+                self._admit(request, record.rpc)
                 response = await inner(request, context)
                 context.set_trailing_metadata(record.trailing_metadata(time.perf_counter_ns()))
                 return response
@@ -185,13 +182,13 @@ class StatusGuard:
 
         return behavior
 
-    def _wrap_stream(self, rpc: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_stream(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         """As `_wrap`, for server-streaming RPCs: errors before or between messages map the same way."""
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            record = self._open(rpc, context)
+            record = self._open(method, context)
             try:
-                self._admit(request, rpc)
+                self._admit(request, record.rpc)
                 async for message in inner(request, context):
                     if not record.first_message_ns:
                         record.first_message_ns = time.perf_counter_ns()
@@ -207,9 +204,14 @@ class StatusGuard:
 
         return behavior
 
-    def _open(self, rpc: str, context: grpc.aio.ServicerContext) -> RequestRecord:
-        """Start the call's record, current for its task (each call runs in a task of its own)."""
-        record = RequestRecord(rpc, request_id_from(context.invocation_metadata()), time.perf_counter_ns())
+    def _open(self, method: str, context: grpc.aio.ServicerContext) -> RequestRecord:
+        """Start the call's record, current for its task (each call runs in a task of its own), and
+        with --tracing its span."""
+        metadata = context.invocation_metadata()
+        rpc = method.rsplit("/", 1)[-1]
+        record = RequestRecord(rpc, request_id_from(metadata), time.perf_counter_ns())
+        if self._tracing is not None:
+            record.span = self._tracing.start(method, metadata)
         CURRENT.set(record)
         self.in_flight.enter()
         return record
@@ -238,6 +240,8 @@ class StatusGuard:
         record.reported = True
         self.in_flight.exit()
         self._report(record, request, response)
+        if record.span is not None:  # before an abort sends the status: whoever sees the error sees its span
+            self._tracing.finish(record.span, record)  # type: ignore[union-attr]
 
     def _report(self, record: RequestRecord, request: Any, response: Any) -> None:
         ended_ns = time.perf_counter_ns()
@@ -278,31 +282,6 @@ class StatusGuard:
             return "unknown", ""
         version = getattr(response, "model_version", "") if response is not None else ""
         return name, version
-
-
-def _traced(tracing: Tracing, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-    """A span around a guarded unary call (installed only with --tracing)."""
-
-    async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        span = tracing.start(method, context.invocation_metadata())
-        try:
-            return await behavior(request, context)
-        finally:
-            tracing.finish(span, CURRENT.get())  # the record the guarded call set, in this same task
-
-    return traced
-
-
-def _traced_stream(tracing: Tracing, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
-    async def traced(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        span = tracing.start(method, context.invocation_metadata())
-        try:
-            async for message in behavior(request, context):
-                yield message
-        finally:
-            tracing.finish(span, CURRENT.get())
-
-    return traced
 
 
 class _WrappingRegistrar:

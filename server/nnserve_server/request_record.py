@@ -12,7 +12,7 @@ import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .batcher import Timing
@@ -46,6 +46,7 @@ class RequestRecord:
     tokens: int = 0  # Generate: tokens generated
     code: str = ""  # the status it was answered with, once it was
     reported: bool = False  # counted in the metrics and the access log (once)
+    span: Any = field(default=None, repr=False)  # with --tracing: the call's server span
 
     def add_run(self, model: str, version: str, stats: ModelStats | None, timing: Timing, rows: int) -> None:
         self.model, self.version, self.stats = model, version, stats
