@@ -58,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     encoded = encode.add_mutually_exclusive_group(required=True)
     encoded.add_argument("--image", nargs="+", type=Path)
     encoded.add_argument("--text", nargs="+")
-    encode.add_argument("--normalize", action="store_true")
+    encode.add_argument("--normalize", action="store_true", help="scale each vector to unit length")
+    encode.add_argument(
+        "--json", action="store_true", help="print the full vectors as JSON (default: shape, norms, similarities)"
+    )
 
     segment = commands.add_parser("segment", help="a per-pixel class mask for an image")
     segment.add_argument("model")
@@ -81,15 +84,32 @@ def _run(args: argparse.Namespace, client: Client) -> None:
         _generate(args, client)
     elif args.command == "encode":
         embeddings = client.encode(args.model, images=args.image, texts=args.text, normalize=args.normalize)
-        print(
-            json.dumps({"shape": list(embeddings.vectors.shape), "vectors": np.round(embeddings.vectors, 5).tolist()})
-        )
+        vectors = embeddings.vectors
+        if args.json:
+            print(json.dumps({"shape": list(vectors.shape), "vectors": np.round(vectors, 5).tolist()}))
+        else:
+            print(_describe_vectors([str(n) for n in args.image or args.text], vectors))
     else:
         segmentation = client.segment(args.model, args.image, png=args.out is not None)
         if args.out is not None and segmentation.png is not None:
             args.out.write_bytes(segmentation.png)
         height, width = segmentation.mask.shape
         print(f"{width}x{height} pixels: {segmentation.pixel_counts}")
+
+
+def _describe_vectors(names: list[str], vectors: np.ndarray) -> str:
+    """For people: the shape, each vector's norm and, for several, their pairwise cosine similarities."""
+    flat = vectors.reshape(len(vectors), -1).astype(np.float64)
+    norms = np.linalg.norm(flat, axis=1)
+    lines = [f"{len(flat)} vector(s) of {flat.shape[1]} values (shape {list(vectors.shape)}; --json for the values)"]
+    lines += [f"  [{i}] norm {norm:.4f}  {name}" for i, (name, norm) in enumerate(zip(names, norms, strict=True))]
+    if len(flat) > 1:
+        unit = flat / np.maximum(norms, 1e-12)[:, None]
+        cosine = unit @ unit.T
+        lines.append("cosine similarity:")
+        lines.append("       " + "".join(f"{f'[{j}]':>8}" for j in range(len(flat))))
+        lines += [f"  [{i}]".ljust(7) + "".join(f"{c:8.4f}" for c in row) for i, row in enumerate(cosine)]
+    return "\n".join(lines)
 
 
 def _generate(args: argparse.Namespace, client: Client) -> None:

@@ -4,6 +4,7 @@ against a real server on the zoo in --fast mode (mechanics; the full zoo's quali
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 import time
@@ -231,8 +232,18 @@ def test_command_line_client(zoo_server: RunningServer, tmp_path: Path) -> None:
     drawn = cli(zoo_server.target, "generate", "digits-gan", "--samples", "2", "--label", "3", "--out", str(tmp_path))
     assert drawn.returncode == 0, drawn.stderr
     assert sorted(p.name for p in tmp_path.glob("digits-gan-*.png")) == ["digits-gan-0-3.png", "digits-gan-1-3.png"]
-    encoded = cli(zoo_server.target, "encode", "sentence-minilm", "--text", "a cat", "--normalize")
-    assert '"shape": [1, 384]' in encoded.stdout
+    encoded = cli(zoo_server.target, "encode", "sentence-minilm", "--text", "a cat", "a kitten", "--normalize")
+    assert encoded.returncode == 0, encoded.stderr
+    lines = encoded.stdout.splitlines()
+    assert lines[0].startswith("2 vector(s) of 384 values")
+    assert lines[1].startswith("  [0] norm 1.0000  a cat")
+    assert lines[3] == "cosine similarity:"
+    similarity = float(lines[5].split()[2])  # row [0], column [1]
+    assert 0.3 < similarity < 1.0
+    assert float(lines[5].split()[1]) == 1.0  # a vector with itself
+    assert max(len(line) for line in lines) < 100  # for a person, not a wall of floats
+    as_json = json.loads(cli(zoo_server.target, "encode", "sentence-minilm", "--text", "a cat", "--json").stdout)
+    assert len(as_json["vectors"][0]) == 384
     segmented = cli(
         zoo_server.target, "segment", "shapes-unet", "--image", str(image), "--out", str(tmp_path / "m.png")
     )
