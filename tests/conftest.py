@@ -198,8 +198,11 @@ def digits_holdout() -> tuple[np.ndarray, np.ndarray]:
     return split.x_test, split.y_test
 
 
-# tritonclient lives in a venv of its own (make test creates it): it needs a newer grpcio than the server's pin.
-TRITONCLIENT_PYTHON = ROOT / ".cache" / "venv-tritonclient" / "bin" / "python"
+# tritonclient and grpcurl live in a venv of their own (make test creates it): tritonclient needs a newer
+# grpcio than the server's pin.
+PEERS = ROOT / ".cache" / "venv-peer-clients" / "bin"
+TRITONCLIENT_PYTHON = PEERS / "python"
+GRPCURL = PEERS / "grpcurl"
 
 
 def run_python(
@@ -213,6 +216,6 @@ def run_python(
 def run_tritonclient(script: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`script` in tritonclient's venv (a script that imports tritonclient, never our stubs)."""
     assert TRITONCLIENT_PYTHON.exists(), (
-        "tritonclient's venv is missing: run `make test` (it makes .cache/venv-tritonclient)"
+        "the peer clients' venv is missing: run `make test` (it makes .cache/venv-peer-clients)"
     )
     return run_python(script, *args, timeout=timeout, python=TRITONCLIENT_PYTHON)

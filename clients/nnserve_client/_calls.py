@@ -108,11 +108,6 @@ def infer(
 ImageLike = Any  # encoded bytes, a file path, or a PIL image
 
 
-def _tensor(value: np.ndarray) -> tasks.Tensor:
-    array = np.asarray(value)
-    return tasks.Tensor(datatype=codec.datatype_of(array.dtype), shape=array.shape, raw=codec.to_raw(array))
-
-
 def image_bytes(image: ImageLike) -> bytes:
     """PNG/JPEG bytes from bytes, a file path or a PIL image (Pillow is only needed for the last)."""
     if isinstance(image, bytes | bytearray):
@@ -140,7 +135,7 @@ def _set_input(request: Any, batch: np.ndarray | None, images: Any, texts: Any) 
     if len(given) != 1:
         raise ValueError(f"give exactly one of batch, images or texts (got {given or 'none'})")
     if batch is not None:
-        request.tensor.CopyFrom(_tensor(batch))
+        request.tensor.CopyFrom(codec.to_tensor(batch))
     elif images is not None:
         request.images.CopyFrom(_images(images))
     else:
@@ -188,7 +183,7 @@ def generate(
     if label is not None:
         request.label = label
     if latent is not None:
-        request.latent.CopyFrom(_tensor(np.asarray(latent, dtype=np.float32)))
+        request.latent.CopyFrom(codec.to_tensor(np.asarray(latent, dtype=np.float32)))
     return Call("tasks", "Generate", request, _generate_event)
 
 
@@ -203,14 +198,10 @@ def encode(
 def segment(model: str, image: ImageLike | np.ndarray, png: bool, version: str) -> Call[Segmentation]:
     request = tasks.SegmentRequest(model_name=model, model_version=version, png=png)
     if isinstance(image, np.ndarray):
-        request.tensor.CopyFrom(_tensor(image))
+        request.tensor.CopyFrom(codec.to_tensor(image))
     else:
         request.image = image_bytes(image)
     return Call("tasks", "Segment", request, _segmentation, timed=True)
-
-
-def _array(tensor: tasks.Tensor) -> np.ndarray:
-    return codec.from_raw(tensor.raw, tensor.datatype, tensor.shape)
 
 
 def _generate_event(message: tasks.GenerateResponse) -> GenerateEvent:
@@ -219,14 +210,16 @@ def _generate_event(message: tasks.GenerateResponse) -> GenerateEvent:
         return TextPiece(message.text)
     if kind == "image":
         image = message.image
-        pixels = _array(image.tensor) if image.HasField("tensor") else None
+        pixels = codec.from_tensor(image.tensor) if image.HasField("tensor") else None
         return GeneratedImage(image.index, image.png or None, pixels, image.label)
     done = message.done
     return GenerationDone(done.finish_reason, done.prompt_tokens, done.generated_tokens, done.samples)
 
 
 def _embeddings(response: tasks.EncodeResponse) -> Embeddings:
-    return Embeddings(_array(response.embeddings), {k: _array(v) for k, v in response.others.items()})
+    return Embeddings(
+        codec.from_tensor(response.embeddings), {k: codec.from_tensor(v) for k, v in response.others.items()}
+    )
 
 
 def _segmentation(response: tasks.SegmentResponse) -> Segmentation:

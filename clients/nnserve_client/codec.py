@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._proto import grpc_predict_v2_pb2 as kserve
+from ._proto import tasks_pb2 as tasks
 
 # KServe v2 datatype names and the numpy dtypes they travel as (little-endian on the wire).
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -148,6 +149,38 @@ def to_raw(array: np.ndarray) -> bytes:
         return _join_bytes(array)
     wire = DTYPES[datatype_of(array.dtype)]
     return np.ascontiguousarray(array, dtype=wire).tobytes()
+
+
+# nnserve.v1.Tensor's typed value fields and the datatypes they carry.
+_TYPED_VALUES = {"float_values": "FP32", "int64_values": "INT64"}
+
+
+def to_tensor(array: np.ndarray) -> tasks.Tensor:
+    """An nnserve.v1.Tensor holding `array` as raw bytes (the compact form; JSON tools may send typed values)."""
+    array = np.asarray(array)
+    return tasks.Tensor(datatype=datatype_of(array.dtype), shape=array.shape, raw=to_raw(array))
+
+
+def from_tensor(tensor: tasks.Tensor) -> np.ndarray:
+    """Decode an nnserve.v1.Tensor whose elements come in exactly one of `raw`, `float_values`, `int64_values`."""
+    typed = [field for field in _TYPED_VALUES if len(getattr(tensor, field))]
+    if len(typed) + bool(tensor.raw) > 1:
+        given = (["raw"] if tensor.raw else []) + typed
+        raise TensorError(
+            f"the tensor has elements in {given}; send them in exactly one of raw, {', '.join(_TYPED_VALUES)}"
+        )
+    if not typed:
+        return from_raw(tensor.raw, tensor.datatype, tensor.shape)
+    (field,) = typed
+    datatype = _TYPED_VALUES[field]
+    if tensor.datatype not in ("", datatype):
+        raise TensorError(f"{field} carry {datatype}, but the tensor says datatype {tensor.datatype!r}")
+    shape = tensor.shape[:]
+    count = element_count(shape)
+    values = getattr(tensor, field)
+    if len(values) != count:
+        raise TensorError(f"{field} holds {len(values)} elements, but shape {list(shape)} needs {count}")
+    return np.asarray(values, dtype=DTYPES[datatype]).reshape(shape)
 
 
 def _as_bytes(item: object) -> bytes:

@@ -7,6 +7,7 @@ import pytest
 
 from nnserve_client import codec
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
+from nnserve_client._proto import tasks_pb2 as tasks_pb
 
 NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 
@@ -88,3 +89,31 @@ def test_refusals(raw: bytes, datatype: str, shape: list[int], message: str) -> 
 def test_unsupported_numpy_dtype() -> None:
     with pytest.raises(codec.TensorError, match="complex"):
         codec.datatype_of(np.dtype(np.complex64))
+
+
+def test_task_tensors_carry_raw_bytes_or_typed_values() -> None:
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    assert np.array_equal(codec.from_tensor(codec.to_tensor(array)), array)
+    typed = tasks_pb.Tensor(shape=[2, 3], float_values=array.reshape(-1).tolist())  # datatype may be left out
+    decoded = codec.from_tensor(typed)
+    assert decoded.dtype == np.float32
+    assert np.array_equal(decoded, array)
+    ints = codec.from_tensor(tasks_pb.Tensor(datatype="INT64", shape=[3], int64_values=[-(2**40), 0, 2**40]))
+    assert ints.dtype == np.int64
+    assert ints.tolist() == [-(2**40), 0, 2**40]
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        (tasks_pb.Tensor(datatype="FP32", shape=[1], raw=b"\x00" * 4, float_values=[1.0]), "exactly one of"),
+        (tasks_pb.Tensor(shape=[2], float_values=[1.0], int64_values=[1]), "exactly one of"),
+        (tasks_pb.Tensor(datatype="INT64", shape=[1], float_values=[1.0]), "carry FP32"),
+        (tasks_pb.Tensor(shape=[3], float_values=[1.0, 2.0]), "holds 2 elements, but shape \\[3\\] needs 3"),
+        (tasks_pb.Tensor(shape=[2**62, 2**31, 0], float_values=[1.0]), "more than 2\\*\\*48"),
+        (tasks_pb.Tensor(datatype="FP32", shape=[2**62, 2**31, 0, 1, 64]), "more than 2\\*\\*48"),
+    ],
+)
+def test_task_tensor_refusals(tensor: tasks_pb.Tensor, message: str) -> None:
+    with pytest.raises(codec.TensorError, match=message):
+        codec.from_tensor(tensor)

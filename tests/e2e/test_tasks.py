@@ -252,3 +252,41 @@ def test_command_line_client(zoo_server: RunningServer, tmp_path: Path) -> None:
     failed = cli(zoo_server.target, "classify", "nope", "--image", str(image))
     assert failed.returncode == 1
     assert "unknown model 'nope'" in failed.stderr
+
+
+def test_grpcurl_classifies_a_digit_typed_as_numbers(zoo_server: RunningServer) -> None:
+    """A JSON tool, through reflection: the digit's 64 pixels as numbers, no base64 by hand."""
+    from conftest import GRPCURL
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = digits.data[:2]  # natural units, 0..16
+    body = {
+        "model_name": "digits-fnn",
+        "tensor": {"shape": [2, 64], "float_values": pixels.ravel().tolist()},
+        "top_k": 2,
+    }
+    done = subprocess.run(
+        [str(GRPCURL), "-plaintext", "-d", json.dumps(body), zoo_server.target, "nnserve.v1.Tasks/Classify"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    with Client(zoo_server.target) as client:
+        ours = client.classify("digits-fnn", pixels, top_k=2)
+    assert [item["top"][0]["label"] for item in answer["items"]] == [r.label for r in ours]
+    assert all(len(item["top"]) == 2 for item in answer["items"])
+    # Both raw bytes and numbers: refused, with a message that says which to keep; the server goes on.
+    body["tensor"]["raw"] = "AAAAAA=="  # type: ignore[index]
+    refused = subprocess.run(
+        [str(GRPCURL), "-plaintext", "-d", json.dumps(body), zoo_server.target, "nnserve.v1.Tasks/Classify"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "InvalidArgument" in refused.stderr
+    assert "exactly one of raw" in refused.stderr
+    assert client_classifies(zoo_server.target)
+
+
+def client_classifies(target: str) -> bool:
+    with Client(target) as client:
+        return len(client.classify("digits-fnn", np.zeros((1, 64), np.float32))) == 1

@@ -16,14 +16,18 @@ IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_TENSOR: ImageFormat
 
 class Tensor(_message.Message):
-    __slots__ = ("datatype", "shape", "raw")
+    __slots__ = ("datatype", "shape", "raw", "float_values", "int64_values")
     DATATYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_VALUES_FIELD_NUMBER: _ClassVar[int]
+    INT64_VALUES_FIELD_NUMBER: _ClassVar[int]
     datatype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     raw: bytes
-    def __init__(self, datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., raw: _Optional[bytes] = ...) -> None: ...
+    float_values: _containers.RepeatedScalarFieldContainer[float]
+    int64_values: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., raw: _Optional[bytes] = ..., float_values: _Optional[_Iterable[float]] = ..., int64_values: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ImageBatch(_message.Message):
     __slots__ = ("images",)

@@ -30,7 +30,7 @@ def _generate_event(event: object, as_tensor: bool) -> pb.GenerateResponse:
     if isinstance(event, generation.Picture):
         image = pb.GeneratedImage(index=event.index, label=event.label)
         if as_tensor:
-            image.tensor.CopyFrom(_tensor(event.pixels))
+            image.tensor.CopyFrom(codec.to_tensor(event.pixels))
         else:
             image.png = images.encode_png(event.pixels)
         return pb.GenerateResponse(image=image)
@@ -63,14 +63,6 @@ def describe(repository: ModelRepository, model: OnnxModel) -> pb.ModelDescripti
     )
 
 
-def _tensor(array: np.ndarray) -> pb.Tensor:
-    return pb.Tensor(datatype=codec.datatype_of(array.dtype), shape=array.shape, raw=codec.to_raw(array))
-
-
-def _array(tensor: pb.Tensor) -> np.ndarray:
-    return codec.from_raw(tensor.raw, tensor.datatype, tensor.shape)
-
-
 class TasksServicer(pb_grpc.TasksServicer):
     def __init__(self, repository: ModelRepository, settings: Settings) -> None:
         self._repository = repository
@@ -84,7 +76,7 @@ class TasksServicer(pb_grpc.TasksServicer):
             tasks.require_task(model, rpc.lower())  # raises: a plain ONNX model serves no task
         assert spec is not None
         if which == "tensor":
-            return tasks.tensor_inputs(model, spec, _array(request.tensor))
+            return tasks.tensor_inputs(model, spec, codec.from_tensor(request.tensor))
         if which == "images":
             return tasks.image_inputs(model, spec, list(request.images.images), self._settings.max_image_pixels)
         if which == "texts":
@@ -131,7 +123,7 @@ class TasksServicer(pb_grpc.TasksServicer):
             count = request.num_samples or 1
             if count > self._settings.max_samples:
                 raise InvalidInput(f"num_samples is {count}; this server allows at most {self._settings.max_samples}")
-            latent = _array(request.latent) if request.HasField("latent") else None
+            latent = codec.from_tensor(request.latent) if request.HasField("latent") else None
             label = request.label if request.HasField("label") else None
             events = generation.generate_images(model, count, seed, latent, label)
         as_tensor = request.image_format == pb.IMAGE_FORMAT_TENSOR
@@ -147,9 +139,9 @@ class TasksServicer(pb_grpc.TasksServicer):
             model, self._inputs(model, request, "Encode"), request.normalize, deadline_of(context)
         )
         response = pb.EncodeResponse(model_name=model.name, model_version=model.version)
-        response.embeddings.CopyFrom(_tensor(vectors.main))
+        response.embeddings.CopyFrom(codec.to_tensor(vectors.main))
         for name, array in vectors.others.items():
-            response.others[name].CopyFrom(_tensor(array))
+            response.others[name].CopyFrom(codec.to_tensor(array))
         return response
 
     async def Segment(self, request: pb.SegmentRequest, context: Context) -> pb.SegmentResponse:
@@ -163,7 +155,7 @@ class TasksServicer(pb_grpc.TasksServicer):
                 top=tasks.full_scale(spec),
             )  # fmt: skip
         elif which == "tensor":
-            image = _array(request.tensor).astype(np.float32)
+            image = codec.from_tensor(request.tensor).astype(np.float32)
             if image.ndim == 2:
                 image = image[np.newaxis]
             if image.ndim != 3:
