@@ -237,6 +237,28 @@ def test_classify_errors(channel: grpc.Channel) -> None:
     assert "must be numeric" in caught.value.details()
 
 
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        tasks_pb2.Tensor(datatype="FP32", shape=[2**62, 2**31, 0, 1, 64]),  # raw, empty
+        tasks_pb2.Tensor(shape=[2**62, 2**31, 0], float_values=[1.0]),  # typed values
+        tasks_pb2.Tensor(shape=[2**62, 2**31, 0, 1, 64], int64_values=[7]),
+    ],
+)
+def test_task_tensors_with_huge_dimensions_beside_a_zero_are_refused(
+    channel: grpc.Channel, tensor: tasks_pb2.Tensor
+) -> None:
+    tasks = tasks_pb2_grpc.TasksStub(channel)
+    calls = ((tasks.Classify, tasks_pb2.ClassifyRequest), (tasks.Encode, tasks_pb2.EncodeRequest))
+    for rpc, request in calls:
+        with pytest.raises(grpc.RpcError) as caught:
+            rpc(request(model_name="digits-fnn", tensor=tensor), timeout=10)
+        assert caught.value.code() == INVALID
+        assert "more than 2**48 elements" in caught.value.details()
+    good = tasks_pb2.Tensor(shape=[1, 64], float_values=[0.0] * 64)
+    assert len(tasks.Classify(tasks_pb2.ClassifyRequest(model_name="digits-fnn", tensor=good)).items) == 1
+
+
 def test_garbage_bytes_instead_of_a_protobuf(channel: grpc.Channel) -> None:
     raw_call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
     with pytest.raises(grpc.RpcError) as caught:
