@@ -427,31 +427,17 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _mlp_p50s_at_1(cells: list[dict[str, Any]], system_prefix: str) -> list[float]:
-    """p50s of the MLP at concurrency 1 through perf_analyzer, for every run of that system."""
+def _mlp_runs(cells: list[dict[str, Any]], system: str, concurrency: int, field: str) -> list[float]:
+    """`field` of every perf_analyzer run of the MLP by `system` (and its "(again)" run) at `concurrency`."""
     return [
-        c["p50_ms"]
+        c[field]
         for c in cells
         if c["model"] == models.MLP
-        and c["system"].startswith(system_prefix)
+        and c["system"] in (system, f"{system} (again)")
         and c["client"] == "perf_analyzer"
-        and c["concurrency"] == 1
+        and c["concurrency"] == concurrency
         and c["throughput"] > 0
-    ]
-
-
-def _mlp_server_us_at_32(cells: list[dict[str, Any]], system_prefix: str) -> list[float]:
-    """Server CPU per inference of the MLP at concurrency 32 (perf_analyzer, pinned stack), every run."""
-    return [
-        c["server_us"]
-        for c in cells
-        if c["model"] == models.MLP
-        and c["system"].startswith(system_prefix)
-        and c["system"].replace(" (again)", "") == system_prefix
-        and c["client"] == "perf_analyzer"
-        and c["concurrency"] == 32
-        and c.get("stack") == PINNED
-        and c["server_us"] == c["server_us"]
+        and c[field] == c[field]  # not NaN
     ]
 
 
@@ -471,12 +457,14 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
         ratio = workers["throughput"] / triton["throughput"]
         what = f"{ratio:.2f}x ({workers['system']})"
         checks.append(("MLP c=32 --workers 2 >= 1.25x Triton", ratio >= 1.25, what))
-    triton_p50, ours_p50 = _mlp_p50s_at_1(cells, TRITON), _mlp_p50s_at_1(cells, "nnserve batching")
+    triton_p50, ours_p50 = _mlp_runs(cells, TRITON, 1, "p50_ms"), _mlp_runs(cells, "nnserve batching", 1, "p50_ms")
     if triton_p50 and ours_p50:
         what = f"{_mean(ours_p50):.3f} ms vs {_mean(triton_p50):.3f} ms"
         checks.append(("MLP c=1 p50 <= Triton's (mean of two runs each)", _mean(ours_p50) <= _mean(triton_p50), what))
-    floor_us = _mlp_server_us_at_32(cells, RUN_ONLY)
-    ours_us = _mlp_server_us_at_32(cells, "nnserve batching")
+    # The pinned stack only: the same system also runs on the alternative stacks at c=32.
+    pinned = [c for c in cells if c.get("stack") == PINNED]
+    floor_us = _mlp_runs(pinned, RUN_ONLY, 32, "server_us")
+    ours_us = _mlp_runs(pinned, "nnserve batching", 32, "server_us")
     if floor_us and ours_us:
         ratio = _mean(ours_us) / _mean(floor_us)
         what = f"{ratio:.2f}x ({_mean(ours_us):.0f} vs {_mean(floor_us):.0f} us, mean of two runs each)"

@@ -12,7 +12,7 @@ With `--workers N` the supervisor adds up its workers' expositions (`worker_metr
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -195,10 +195,10 @@ def _by_version(stores: list[ModelStats]) -> dict[tuple[str, str], list[ModelSta
     return grouped
 
 
-def _summed(histograms: Iterator[Buckets] | Any) -> Buckets:
+def _summed(histograms: Iterable[Buckets]) -> Buckets:
     parts = list(histograms)
     if len(parts) == 1:
-        return parts[0]  # type: ignore[no-any-return]
+        return parts[0]
     total = Buckets(parts[0].bounds)
     for part in parts:
         total.add(part)

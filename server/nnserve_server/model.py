@@ -82,9 +82,6 @@ class OnnxModel:
         for _ in range(3):  # time the last
             self.batcher.warm_up(session.all_outputs, feed)
 
-    def validate(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> int:
-        return self.session.validate(inputs, outputs)
-
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = (), deadline: float | None = None
     ) -> dict[str, np.ndarray]:
