@@ -107,13 +107,13 @@ def element_count(shape: Sequence[int]) -> int:
     return count
 
 
-def from_raw(raw: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
-    """Decode raw little-endian contents; a zero-copy, read-only view where the dtype allows."""
+def from_raw(raw: bytes | memoryview, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """Decode raw little-endian contents; a zero-copy view where the dtype allows (read-only for bytes)."""
     dtype = dtype_of(datatype)
     shape = shape[:]  # a list or tuple; from a protobuf repeated field, a list (the cheapest copy)
     count = element_count(shape)
-    if datatype == "BYTES":
-        return _split_bytes(raw, count).reshape(tuple(shape))
+    if datatype == "BYTES":  # elements are copied out, so a view (of shared memory) becomes bytes first
+        return _split_bytes(bytes(raw), count).reshape(tuple(shape))
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise TensorError(

@@ -30,6 +30,7 @@ from .security import BearerTokenAuth, read_token, server_credentials
 from .servicers.kserve import KServeServicer, ServerState
 from .servicers.tasks import TasksServicer
 from .settings import Settings
+from .shared_memory import SharedMemoryRegions
 from .tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class Server:
     health: health.aio.HealthServicer
     state: ServerState
     in_flight: InFlight
+    shared_memory: SharedMemoryRegions | None
 
     async def drain(self, grace_s: float) -> bool:
         """Refuse new calls, let the requests in flight finish (up to `grace_s`), then stop.
@@ -77,6 +79,17 @@ def _connection_age(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+def _shared_memory(settings: Settings, token: str | None) -> SharedMemoryRegions | None:
+    if not settings.shared_memory:
+        return None
+    if token and not settings.shared_memory_with_auth:
+        # A caller with the token could map any shared-memory object of the server's user (other clients'
+        # regions included) and have outputs written into it: a separate decision, not a default.
+        log.info("system shared memory is off: the server has an auth token (--shared-memory-with-auth to allow)")
+        return None
+    return SharedMemoryRegions()
+
+
 def create_server(
     settings: Settings, repository: ModelRepository, metrics: ServerMetrics, tracing: Tracing | None = None
 ) -> Server:
@@ -100,10 +113,11 @@ def create_server(
         ],
     )
     state = ServerState()
+    shared_memory = _shared_memory(settings, token)
     guard.register(
         server,
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-        KServeServicer(repository, state, settings.repository_control),
+        KServeServicer(repository, state, settings.repository_control, shared_memory),
     )
     guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings))
     health_servicer = health.aio.HealthServicer()
@@ -122,7 +136,7 @@ def create_server(
 
     repository.on_state_change(model_health)
     repository.on_state_change(metrics.model_state_changed)
-    return Server(server, port, health_servicer, state, guard.in_flight)
+    return Server(server, port, health_servicer, state, guard.in_flight, shared_memory)
 
 
 async def set_serving(server: Server, repository: ModelRepository, serving: bool) -> None:
@@ -184,6 +198,8 @@ async def serve(settings: Settings) -> None:
     if not await server.drain(settings.grace_period_s):
         log.warning("grace period over: requests still in flight were cancelled")
     await repository.close()
+    if server.shared_memory is not None:
+        server.shared_memory.close()
     if tracing is not None:
         tracing.shutdown()
     if settings.metrics_port >= 0:

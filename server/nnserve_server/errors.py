@@ -3,6 +3,8 @@
     ServingError                 a request the server refuses, with a message saying what to fix
     ├── InvalidInput             the request itself is wrong             -> INVALID_ARGUMENT
     ├── ModelNotFound            no such model or version               -> NOT_FOUND
+    ├── RegionNotFound           no such shared-memory region            -> NOT_FOUND
+    ├── AlreadyExists            a name taken already (a region)         -> ALREADY_EXISTS
     ├── ModelNotReady            known, but not loaded or failed to load -> UNAVAILABLE
     ├── Overloaded               no room to take the request now         -> RESOURCE_EXHAUSTED
     ├── DeadlineExceeded         the caller's deadline passed before the run -> DEADLINE_EXCEEDED
@@ -24,6 +26,14 @@ class InvalidInput(ServingError):
 
 
 class ModelNotFound(ServingError):
+    pass
+
+
+class RegionNotFound(ServingError):
+    pass
+
+
+class AlreadyExists(ServingError):
     pass
 
 

@@ -21,11 +21,13 @@ import grpc.aio
 from nnserve_client.codec import TensorError
 
 from .errors import (
+    AlreadyExists,
     DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
     Overloaded,
+    RegionNotFound,
     ServingError,
     Unsupported,
 )
@@ -41,6 +43,8 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     TensorError: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    RegionNotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

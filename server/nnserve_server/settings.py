@@ -91,6 +91,14 @@ class Settings:
     auth_token_file: str = _setting(
         "", "file holding a token; set, every RPC but health checks needs 'authorization: Bearer <token>'"
     )
+    shared_memory: bool = _setting(
+        True,
+        "serve the system shared-memory extension to clients on this host (off with --workers above 1; "
+        "with an auth token only given --shared-memory-with-auth)",
+    )
+    shared_memory_with_auth: bool = _setting(
+        False, "serve shared memory on a server with an auth token (any caller may then map this user's objects)"
+    )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("text", "text (for terminals) or json (one object per line, for log collectors)")
     access_log_sample: float = _setting(

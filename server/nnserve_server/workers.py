@@ -46,10 +46,13 @@ def _reserve_port(host: str, port: int) -> socket.socket:
 
 
 def _worker_command(argv: list[str], port: int) -> list[str]:
-    """The supervisor's own flags, then the ones that make a process a worker (last flag wins)."""
+    """The supervisor's own flags, then the ones that make a process a worker (last flag wins).
+
+    Shared memory is off in workers: a region registered through one would be unknown to the others."""
     return [
         sys.executable, "-m", "nnserve_server.cli", "serve", *argv,
         "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", "0",
+        "--no-shared-memory",
     ]  # fmt: skip
 
 

@@ -46,3 +46,18 @@ def test_tritonclient_end_to_end(server: RunningServer) -> None:
     with Client(server.target) as client:
         ours = client.infer("digits-fnn", {"input": x})["logits"]
     assert ours.argmax(axis=1).tolist() == seen["argmax"]
+
+
+def test_tritonclient_shared_memory_workflow(server: RunningServer) -> None:
+    done = run_tritonclient(CHECKS.with_name("tritonclient_shm_checks.py"), server.target)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert "system_shared_memory" in seen["server_extensions"]
+    assert seen["status"] == [["tc-input", "/nnserve_tc_input", 768], ["tc-output", "/nnserve_tc_output", 120]]
+    assert seen["shape"] == [3, 10]
+    assert seen["shm_equals_plain"] is True
+    assert seen["twice"][0] == "StatusCode.ALREADY_EXISTS"
+    assert "already registered" in seen["twice"][1]
+    assert seen["too_small"][0] == "StatusCode.INVALID_ARGUMENT"
+    assert "needs 120 bytes" in seen["too_small"][1]
+    assert seen["after_unregister"] == ["tc-output"]

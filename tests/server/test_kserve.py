@@ -155,7 +155,6 @@ def test_repository_index(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
 @pytest.mark.parametrize(
     "call",
     [
-        lambda s: s.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()),
         lambda s: s.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(name="r")),
         lambda s: s.TraceSetting(pb.TraceSettingRequest()),
         lambda s: s.LogSettings(pb.LogSettingsRequest()),
@@ -215,7 +214,7 @@ def test_classification_requests_it_cannot_answer_are_refused(
 
 @pytest.mark.parametrize(
     ("key", "code"),
-    [("shared_memory_region", grpc.StatusCode.UNIMPLEMENTED), ("no_such_option", grpc.StatusCode.INVALID_ARGUMENT)],
+    [("shared_memory_region", grpc.StatusCode.NOT_FOUND), ("no_such_option", grpc.StatusCode.INVALID_ARGUMENT)],
 )
 def test_tensor_parameters_the_server_does_not_support_are_refused(
     stub: pb_grpc.GRPCInferenceServiceStub, key: str, code: grpc.StatusCode
@@ -229,4 +228,4 @@ def test_tensor_parameters_the_server_does_not_support_are_refused(
         with pytest.raises(grpc.RpcError) as raised:
             stub.ModelInfer(request, timeout=10)
         assert raised.value.code() == code, where
-        assert key in str(raised.value.details()) or "shared memory" in str(raised.value.details())
+        assert key in str(raised.value.details()) or "shared-memory region" in str(raised.value.details())

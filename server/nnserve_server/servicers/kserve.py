@@ -1,11 +1,13 @@
 """`inference.GRPCInferenceService`: KServe v2 / Open Inference Protocol, as Triton's clients speak it.
 
 Each method decodes with the codec, makes one call into the repository or model, and encodes.
-RPCs not overridden here (shared memory, trace, log settings, streaming) answer UNIMPLEMENTED.
+Inputs and outputs may live in system shared memory (`shared_memory.py`); CUDA shared memory answers
+UNIMPLEMENTED, as do the RPCs not overridden here (trace, log settings, streaming).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -21,12 +23,21 @@ from ..model import OnnxModel
 from ..repository import ModelRepository
 from ..serving_config import INTRA_OP_KEY
 from ..session import MAX_REMEMBERED_SIGNATURES
+from ..shared_memory import Region, SharedMemoryRegions
 from ..stats import Duration
 from .deadline import deadline_of
 
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
-SHARED_MEMORY = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+SHARED_MEMORY_EXTENSION = "system_shared_memory"
+REGION, OFFSET, BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
+SHARED_MEMORY = (REGION, OFFSET, BYTE_SIZE)
+SHARED_MEMORY_OFF = (
+    "this server does not serve system shared memory: it is off with --no-shared-memory, with --workers above 1 "
+    "(each worker process would hold its own registrations), and with --auth-token-file unless "
+    "--shared-memory-with-auth is given"
+)
+CUDA_SHARED_MEMORY_OFF = "this server does not serve CUDA shared memory; system shared memory it does"
 PLATFORM = "onnxruntime_onnx"
 Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
 
@@ -60,12 +71,74 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
+def region_names(request: pb.ModelInferRequest) -> list[str]:
+    """The shared-memory regions a request names (usually none: two cheap loops)."""
+    names = []
+    for tensors in (request.inputs, request.outputs):
+        for tensor in tensors:
+            if tensor.parameters and REGION in tensor.parameters:
+                region = tensor.parameters[REGION]
+                if region.WhichOneof("parameter_choice") != "string_param":
+                    raise InvalidInput(f"tensor '{tensor.name}': '{REGION}' must be a string_param")
+                names.append(region.string_param)
+    return names
+
+
+def decode_shared_inputs(request: pb.ModelInferRequest, regions: Mapping[str, Region]) -> dict[str, np.ndarray]:
+    """As `decode_inputs`, for a request with inputs in shared memory: those are read in place, and
+    raw_input_contents holds one entry per input that is not (Triton's rule)."""
+    raw = request.raw_input_contents
+    arrays: dict[str, np.ndarray] = {}
+    used = 0
+    for tensor in request.inputs:
+        name = _unique(tensor.name, arrays)
+        what = f"input '{name}'"
+        if tensor.parameters and REGION in tensor.parameters:
+            if tensor.HasField("contents"):
+                raise InvalidInput(f"{what} is in shared memory and has contents too; use one")
+            view = _region_slice(what, tensor.parameters, regions)
+            arrays[name] = codec.from_raw(view, tensor.datatype, tensor.shape)
+            continue
+        if tensor.parameters:
+            _refuse_parameters(what, tensor.parameters, ())
+        if not raw:
+            arrays[name] = codec.from_contents(tensor.contents, tensor.datatype, tensor.shape)
+            continue
+        if tensor.HasField("contents"):
+            raise InvalidInput(f"{what} has typed contents as well as raw_input_contents; use one")
+        if used == len(raw):
+            raise InvalidInput(f"raw_input_contents has {len(raw)} entries, fewer than the inputs not in shared memory")
+        arrays[name] = codec.from_raw(raw[used], tensor.datatype, tensor.shape)
+        used += 1
+    if used != len(raw):
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {used} inputs not in shared memory")
+    return arrays
+
+
+def _region_slice(what: str, parameters: Any, regions: Mapping[str, Region]) -> memoryview:
+    """The bytes a tensor's shared-memory parameters name, checked as Triton checks them."""
+    _refuse_parameters(what, parameters, SHARED_MEMORY)  # the region's own type is checked in `region_names`
+    if BYTE_SIZE not in parameters:
+        raise InvalidInput(f"{what}: '{BYTE_SIZE}' must be given with '{REGION}'")
+    offset = 0
+    for key in (OFFSET, BYTE_SIZE):
+        if key in parameters and parameters[key].WhichOneof("parameter_choice") != "int64_param":
+            raise InvalidInput(f"{what}: '{key}' must be an int64_param")
+    if OFFSET in parameters:
+        offset = parameters[OFFSET].int64_param
+    return regions[parameters[REGION].string_param].slice(offset, parameters[BYTE_SIZE].int64_param, what)
+
+
 def requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str], dict[str, int]]:
     """The outputs asked for, and those asked for as top-k classes (the classification extension)."""
     names, classes = [], {}
     for output in request.outputs:
         names.append(output.name)
         if output.parameters:
+            if REGION in output.parameters:
+                if classification.PARAMETER in output.parameters:
+                    raise InvalidInput(f"output '{output.name}' asks for classification and shared memory; pick one")
+                continue  # checked where it is written (`_write_shared_outputs`)
             _refuse_parameters(f"output '{output.name}'", output.parameters, (classification.PARAMETER,))
             if classification.PARAMETER in output.parameters:
                 count = output.parameters[classification.PARAMETER].int64_param
@@ -74,11 +147,34 @@ def requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str], dict[st
     return names, classes
 
 
+def _write_shared_outputs(
+    request: pb.ModelInferRequest, results: dict[str, np.ndarray], regions: Mapping[str, Region]
+) -> list[bytes]:
+    """Write each output that names a region into it; the raw contents, empty where written (Triton's rule:
+    one entry per output, so clients find the others by position)."""
+    where = {o.name: o.parameters for o in request.outputs if o.parameters and REGION in o.parameters}
+    contents = []
+    for name, array in results.items():
+        data = codec.to_raw(array)
+        parameters = where.get(name)
+        if parameters is not None:
+            view = _region_slice(f"output '{name}'", parameters, regions)
+            if len(data) > len(view):
+                raise InvalidInput(
+                    f"output '{name}' needs {len(data)} bytes; the shared memory named for it holds "
+                    f"{len(view)} (shared_memory_byte_size)"
+                )
+            view[: len(data)] = data
+            data = b""
+        contents.append(data)
+    return contents
+
+
 def _refuse_parameters(what: str, parameters: Any, known: tuple[str, ...]) -> None:
     for key in parameters:
-        if key in SHARED_MEMORY:
-            raise Unsupported(f"{what} names a shared-memory region; this server does not serve shared memory yet")
         if key not in known:
+            if key in SHARED_MEMORY:
+                raise InvalidInput(f"{what} has '{key}' without '{REGION}'; name the region too")
             raise InvalidInput(f"{what} has the parameter {key!r}, which this server does not support")
 
 
@@ -153,11 +249,24 @@ def _config_type(datatype: str) -> Any:
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, state: ServerState, repository_control: bool = True) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        state: ServerState,
+        repository_control: bool = True,
+        shared_memory: SharedMemoryRegions | None = None,
+    ) -> None:
         self._repository = repository
         self._state = state
         self._repository_control = repository_control
+        self._shared_memory = shared_memory
+        self._extensions = (*EXTENSIONS, SHARED_MEMORY_EXTENSION) if shared_memory is not None else EXTENSIONS
         self._metadata: dict[object, list[pb.ModelInferResponse.InferOutputTensor]] = {}
+
+    def _regions(self) -> SharedMemoryRegions:
+        if self._shared_memory is None:
+            raise Unsupported(SHARED_MEMORY_OFF)
+        return self._shared_memory
 
     def _allow_repository_control(self) -> None:
         if not self._repository_control:
@@ -175,7 +284,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="nnserve", version=__version__, extensions=EXTENSIONS)
+        return pb.ServerMetadataResponse(name="nnserve", version=__version__, extensions=self._extensions)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         model = self._repository.get(request.name, request.version)
@@ -190,7 +299,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         model = self._repository.get(request.model_name, request.model_version)
-        inputs = decode_inputs(request)
+        shared = region_names(request)
+        if shared:
+            with self._regions().using(shared) as regions:
+                return await self._infer(model, request, context, regions)
+        return await self._infer(model, request, context, None)
+
+    async def _infer(
+        self, model: OnnxModel, request: pb.ModelInferRequest, context: Context, regions: Mapping[str, Region] | None
+    ) -> pb.ModelInferResponse:
+        inputs = decode_inputs(request) if regions is None else decode_shared_inputs(request, regions)
         names, classes = requested_outputs(request)
         results, _ = await model.infer_timed(inputs, names, deadline_of(context))
         if classes:
@@ -203,7 +321,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             model_version=model.version,
             id=request.id,
             outputs=self._output_metadata(results),
-            raw_output_contents=[codec.to_raw(array) for array in results.values()],
+            raw_output_contents=[codec.to_raw(array) for array in results.values()]
+            if regions is None
+            else _write_shared_outputs(request, results, regions),
         )
 
     def _output_metadata(self, results: dict[str, np.ndarray]) -> list[pb.ModelInferResponse.InferOutputTensor]:
@@ -256,3 +376,35 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._allow_repository_control()
         await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Context
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+        return pb.SystemSharedMemoryStatusResponse(
+            regions={
+                r.name: status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+                for r in self._regions().status(request.name)
+            }
+        )
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self._regions().register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Context
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self._regions().unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Context) -> Any:
+        raise Unsupported(CUDA_SHARED_MEMORY_OFF)
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Context) -> Any:
+        raise Unsupported(CUDA_SHARED_MEMORY_OFF)
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Context) -> Any:
+        raise Unsupported(CUDA_SHARED_MEMORY_OFF)
