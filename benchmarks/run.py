@@ -8,7 +8,8 @@ Rows, for the MLP (64-256-256-10) and ResNet-18 (3x224x224), random weights, bui
   4. nnserve, with batching on and off, with --workers 2, and on the alternative stacks;
   5. Triton 2.51 (`triton_peer.py`: PyPI's tritonserver, Python backend running onnxruntime);
 each measured with perf_analyzer (Triton's C++ load tool, a standard KServe v2 client) and some with
-our Python SDK, batch-1 requests. Then the zoo's LSTM and Transformer LMs: the cost of a generated
+our Python SDK, batch-1 requests; the ResNet also with its tensors in system shared memory
+(perf_analyzer --shared-memory system, client "perf_analyzer shm"). Then the zoo's LSTM and Transformer LMs: the cost of a generated
 token after a 16- and a 512-character prompt. Load is closed-loop, bounded in time, on 127.0.0.1.
 Each cell records the load generator's CPU (cores) and the server's CPU per inference (all its
 processes, from the kernel's counters, divided by the inferences it answered), so a saturated client
@@ -39,6 +40,7 @@ import grpc
 from benchmarks import models, triton_peer
 
 ROOT = Path(__file__).resolve().parent.parent
+SHM_CLIENT = "perf_analyzer shm"
 LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 
 
@@ -46,7 +48,7 @@ LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 class Cell:
     model: str
     system: str  # raw onnxruntime | bare grpc.aio | nnserve ...
-    client: str  # perf_analyzer | sdk | in-process
+    client: str  # perf_analyzer | perf_analyzer shm (--shared-memory system) | sdk | in-process
     concurrency: int
     throughput: float = 0.0  # inferences per second
     p50_ms: float = float("nan")
@@ -209,17 +211,21 @@ class Bench:
         concurrency: int,
         stack: str = PINNED,
         counted: bool = True,
+        shared_memory: bool = False,
     ) -> Cell:
-        """`counted`: the server's ModelStatistics covers all its processes (not so with --workers)."""
-        cell = Cell(model, system, "perf_analyzer", concurrency, stack=stack)
+        """`counted`: the server's ModelStatistics covers all its processes (not so with --workers).
+        `shared_memory`: inputs and outputs in system shared memory (perf_analyzer registers the regions)."""
+        client = SHM_CLIENT if shared_memory else "perf_analyzer"
+        cell = Cell(model, system, client, concurrency, stack=stack)
         if self.perf_analyzer is None:
             cell.note = "perf_analyzer unavailable"
             return self._record(cell)
-        csv = self.out / f"pa-{model}-{system.replace(' ', '_')}-{concurrency}.csv"
+        csv = self.out / f"pa-{model}-{system.replace(' ', '_')}-{client.replace(' ', '_')}-{concurrency}.csv"
         command = [
             self.perf_analyzer, "-m", model, "-i", "grpc", "-u", f"127.0.0.1:{port}",
             "--concurrency-range", str(concurrency), "-p", str(int(self.seconds * 1000 / 2)),
             "-s", "100", "--max-trials", "4", "-f", str(csv),
+            *(["--shared-memory", "system"] if shared_memory else []),
         ]  # fmt: skip
         served = _served(port, model) if counted else None
         cpu_before, server_before, started = _children_cpu(), _tree_cpu(server_pid), time.perf_counter()
@@ -316,6 +322,7 @@ def _triton(bench: Bench, paths: dict[str, Path], out: Path, label: str, levels:
                 bench.pa(mlp, label, port, pid, concurrency, stack="C++ front end")
             if label == TRITON:
                 bench.pa(resnet, label, port, pid, 4, stack="C++ front end")
+                bench.pa(resnet, label, port, pid, 4, stack="C++ front end", shared_memory=True)
     except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
         print(f"Triton could not be run ({str(error)[:300]}); its rows are skipped", flush=True)
 
@@ -370,6 +377,7 @@ def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
                 bench.pa(mlp, label, port, pid, concurrency)
             bench.pa(resnet, label, port, pid, 4)
             if label == "nnserve batching":
+                bench.pa(resnet, label, port, pid, 4, shared_memory=True)
                 bench.sdk(mlp, label, port, pid, 1)
                 bench.sdk(mlp, label, port, pid, 32)
                 bench.pa(resnet, label, port, pid, 1)
@@ -395,6 +403,7 @@ def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
     with _server(_nnserve(classify_repo), "nnserve-again", out) as (port, pid):
         bench.pa(mlp, "nnserve batching (again)", port, pid, 1)
         bench.pa(mlp, "nnserve batching (again)", port, pid, 32)
+        bench.pa(resnet, "nnserve batching (again)", port, pid, 4, shared_memory=True)
     _triton(bench, paths, out, f"{TRITON} (again)", (1,))
 
     print("language models (tokens after a 16- and a 512-character prompt):", flush=True)
@@ -479,6 +488,11 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
     if triton_resnet and served:
         ratio = served["throughput"] / triton_resnet["throughput"]
         checks.append(("ResNet-18 c=4 >= 1.05x Triton", ratio >= 1.05, f"{ratio:.2f}x"))
+    shared = _best(cells, model=resnet, concurrency=4, one_process=True, client=SHM_CLIENT)
+    if raw_resnet and shared:
+        ratio = shared["throughput"] / raw_resnet["throughput"]
+        what = f"{ratio:.2f}x ({shared['system']})"
+        checks.append(("ResNet-18 c=4 through shared memory >= 0.95x raw onnxruntime's best", ratio >= 0.95, what))
     failed = [f"{c['system']} c={c['concurrency']}" for c in cells if c["errors"]]
     checks.append(("no cell with errors", not failed, ", ".join(failed) or "none"))
     for name, by_prefix in results["generation"].items():

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .batcher import Batcher, BatchPolicy, Timing
+from .batcher import Batcher, BatchPolicy, RunFn, Timing
 from .request_record import CURRENT
 from .runtime import Runtime
 from .serving_config import ServingConfig
@@ -24,6 +24,15 @@ from .session import ModelSession
 from .stats import ModelStats
 
 log = logging.getLogger(__name__)
+
+
+BATCH_PAYS = 1.8  # combine requests only where a batch of two costs less than this many runs of one
+
+
+def _timed(run: RunFn, names: Sequence[str], feed: dict[str, np.ndarray]) -> int:
+    started = time.perf_counter_ns()
+    run(names, feed)
+    return time.perf_counter_ns() - started
 
 
 class OnnxModel:
@@ -57,6 +66,8 @@ class OnnxModel:
             session = ModelSession(name, path, runtime, 1, config.max_batch_size)
             self.batcher.run_fn = session.run
             self._warm_up(session)
+        if self.batcher.policy.max_batch_size > 1 and not self.batcher.inline and not config.batching_chosen:
+            self._keep_batching_if_it_pays(session)
         self.config = config
         self.session = session
         self.spec = session.spec
@@ -81,6 +92,30 @@ class OnnxModel:
             return
         for _ in range(3):  # time the last
             self.batcher.warm_up(session.all_outputs, feed)
+
+    def _keep_batching_if_it_pays(self, session: ModelSession) -> None:
+        """Turn off combining requests when a batch of two costs about two runs of one (measured now).
+
+        A big model on one thread per instance (a ResNet on a CPU) gains nothing per row from a batch,
+        and loses to it: the copy into the batch, and one instance busy with two rows while the other
+        waits. Small models gain many times over and are never touched (they run inline)."""
+        one = session.zeros()
+        two = {name: np.concatenate([array, array]) for name, array in one.items()}
+        names = session.all_outputs
+        try:
+            alone, paired = (min(_timed(session.run, names, feed) for _ in range(2)) for feed in (one, two))
+        except Exception as error:  # zeros are not valid input for every model: then keep batching
+            log.info("model %s: batching kept, not measured (%s)", self.name, error)
+            return
+        if paired >= BATCH_PAYS * alone:
+            self.batcher.policy = dataclasses.replace(self.batcher.policy, max_batch_size=0)
+            log.info(
+                "model %s version %s: a batch of 2 costs %.2fx a batch of 1, so requests are not combined "
+                "(a config.pbtxt with dynamic_batching, or a queue delay, keeps them combined)",
+                self.name,
+                self.version,
+                paired / alone,
+            )
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = (), deadline: float | None = None

@@ -43,6 +43,9 @@ class ServingConfig:
     instances: int
     intra_op_threads: int
     threads_chosen: bool = False  # set by settings or the file; else sized here, and a tiny model may use 1
+    # Batching asked for in so many words (the file's dynamic_batching, or a queue delay); else the model
+    # batches only where a load-time measurement says a batch costs less per row (`OnnxModel`).
+    batching_chosen: bool = False
 
 
 def serving_config(model_dir: Path, settings: Settings, cpus: int) -> ServingConfig:
@@ -59,6 +62,7 @@ def serving_config(model_dir: Path, settings: Settings, cpus: int) -> ServingCon
         instances=instances,
         intra_op_threads=threads or max(1, cpus // instances),
         threads_chosen=bool(threads),
+        batching_chosen=settings.dynamic_batching and settings.max_queue_delay_us > 0,
     )
     path = model_dir / CONFIG_FILE
     if not path.is_file():
@@ -87,4 +91,5 @@ def serving_config(model_dir: Path, settings: Settings, cpus: int) -> ServingCon
         instances=instances,
         intra_op_threads=file_threads or threads or max(1, cpus // instances),
         threads_chosen=bool(file_threads or threads),
+        batching_chosen=batching,
     )

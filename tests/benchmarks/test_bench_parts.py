@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from benchmarks import bare_server, models
-from benchmarks.run import LISTENING, PINNED, ROOT, RUN_ONLY, TRITON, targets
+from benchmarks.run import LISTENING, PINNED, ROOT, RUN_ONLY, SHM_CLIENT, TRITON, targets
 from nnserve_client import codec
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -89,6 +89,9 @@ def test_targets_are_judged_from_ratios_of_the_same_run() -> None:
             cell(TRITON, 1, 2000.0, 0.40),
             cell("nnserve batching", 1, 1500.0, 0.60),
             cell(f"{TRITON} (again)", 1, 2000.0, 0.40, errors=2),
+            {**cell("raw onnxruntime", 1, 40.0, 50.0), "model": models.RESNET, "client": "in-process"},
+            {**cell("nnserve batching", 4, 37.0, 110.0), "model": models.RESNET},
+            {**cell("nnserve batching", 4, 38.4, 105.0), "model": models.RESNET, "client": SHM_CLIENT},
         ],
         "generation": {},
     }
@@ -98,3 +101,7 @@ def test_targets_are_judged_from_ratios_of_the_same_run() -> None:
     assert verdicts["MLP c=1 p50 <= Triton's (mean of two runs each)"][0] is False  # 0.60 against 0.40 ms
     assert verdicts["MLP c=32 server CPU per inference <= 1.2x the run-only floor's"][0] is True  # 1.14x
     assert verdicts["no cell with errors"] == (False, f"{TRITON} (again) c=1")
+    # Each ResNet target reads its own client's rows: 0.925x plain, 0.96x through shared memory.
+    assert verdicts["ResNet-18 c=4 >= 0.92x raw onnxruntime's best"] == (True, "0.93x (nnserve batching)")
+    shared = "ResNet-18 c=4 through shared memory >= 0.95x raw onnxruntime's best"
+    assert verdicts[shared] == (True, "0.96x (nnserve batching)")

@@ -21,6 +21,11 @@ from nnserve_client import AsyncClient, Client
 from nnserve_client._proto import grpc_predict_v2_pb2 as pb
 from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_client.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from nnserve_server.model import OnnxModel
+from nnserve_server.runtime import Runtime
+from nnserve_server.servicers.kserve import model_config
+from nnserve_server.serving_config import serving_config
+from nnserve_server.settings import Settings
 from tests.conftest import RunningServer, _save, echo_model, slow_model
 
 SLOW_WIDTH = 1024
@@ -247,3 +252,40 @@ def test_one_bad_request_fails_alone_when_its_batch_fails(batching_server: Runni
     after = _stats(batching_server.target, "lookup")
     assert after.inference_stats.success.count - before.inference_stats.success.count == 11
     assert after.inference_stats.fail.count - before.inference_stats.fail.count == 1
+
+
+def _rowwise_model(path: Path) -> None:
+    """Each row costs the same however many there are (no weights to share): a batch gains nothing."""
+    nodes, current = [], "x"
+    for step in range(6):
+        nodes.append(helper.make_node("Sin", [current], [f"s{step}"]))
+        current = f"s{step}"
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "rowwise",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1 << 19])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 1 << 19])],
+    )
+    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_requests_are_combined_only_where_a_measured_batch_costs_less_per_row(tmp_path: Path) -> None:
+    """The shared-weight model gains from a batch of two and keeps batching; the row-wise one does not and
+    runs each request alone, unless batching is asked for in so many words (a queue delay)."""
+    _rowwise_model(tmp_path / "rowwise" / "1" / "model.onnx")
+    slow_model(tmp_path / "slow" / "1" / "model.onnx")
+
+    def load(name: str, settings: Settings) -> OnnxModel:
+        runtime = Runtime.from_settings(settings)
+        config = serving_config(tmp_path / name, settings, runtime.cpus)
+        return OnnxModel(name, "1", tmp_path / name / "1" / "model.onnx", runtime, config)
+
+    for name, combined in (("slow", True), ("rowwise", False)):
+        model = load(name, Settings())
+        assert bool(model.batcher.policy.max_batch_size) is combined, name
+        assert model_config(model).HasField("dynamic_batching") is combined, name
+        model.close()
+    asked = load("rowwise", Settings(max_queue_delay_us=100))
+    assert asked.batcher.policy.max_batch_size == 256
+    asked.close()

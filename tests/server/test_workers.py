@@ -61,6 +61,16 @@ def test_workers_share_the_port_and_their_metrics_add_up(own_server: Callable[..
     assert sample(text, "nnserve_model_versions_loaded", model="echo") == 1
     assert sample(text, "nnserve_in_flight_requests") == 0
     assert sample(text, "nnserve_queue_depth", **echo) == 0
+    # Shared memory is off in workers (a region registered with one would be unknown to the others): said so.
+    with grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        assert "system_shared_memory" not in stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=10).extensions
+        try:
+            stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest(), timeout=10)
+            raise AssertionError("shared memory answered in a worker")
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert "--workers above 1" in str(error.details())
 
     # A worker that dies is started again, and the port keeps serving meanwhile. (Connections the
     # kernel had already queued on the dead worker's socket are reset: that is for client retries.)
