@@ -8,9 +8,10 @@ Rows, for the MLP (64-256-256-10) and ResNet-18 (3x224x224), random weights, bui
   4. nnserve, with batching on and off, with --workers 2, and on the alternative stacks;
   5. Triton 2.51 (`triton_peer.py`: PyPI's tritonserver, Python backend running onnxruntime);
 each measured with perf_analyzer (Triton's C++ load tool, a standard KServe v2 client) and some with
-our Python SDK, batch-1 requests; the ResNet also with its tensors in system shared memory
-(perf_analyzer --shared-memory system, client "perf_analyzer shm"). Then the zoo's LSTM and Transformer LMs: the cost of a generated
-token after a 16- and a 512-character prompt. Load is closed-loop, bounded in time, on 127.0.0.1.
+our Python SDK, batch-1 requests; the ResNet also with its tensors in system shared
+memory (perf_analyzer --shared-memory system, client "perf_analyzer shm"). Then the zoo's LSTM and
+Transformer LMs: the cost of a generated token after a 16- and a 512-character prompt. Load is
+closed-loop, bounded in time, on 127.0.0.1.
 Each cell records the load generator's CPU (cores) and the server's CPU per inference (all its
 processes, from the kernel's counters, divided by the inferences it answered), so a saturated client
 and a dear request path both show. The table goes to stdout and everything to a JSON file; the

@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"listening on [\d.]+:(\d+) .*metrics at (?:http://[\d.]+:(\d+)/metrics|off)")
+LISTENING = re.compile(r"listening on [\d.]+:(\d+) .*metrics (?:at http://[\d.]+:(\d+)/metrics|off)")
 
 # KServe datatype -> (ONNX element type, numpy dtype) for the echo model.
 ECHO_TYPES = {

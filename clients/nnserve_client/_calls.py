@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 import numpy as np
 
@@ -106,6 +106,7 @@ def infer(
 
 
 ImageLike = Any  # encoded bytes, a file path, or a PIL image
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")  # what a PNG or a JPEG file begins with
 
 
 def image_bytes(image: ImageLike) -> bytes:
@@ -113,12 +114,22 @@ def image_bytes(image: ImageLike) -> bytes:
     if isinstance(image, bytes | bytearray):
         return bytes(image)
     if isinstance(image, str | os.PathLike):
-        return Path(image).read_bytes()
+        data = Path(image).read_bytes()
+        if not data.startswith(IMAGE_SIGNATURES):
+            raise ValueError(f"{image} is not a PNG or JPEG file (its first bytes are {data[:8]!r})")
+        return data
     if hasattr(image, "save"):
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         return buffer.getvalue()
     raise TypeError(f"an image must be bytes, a path or a PIL image, not {type(image).__name__}")
+
+
+def _is_image(value: Any) -> bool:
+    """An encoded image, a path or a PIL image (or a list of them), as opposed to an array of numbers."""
+    if isinstance(value, list | tuple) and value:
+        return all(_is_image(v) for v in value)
+    return isinstance(value, bytes | bytearray | str | os.PathLike) or hasattr(value, "save")
 
 
 def _images(images: ImageLike | Sequence[ImageLike]) -> tasks.ImageBatch:
@@ -131,6 +142,8 @@ def _texts(texts: str | Sequence[str]) -> tasks.TextBatch:
 
 
 def _set_input(request: Any, batch: np.ndarray | None, images: Any, texts: Any) -> None:
+    if batch is not None and images is None and _is_image(batch):
+        batch, images = None, batch  # classify(model, "seven.png"): an image where the batch goes
     given = [name for name, value in (("batch", batch), ("images", images), ("texts", texts)) if value is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of batch, images or texts (got {given or 'none'})")
@@ -148,6 +161,27 @@ def classify(
     request = tasks.ClassifyRequest(model_name=model, model_version=version, top_k=top_k)
     _set_input(request, batch, images, texts)
     return Call("tasks", "Classify", request, _classifications, timed=True)
+
+
+class SamplingOptions(TypedDict, total=False):
+    """How a language model's text is drawn (`generate_text`; `generate` with a prompt)."""
+
+    max_tokens: int  # tokens to generate; 0: the server's default (64)
+    temperature: float  # 0: greedy
+    top_k: int  # sample from the k likeliest tokens; 0: all
+    top_p: float  # sample from the smallest set holding p; 0 or 1: all
+    seed: int | None  # the same seed gives the same output; None: random
+    stop: Sequence[str]  # stop strings: generation ends before any of them
+
+
+class GenerateOptions(SamplingOptions, total=False):
+    """What `generate` takes: a prompt and its sampling, or images to draw (num_samples, label, latent)."""
+
+    prompt: str  # text to continue (language models)
+    num_samples: int  # images to draw (image generators)
+    latent: np.ndarray | None  # VAE: latents to decode, [n, latent size]
+    label: int | None  # class to draw (conditional generators)
+    as_tensor: bool  # images as float arrays instead of PNGs
 
 
 def generate(
@@ -261,4 +295,6 @@ def _model_info(m: tasks.ModelDescription) -> ModelInfo:
         outputs=_specs(m.outputs),
         quality=dict(m.quality),
         description=m.description,
+        image=(m.image.height, m.image.width, m.image.channels) if m.HasField("image") else None,
+        text=m.text,
     )

@@ -8,13 +8,14 @@ error surfaces as an `nnserve_client.errors` exception carrying the server's mes
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import grpc
 import grpc.aio
 import numpy as np
 
 from . import _calls
+from ._calls import GenerateOptions, SamplingOptions
 from ._channel import channel_target, service_config
 from ._proto import grpc_predict_v2_pb2_grpc as kserve_grpc
 from ._proto import tasks_pb2_grpc as tasks_grpc
@@ -118,21 +119,27 @@ class Client:
         return call.parse(response)
 
     def live(self, *, timeout: float | None = None) -> bool:
+        """True when the server process is up (KServe ServerLive)."""
         return self._invoke(_calls.live(), timeout)
 
     def ready(self, *, timeout: float | None = None) -> bool:
+        """True when the server takes traffic (KServe ServerReady: false while starting or draining)."""
         return self._invoke(_calls.ready(), timeout)
 
     def model_ready(self, model: str, *, version: str = "", timeout: float | None = None) -> bool:
+        """True when `model` (the highest ready version, or `version`) can be called now."""
         return self._invoke(_calls.model_ready(model, version), timeout)
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        """The server's name, version and the KServe v2 extensions it serves."""
         return self._invoke(_calls.server_info(), timeout)
 
     def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the server has, with its task, family, labels, what it takes and its quality."""
         return self._invoke(_calls.models(), timeout)
 
     def metadata(self, model: str, *, version: str = "", timeout: float | None = None) -> ModelInfo:
+        """One model's description (NOT_FOUND with the server's list when there is none)."""
         return self._invoke(_calls.metadata(model, version), timeout)
 
     def infer(
@@ -163,7 +170,7 @@ class Client:
         return self._invoke(_calls.classify(model, batch, images, texts, top_k, version), timeout)
 
     def generate(
-        self, model: str, *, version: str = "", timeout: float | None = None, **options: Any
+        self, model: str, *, version: str = "", timeout: float | None = None, **options: Unpack[GenerateOptions]
     ) -> Iterator[GenerateEvent]:
         """Stream a generation: `TextPiece`s (prompt=..., max_tokens, temperature, top_k, top_p, seed,
         stop) or `GeneratedImage`s (num_samples=..., seed, latent, label, as_tensor), then one
@@ -180,8 +187,8 @@ class Client:
         finally:
             stream.cancel()
 
-    def generate_text(self, model: str, prompt: str, **options: Any) -> str:
-        """The whole generated text at once."""
+    def generate_text(self, model: str, prompt: str, **options: Unpack[SamplingOptions]) -> str:
+        """The whole generated text at once (the options as for `generate`)."""
         events = self.generate(model, prompt=prompt, **options)
         return "".join(e.text for e in events if isinstance(e, TextPiece))
 
@@ -259,21 +266,27 @@ class AsyncClient:
         return call.parse(response)
 
     async def live(self, *, timeout: float | None = None) -> bool:
+        """True when the server process is up (KServe ServerLive)."""
         return await self._invoke(_calls.live(), timeout)
 
     async def ready(self, *, timeout: float | None = None) -> bool:
+        """True when the server takes traffic (KServe ServerReady: false while starting or draining)."""
         return await self._invoke(_calls.ready(), timeout)
 
     async def model_ready(self, model: str, *, version: str = "", timeout: float | None = None) -> bool:
+        """True when `model` (the highest ready version, or `version`) can be called now."""
         return await self._invoke(_calls.model_ready(model, version), timeout)
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        """The server's name, version and the KServe v2 extensions it serves."""
         return await self._invoke(_calls.server_info(), timeout)
 
     async def models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """Every model the server has, with its task, family, labels, what it takes and its quality."""
         return await self._invoke(_calls.models(), timeout)
 
     async def metadata(self, model: str, *, version: str = "", timeout: float | None = None) -> ModelInfo:
+        """One model's description (NOT_FOUND with the server's list when there is none)."""
         return await self._invoke(_calls.metadata(model, version), timeout)
 
     async def infer(
@@ -301,8 +314,9 @@ class AsyncClient:
         return await self._invoke(_calls.classify(model, batch, images, texts, top_k, version), timeout)
 
     async def generate(
-        self, model: str, *, version: str = "", timeout: float | None = None, **options: Any
+        self, model: str, *, version: str = "", timeout: float | None = None, **options: Unpack[GenerateOptions]
     ) -> AsyncIterator[GenerateEvent]:
+        """As `Client.generate`, awaited: `async for event in client.generate(...)`."""
         call = _calls.generate(model, version, **options)
         stream = self._stubs["tasks"].Generate(
             call.request, timeout=self._settings.deadline(timeout), metadata=self._settings.metadata
@@ -315,7 +329,8 @@ class AsyncClient:
         finally:
             stream.cancel()
 
-    async def generate_text(self, model: str, prompt: str, **options: Any) -> str:
+    async def generate_text(self, model: str, prompt: str, **options: Unpack[SamplingOptions]) -> str:
+        """The whole generated text at once."""
         pieces = [e.text async for e in self.generate(model, prompt=prompt, **options) if isinstance(e, TextPiece)]
         return "".join(pieces)
 

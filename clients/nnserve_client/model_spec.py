@@ -74,7 +74,9 @@ class ModelSpec:
     family: str
     labels: tuple[str, ...] = ()
     output_kind: str = "logits"
-    input_layout: str = "features"  # features | NCHW | tokens
+    # features (N, F) | NCHW images | sequence (N, steps, F) | tokens. A features or sequence model with an
+    # image_size reads images too: flattened row by row, or one step per row.
+    input_layout: str = "features"
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     quality: Mapping[str, float] = field(default_factory=dict)
     training_data: str = ""
@@ -88,7 +90,7 @@ class ModelSpec:
     cache: AppendCache | None = None  # Transformer LMs: a cache filled in place (see AppendCache)
     vocabulary: tuple[str, ...] = ()  # character models: token id -> text
     tokenizer: str = ""  # a `tokenizers` JSON, for word-piece and BPE models
-    image_size: tuple[int, ...] = ()  # (height, width) the model was trained on
+    image_size: tuple[int, ...] = ()  # (height, width) of the images the model was trained on
     extra: Mapping[str, str] = field(default_factory=dict)  # family-specific knobs, as strings
 
     def __post_init__(self) -> None:

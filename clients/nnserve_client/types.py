@@ -15,8 +15,10 @@ class TensorSpec:
     shape: tuple[int, ...]  # -1 marks a dimension of variable size
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ModelInfo:
+    """One model as the server describes it; `str()` and `repr()` give one readable line."""
+
     name: str
     version: str
     versions: tuple[str, ...]
@@ -28,6 +30,40 @@ class ModelInfo:
     outputs: tuple[TensorSpec, ...]
     quality: Mapping[str, float] = field(default_factory=dict)
     description: str = ""
+    image: tuple[int, int, int] | None = None  # (height, width, channels) of the images it takes; 0, 0: any size
+    text: bool = False  # takes texts (or a prompt)
+
+    def takes(self) -> str:
+        """What the model takes, for people: "image 8x8 grey, tensor [n, 64]"."""
+        if not self.task:  # a plain ONNX model: KServe v2 tensors only
+            return "tensors " + ", ".join(f"{s.name} {s.datatype} {_shape(s.shape)}" for s in self.inputs)
+        if self.task == "generate":
+            return "a text prompt" if self.text else "nothing but a seed: it draws images"
+        accepted = []
+        if self.image is not None:
+            height, width, channels = self.image
+            size = f"{height}x{width}" if height else "of any size"
+            accepted.append(
+                f"images {size} {'grey' if channels == 1 else 'RGB' if channels == 3 else f'{channels}-ch'}"
+            )
+        if self.text:
+            accepted.append("texts")
+        elif len(self.inputs) == 1:
+            accepted.append(f"a tensor {_shape(self.inputs[0].shape)}")
+        return ", ".join(accepted)
+
+    def __repr__(self) -> str:
+        return f"<ModelInfo {self}>"
+
+    def __str__(self) -> str:
+        quality = ", ".join(f"{k} {v:.4g}" for k, v in self.quality.items())
+        return f"{self.name} v{self.version} ({self.task or 'KServe v2 only'}, {self.family or 'plain ONNX'}): " + (
+            f"takes {self.takes()}" + (f"; {quality}" if quality else "")
+        )
+
+
+def _shape(shape: Iterable[int]) -> str:
+    return "[" + ", ".join("n" if i == 0 and d < 0 else "?" if d < 0 else str(d) for i, d in enumerate(shape)) + "]"
 
 
 @dataclass(frozen=True)

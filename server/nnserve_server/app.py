@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from nnserve_client._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
+from . import logs
 from .errors import StartupError
 from .guard import InFlight, StatusGuard
 from .metrics import ServerMetrics, start_metrics_endpoint
@@ -127,9 +128,14 @@ def create_server(
         reflection.enable_server_reflection(names, server)
     address = f"{settings.host}:{settings.port}"
     credentials = server_credentials(settings)
-    port = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    try:
+        port = (
+            server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        )
+    except RuntimeError:  # grpcio raises "Failed to bind to address" where older releases returned 0
+        port = 0
     if port == 0:
-        raise StartupError(f"cannot bind {settings.host}:{settings.port}; is it in use?")
+        raise StartupError(f"cannot bind the gRPC port {settings.host}:{settings.port}; is it in use?")
 
     async def model_health(name: str, ready: bool) -> None:
         await health_servicer.set(name, SERVING if ready and state.ready else NOT_SERVING)
@@ -151,6 +157,10 @@ async def set_serving(server: Server, repository: ModelRepository, serving: bool
         await server.health.set(name, SERVING if repository.is_ready(name) else NOT_SERVING)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 async def serve(settings: Settings) -> None:
     runtime = Runtime.from_settings(settings)
     registry = CollectorRegistry()
@@ -159,24 +169,29 @@ async def serve(settings: Settings) -> None:
         metrics.provider_fallbacks.labels(provider).inc()
     for provider in runtime.providers:
         metrics.provider.labels(provider).set(1)
+    if not settings.model_repository.is_dir() and not settings.poll_interval_s:
+        raise StartupError(
+            f"the model repository {settings.model_repository} does not exist: build one (make zoo, or "
+            f"nnserve-export zoo --out {settings.model_repository}), point --model-repository at one, or give "
+            "--poll-interval-s to wait for it"
+        )
     repository = ModelRepository(settings.model_repository, runtime, settings, metrics)
     tracing = Tracing.from_settings(settings.tracing)
-    server = create_server(settings, repository, metrics, tracing)
-    await repository.load_all()
-    metrics_address = "off"
-    if settings.metrics_port >= 0:
+    server = create_server(settings, repository, metrics, tracing)  # binds the gRPC port: refused now if busy
+    metrics_address = "metrics off"
+    if settings.metrics_port >= 0:  # bound before the models load, so a busy port is said at once
         http_server, _, metrics_port = start_metrics_endpoint(settings.metrics_host, settings.metrics_port, registry)
-        metrics_address = f"http://{settings.metrics_host}:{metrics_port}/metrics"
+        metrics_address = f"metrics at http://{settings.metrics_host}:{metrics_port}/metrics"
+    await repository.load_all()
     await server.grpc_server.start()
     await set_serving(server, repository, True)
     ready = [n for n in repository.names() if repository.is_ready(n)]
-    print(
+    banner = (
         f"nnserve listening on {settings.host}:{server.port} (gRPC: KServe v2 + nnserve.v1.Tasks); "
-        f"metrics at {metrics_address}; {len(ready)} models ready: {', '.join(ready) or 'none'}",
-        flush=True,
+        f"{metrics_address}; {_count(len(ready), 'model')} ready: {', '.join(ready) or 'none'}"
     )
-    hint = f"from nnserve_client import Client; print(Client('{settings.host}:{server.port}').models())"
-    print(f'try: .venv/bin/python -c "{hint}"', flush=True)
+    logs.announce(banner, settings.log_format)
+    logs.announce(f"try: nnserve-client --target {settings.host}:{server.port} models", settings.log_format)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -64,3 +64,12 @@ def configure(level: str, log_format: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def announce(text: str, log_format: str) -> None:
+    """A line for the person (or supervisor) watching stdout: the start-up banner. In json mode it is a
+    JSON log object like every other line, so a collector reading the terminal sees one format."""
+    if log_format == "json":
+        record = logging.LogRecord("nnserve", logging.INFO, __file__, 0, text, None, None)
+        text = JsonFormatter().format(record)
+    print(text, flush=True)

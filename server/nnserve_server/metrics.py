@@ -22,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from .errors import StartupError
 from .stats import CodecStats, ModelStats, ServerStats
 from .stats import Histogram as Buckets
 
@@ -224,5 +225,10 @@ def start_metrics_endpoint(
     host: str, port: int, registry: CollectorRegistry
 ) -> tuple[WSGIServer, threading.Thread, int]:
     """Serve /metrics in a background thread; returns the server, its thread and the bound port."""
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as error:
+        raise StartupError(
+            f"cannot bind the metrics endpoint {host}:{port} ({error.strerror}); is it in use?"
+        ) from None
     return server, thread, server.server_port

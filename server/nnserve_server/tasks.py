@@ -72,31 +72,96 @@ def full_scale(spec: ModelSpec) -> float:
 
 
 def tensor_inputs(model: OnnxModel, spec: ModelSpec, batch: np.ndarray) -> dict[str, np.ndarray]:
-    """A batch in natural units, preprocessed and typed for the model's single input."""
+    """A batch in natural units, preprocessed and typed for the model's single input.
+
+    Image models also take arrays as people hold images: (H, W), (N, H, W), and channels last
+    ((H, W, C), (N, H, W, C), as PIL gives them); one item may come without its batch dimension."""
     if len(model.inputs) != 1:
         raise InvalidInput(f"model '{model.name}' takes inputs {list(model.inputs)}, not one tensor")
     (input_spec,) = model.inputs.values()
     if batch.dtype.kind not in "biuf":
         raise InvalidInput(f"the tensor must be numeric; got {batch.dtype}")
+    sent = list(batch.shape)
+    image = image_shape(model)
+    if image is not None and image[0]:
+        batch = _image_layout(batch, image, spec.input_layout)
     if batch.ndim == len(input_spec.shape) - 1:
         batch = batch[np.newaxis]  # one item without its batch dimension
+    expected = list(input_spec.shape)
+    if batch.ndim != len(expected) or any(e >= 0 and d != e for d, e in zip(batch.shape, expected, strict=False)):
+        shown = (
+            "[" + ", ".join("n" if i == 0 and d < 0 else "?" if d < 0 else str(d) for i, d in enumerate(expected)) + "]"
+        )
+        also = f" (or images as [n, {image[0]}, {image[1]}] or [{image[0]}, {image[1]}])" if image and image[0] else ""
+        raise InvalidInput(f"the tensor has shape {sent}; model '{model.name}' takes {shown}{also}")
     x = preprocess(batch, spec.preprocessing, spec.input_layout).astype(DTYPES[input_spec.datatype], copy=False)
     return {input_spec.name: x}
 
 
+def _image_layout(batch: np.ndarray, image: tuple[int, int, int], layout: str) -> np.ndarray:
+    """Image-shaped arrays in the layout the model reads; anything else is left for the shape check."""
+    height, width, channels = image
+    if layout == "NCHW":
+        if batch.ndim == 2 and channels == 1:
+            return batch[np.newaxis, np.newaxis]  # (H, W)
+        if batch.ndim == 3 and channels == 1 and batch.shape[1:] == (height, width):
+            return batch[:, np.newaxis]  # (N, H, W)
+        if batch.ndim == 3 and batch.shape == (height, width, channels) and channels > 1:
+            return batch.transpose(2, 0, 1)[np.newaxis]  # (H, W, C)
+        if batch.ndim == 4 and batch.shape[1:] == (height, width, channels) and channels > 1:
+            return batch.transpose(0, 3, 1, 2)  # (N, H, W, C)
+        return batch
+    if batch.ndim >= 2 and batch.shape[-2:] == (height, width) and channels == 1:
+        rows = batch.reshape(-1, height, width)
+        return rows.reshape(len(rows), -1) if layout == "features" else rows
+    return batch
+
+
+_IMAGE_RANK = {"NCHW": 4, "features": 2, "sequence": 3}  # input rank of each layout that can read images
+
+
+def image_shape(model: OnnxModel) -> tuple[int, int, int] | None:
+    """(height, width, channels) of the images the task API takes for `model` (0, 0: any size), or None.
+
+    NCHW models take images; a `features` or `sequence` model takes them when its metadata names the
+    image size it was trained on (the FNN reads a digit flattened, the RNN one row per step)."""
+    spec = model.spec
+    if spec is None or len(model.inputs) != 1:
+        return None
+    input_spec = next(iter(model.inputs.values()))
+    rank = _IMAGE_RANK.get(spec.input_layout)
+    if rank != len(input_spec.shape) or not (spec.input_layout == "NCHW" or len(spec.image_size) == 2):
+        return None
+    channels = input_spec.shape[1] if rank == 4 and input_spec.shape[1] > 0 else 1
+    height, width = spec.image_size if len(spec.image_size) == 2 and spec.task != "segment" else (0, 0)
+    return height, width, channels  # a segmenter takes any size (padded to its stride, cropped back)
+
+
+def takes_text(model: OnnxModel) -> bool:
+    return model.spec is not None and bool(model.spec.tokenizer or model.spec.vocabulary)
+
+
 def image_inputs(model: OnnxModel, spec: ModelSpec, encoded: list[bytes], max_pixels: int) -> dict[str, np.ndarray]:
-    """Encoded images decoded, resized to the model's image size and preprocessed, as one batch."""
+    """Encoded images decoded, resized to the model's image size and preprocessed, as one batch, in the
+    layout the model reads them: NCHW as they are, `features` flattened row by row, `sequence` one
+    step per row (each step a row's pixels, channels interleaved)."""
     if not encoded:
         raise InvalidInput("no images given; send at least one")
-    input_spec = next(iter(model.inputs.values()))
-    if spec.input_layout != "NCHW" or len(model.inputs) != 1 or len(input_spec.shape) != 4:
+    shape = image_shape(model)
+    if shape is None:
         raise InvalidInput(f"model '{model.name}' does not take images")
-    channels = input_spec.shape[1] if input_spec.shape[1] > 0 else 1
     top = full_scale(spec)
-    decoded = [
-        images.decode(data, channels=channels, size=spec.image_size, max_pixels=max_pixels, top=top) for data in encoded
-    ]
-    return tensor_inputs(model, spec, np.stack(decoded))
+    decoded = np.stack(
+        [
+            images.decode(data, channels=shape[2], size=spec.image_size, max_pixels=max_pixels, top=top)
+            for data in encoded
+        ]
+    )
+    if spec.input_layout == "features":
+        decoded = decoded.reshape(len(decoded), -1)
+    elif spec.input_layout == "sequence":
+        decoded = decoded.transpose(0, 2, 3, 1).reshape(len(decoded), decoded.shape[2], -1)
+    return tensor_inputs(model, spec, decoded)
 
 
 def text_inputs(model: OnnxModel, spec: ModelSpec, texts: list[str], max_chars: int) -> dict[str, np.ndarray]:

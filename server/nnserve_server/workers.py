@@ -71,22 +71,24 @@ class Supervisor:
         reserved = _reserve_port(settings.host, settings.port)
         port = reserved.getsockname()[1]
         try:
-            ready = await asyncio.gather(*(self._start(index, port) for index in range(settings.workers)))
-            if not all(ready):
-                await self._stop_all()
-                raise StartupError("a worker exited before it was ready; its log is above")
-            metrics_address = "off"
+            metrics_address = "metrics off"
             http_server = None
-            if settings.metrics_port >= 0:
+            if settings.metrics_port >= 0:  # bound before the workers load their models: a busy port is said at once
                 registry = CollectorRegistry()
                 registry.register(self.metrics)
                 http_server, _, metrics_port = start_metrics_endpoint(
                     settings.metrics_host, settings.metrics_port, registry
                 )
-                metrics_address = f"http://{settings.metrics_host}:{metrics_port}/metrics"
+                metrics_address = f"metrics at http://{settings.metrics_host}:{metrics_port}/metrics"
+            ready = await asyncio.gather(*(self._start(index, port) for index in range(settings.workers)))
+            if not all(ready):
+                await self._stop_all()
+                if http_server is not None:
+                    http_server.shutdown()
+                raise StartupError("a worker exited before it was ready; its log is above")
             print(
                 f"{READY_LINE}{settings.host}:{port} (gRPC: KServe v2 + nnserve.v1.Tasks); "
-                f"metrics at {metrics_address}; {settings.workers} workers (SO_REUSEPORT), pids "
+                f"{metrics_address}; {settings.workers} workers (SO_REUSEPORT), pids "
                 + ", ".join(str(p.pid) for p in self._processes.values()),
                 flush=True,
             )
@@ -116,7 +118,7 @@ class Supervisor:
         assert process.stdout is not None
         while line := await process.stdout.readline():
             text = line.decode(errors="replace")
-            if text.startswith(READY_LINE):
+            if READY_LINE in text:  # a plain line, or the message of a JSON one
                 url = METRICS_URL.search(text)
                 if url is not None:
                     self.metrics.add(index, url.group(1))

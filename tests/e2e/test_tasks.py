@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -158,6 +159,30 @@ def test_classify_images_from_bytes_paths_and_pil(zoo_server: RunningServer, tmp
     assert results[0] == results[1] == results[2] == as_tensor[0]  # PNG 255 maps onto the digits' 16
 
 
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [("digits-fnn", (1, 64)), ("digits-rnn", (1, 8, 8)), ("digits-cnn", (1, 1, 8, 8)), ("digits-resnet", (1, 1, 8, 8))],
+)
+def test_every_digit_classifier_reads_a_png_as_it_reads_its_own_tensor(
+    zoo_server: RunningServer, model: str, shape: tuple[int, ...]
+) -> None:
+    """The FNN reads the image flattened row by row, the RNN one row per step (their metadata says so:
+    image_size with the features or sequence layout), the CNN and ResNet as NCHW."""
+    from sklearn.datasets import load_digits
+
+    seven = load_digits().images[7]  # 0..16, the digit 7
+    exact = np.rint(seven / 16 * 15) * 17  # levels a PNG holds exactly: 255 maps onto the digits' 16
+    with Client(zoo_server.target) as client:
+        description = next(m for m in client.models() if m.name == model)
+        from_png = client.classify(model, images=png(exact), top_k=10)
+        from_tensor = client.classify(model, (exact / 255 * 16).reshape(shape), top_k=10)
+    assert [s.label for s in from_png[0].top] == [s.label for s in from_tensor[0].top], description
+    np.testing.assert_allclose(  # the same pixels, up to float32 rounding of 255 -> 16
+        [s.probability for s in from_png[0].top], [s.probability for s in from_tensor[0].top], rtol=1e-4, atol=1e-6
+    )
+    assert from_png[0].label in description.labels
+
+
 def test_segment_pads_to_the_stride_and_crops_back(zoo_server: RunningServer) -> None:
     from nnserve_exporters.datasets import shapes
 
@@ -205,9 +230,87 @@ def test_bad_task_input_is_invalid_argument(zoo_server: RunningServer, call: obj
         assert len(client.generate_text("chars-lstm", "x", max_tokens=2)) == 2  # still serving
 
 
-def cli(target: str, *args: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "nnserve_client.cli", "--target", target, *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+def cli(
+    target: str | None, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "nnserve_client.cli", *(["--target", target] if target else []), *args]
+    environ = {**os.environ, **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False, cwd=cwd, env=environ)
+
+
+def _one_line_error(done: subprocess.CompletedProcess[str], code: int, message: str) -> None:
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert message in done.stderr, done.stderr
+
+
+def test_command_line_formats_files_and_one_line_errors(zoo_server: RunningServer, tmp_path: Path) -> None:
+    image = tmp_path / "digit.png"
+    image.write_bytes(DIGIT)
+    target = zoo_server.target
+    # Options anywhere, and the target from the environment.
+    listed = cli(None, "models", "--format", "json", env={"NNSERVE_TARGET": target})
+    assert listed.returncode == 0, listed.stderr
+    models = {m["name"]: m for m in map(json.loads, listed.stdout.splitlines())}
+    assert models["digits-fnn"]["takes"] == "images 8x8 grey, a tensor [n, 64]"
+    assert models["digits-rnn"]["image"] == [8, 8, 1]
+    assert models["sentence-minilm"]["takes"] == "texts"
+    assert models["chars-lstm"]["takes"] == "a text prompt"
+    assert models["shapes-unet"]["takes"].startswith("images of any size grey")
+    text = cli(target, "models").stdout
+    assert any(line.startswith("digits-cnn") and "takes images 8x8 grey" in line for line in text.splitlines())
+    classified = cli(None, "classify", "digits-fnn", "--image", str(image), "--format", "json", "--target", target)
+    assert classified.returncode == 0, classified.stderr
+    (record,) = map(json.loads, classified.stdout.splitlines())
+    assert record["input"] == str(image)
+    assert len(record["top"]) == 3
+    assert set(record["top"][0]) == {"label", "index", "probability"}
+    capped = cli(target, "classify", "digits-fnn", "--image", str(image), "--top-k", "50", "--format", "json")
+    assert len(json.loads(capped.stdout)["top"]) == 10
+    assert "has 10 labels" in capped.stderr
+    # Images are written only where --out says, and only after the call succeeded.
+    drawn = cli(target, "generate", "digits-gan", "--samples", "2", cwd=tmp_path)
+    assert drawn.returncode == 0, drawn.stderr
+    assert drawn.stdout.splitlines()[0].startswith("image 0")
+    assert not list(tmp_path.glob("*.png"))[1:]  # only the digit this test wrote
+    refused = cli(target, "generate", "digits-gan", "--label", "12", "--out", str(tmp_path / "never"))
+    _one_line_error(refused, 1, "label 12")
+    assert not (tmp_path / "never").exists()
+    # A refused prompt prints nothing on stdout (the prompt is echoed only once the server accepts).
+    long_prompt = cli(target, "generate", "chars-lstm", "--prompt", "x" * 400)
+    _one_line_error(long_prompt, 1, "at most 300")
+    assert long_prompt.stdout == ""
+    streamed = cli(target, "generate", "chars-lstm", "--prompt", "a", "--max-tokens", "3", "--format", "json")
+    lines = [json.loads(line) for line in streamed.stdout.splitlines()]
+    assert [set(line) for line in lines] == [{"text"}] * 3 + [{"finish_reason", "generated_tokens"}]
+    # A mask saved for viewing spreads the classes over the grey range; --raw-mask keeps the class ids.
+    from nnserve_exporters.datasets import shapes
+
+    picture, _ = shapes(1, 32, seed=5)
+    (tmp_path / "shapes.png").write_bytes(png((picture[0, 0] * 255).astype(np.uint8)))
+    for flag, top in (((), 255), (("--raw-mask",), 3)):
+        out = tmp_path / f"mask{len(flag)}.png"
+        done = cli(target, "segment", "shapes-unet", "--image", str(tmp_path / "shapes.png"), "--out", str(out), *flag)
+        assert done.returncode == 0, done.stderr
+        values = set(np.unique(np.asarray(Image.open(out))).tolist())
+        assert max(values) <= top, values
+        if not flag:
+            assert max(values) > 3, values  # spread out to be seen, not the class ids
+    segmented = cli(target, "segment", "shapes-unet", "--image", str(tmp_path / "shapes.png"), "--format", "json")
+    answer = json.loads(segmented.stdout)
+    assert answer["width"] == 32
+    assert sum(answer["pixel_counts"].values()) == 32 * 32
+
+    # Mistakes: one line on stderr each, the documented exit code, no traceback.
+    _one_line_error(cli(target, "classify", "digits-cnn", "--image", "missing.png"), 2, "no such file: missing.png")
+    _one_line_error(cli(target, "generate", "chars-lstm", "--prompt", "a", "--max-tokens", "-5"), 2, "at least 1")
+    _one_line_error(cli(target, "generate", "chars-lstm", "--prompt", "a", "--top-p", "1.5"), 2, "from 0 to 1")
+    _one_line_error(cli(target, "classify", "nope", "--text", "x"), 1, "unknown model 'nope'")
+    _one_line_error(cli("127.0.0.1:1", "models"), 3, "cannot reach a server at 127.0.0.1:1")
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("hello")
+    _one_line_error(cli(target, "classify", "digits-cnn", "--image", str(not_an_image)), 2, "notes.txt is not a PNG")
 
 
 def test_command_line_client(zoo_server: RunningServer, tmp_path: Path) -> None:
@@ -243,7 +346,8 @@ def test_command_line_client(zoo_server: RunningServer, tmp_path: Path) -> None:
     assert float(lines[5].split()[1]) == 1.0  # a vector with itself
     assert max(len(line) for line in lines) < 100  # for a person, not a wall of floats
     as_json = json.loads(cli(zoo_server.target, "encode", "sentence-minilm", "--text", "a cat", "--json").stdout)
-    assert len(as_json["vectors"][0]) == 384
+    assert len(as_json["vector"]) == 384
+    assert as_json["input"] == "a cat"
     segmented = cli(
         zoo_server.target, "segment", "shapes-unet", "--image", str(image), "--out", str(tmp_path / "m.png")
     )

@@ -41,17 +41,38 @@ FUZZ = settings(
     database=None,
 )
 TRIED: dict[str, int] = {}
+ZERO_WITH_HUGE: dict[str, int] = {}  # shapes drawn with a zero beside a huge dimension, by where they went
+SHARED_MEMORY_KEYS = ["shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"]
+
+
+def _count_zero_with_huge(shape: object, where: str) -> None:
+    dimensions = list(shape)  # type: ignore[call-overload]
+    if 0 in dimensions and any(d >= 2**31 for d in dimensions):
+        ZERO_WITH_HUGE[where] = ZERO_WITH_HUGE.get(where, 0) + 1
+
 
 names = st.sampled_from(["echo", "echo-typed", "digits-fnn", "slow", "", "nope", "../echo", "x" * 300])
 input_names = st.sampled_from(["in_FP32", "in_BYTES", "in_INT64", "in_BOOL", "input", "x", "", "in_FP16"])
 dims = st.one_of(st.integers(-3, 6), st.sampled_from([0, 64, 1024, 2**31, 2**40, 2**62, 2**63 - 1, -(2**63)]))
-shapes = st.lists(dims, min_size=0, max_size=5)
+# Zero beside huge dimensions: an empty tensor by its product, absurd by its dimensions (refused either way).
+HUGE = [2**31, 2**40, 2**62, 2**63 - 1]
+zero_with_huge = st.lists(st.sampled_from([0, 0, 1, 64, *HUGE]), min_size=2, max_size=5).filter(
+    lambda shape: 0 in shape and max(shape) >= 2**31
+)
+shapes = st.one_of(st.lists(dims, min_size=0, max_size=5), zero_with_huge)
 datatypes = st.one_of(st.sampled_from([*DATATYPES, "BYTES"]), st.text(max_size=8))
 
 
 @st.composite
 def tensors(draw: st.DrawFn) -> pb.ModelInferRequest.InferInputTensor:
     tensor = pb.ModelInferRequest.InferInputTensor(name=draw(input_names), datatype=draw(datatypes), shape=draw(shapes))
+    _count_zero_with_huge(tensor.shape, "ModelInfer")
+    if draw(st.integers(0, 9)) == 0:  # shared-memory parameters: unknown regions, wrong types, missing sizes
+        for key in draw(st.lists(st.sampled_from(SHARED_MEMORY_KEYS), max_size=3)):
+            if draw(st.booleans()):
+                tensor.parameters[key].string_param = draw(st.sampled_from(["", "r0", "x" * 300]))
+            else:
+                tensor.parameters[key].int64_param = draw(st.sampled_from([-1, 0, 64, 2**62]))
     contents = draw(st.sampled_from(["none", "fp32", "int64", "bytes", "bool", "uint"]))
     if contents == "fp32":
         tensor.contents.fp32_contents.extend(draw(st.lists(st.floats(width=32), max_size=70)))
@@ -130,7 +151,9 @@ def _still_serving(running: RunningServer, before: np.ndarray) -> None:
         np.testing.assert_array_equal(client.infer("digits-fnn", {"input": PIXELS})["logits"], before)
     assert "Traceback" not in running.log(), running.log()[-3000:]
     assert sum(TRIED.values()) >= 3000, TRIED
-    print(f"fuzz cases tried: {TRIED}")
+    assert ZERO_WITH_HUGE.get("ModelInfer", 0) >= 50, ZERO_WITH_HUGE
+    assert ZERO_WITH_HUGE.get("tasks", 0) >= 20, ZERO_WITH_HUGE
+    print(f"fuzz cases tried: {TRIED}; shapes with a zero beside a huge dimension: {ZERO_WITH_HUGE}")
 
 
 @FUZZ
@@ -172,7 +195,14 @@ def task_requests(draw: st.DrawFn) -> tuple[str, bytes]:
     elif which == "tensor":
         request.tensor.datatype = draw(datatypes)
         request.tensor.shape.extend(draw(shapes))
-        request.tensor.raw = draw(st.binary(max_size=512))
+        _count_zero_with_huge(request.tensor.shape, "tasks")
+        values = draw(st.sampled_from(["raw", "float_values", "int64_values", "empty"]))
+        if values == "raw":
+            request.tensor.raw = draw(st.binary(max_size=512))
+        elif values == "float_values":
+            request.tensor.float_values.extend(draw(st.lists(st.floats(width=32), max_size=70)))
+        elif values == "int64_values":
+            request.tensor.int64_values.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=70)))
     return draw(st.sampled_from(["Classify", "Encode", "Generate"])), request.SerializeToString()
 
 

@@ -6,6 +6,9 @@ import asyncio
 import re
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -87,6 +90,36 @@ def test_a_corrupt_model_is_quarantined(
 def test_missing_provider_refuses_to_start(model_repository: Path) -> None:
     with pytest.raises(RuntimeError, match=r"(?s)exited with 1.*CUDAExecutionProvider.*not available"):
         start_server(model_repository, "--providers", "cuda,cpu")
+
+
+def _refused_start(*flags: str) -> str:
+    """`nnserve serve` that must refuse: one line on stderr, exit 1, no traceback, before any model loads."""
+    command = [sys.executable, "-m", "nnserve_server.cli", "serve", "--log-level", "INFO", *flags]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "loaded model" not in done.stderr, done.stderr  # refused before the first model loads
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
+
+
+def test_a_busy_port_or_a_missing_repository_refuses_to_start_in_one_line(
+    server: RunningServer, model_repository: Path, tmp_path: Path
+) -> None:
+    busy_grpc = _refused_start("--model-repository", str(model_repository), "--port", str(server.port))
+    assert f"cannot bind the gRPC port 127.0.0.1:{server.port}; is it in use?" in busy_grpc
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        metrics_port = taken.getsockname()[1]
+        busy_metrics = _refused_start(
+            "--model-repository", str(model_repository), "--port", "0", "--metrics-port", str(metrics_port)
+        )
+    assert f"cannot bind the metrics endpoint 127.0.0.1:{metrics_port}" in busy_metrics
+    missing = _refused_start("--model-repository", str(tmp_path / "no-such-dir"), "--port", "0")
+    assert f"the model repository {tmp_path / 'no-such-dir'} does not exist" in missing
+    assert "--poll-interval-s to wait for it" in missing
 
 
 def test_provider_fallback_is_logged_and_counted(own_server: Callable[..., RunningServer]) -> None:

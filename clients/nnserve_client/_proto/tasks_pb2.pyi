@@ -245,7 +245,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelDescription(_message.Message):
-    __slots__ = ("name", "version", "versions", "ready", "task", "family", "labels", "inputs", "outputs", "quality", "description")
+    __slots__ = ("name", "version", "versions", "ready", "task", "family", "labels", "inputs", "outputs", "quality", "description", "image", "text")
     class QualityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +264,8 @@ class ModelDescription(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     versions: _containers.RepeatedScalarFieldContainer[str]
@@ -275,4 +277,16 @@ class ModelDescription(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     quality: _containers.ScalarMap[str, float]
     description: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., ready: bool = ..., task: _Optional[str] = ..., family: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., quality: _Optional[_Mapping[str, float]] = ..., description: _Optional[str] = ...) -> None: ...
+    image: ImageInput
+    text: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., ready: bool = ..., task: _Optional[str] = ..., family: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., quality: _Optional[_Mapping[str, float]] = ..., description: _Optional[str] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., text: bool = ...) -> None: ...
+
+class ImageInput(_message.Message):
+    __slots__ = ("height", "width", "channels")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    channels: int
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...

@@ -46,6 +46,7 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
         family=FAMILY,
         labels=datasets.DIGIT_LABELS,
         preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
+        image_size=(8, 8),  # the task API takes a digit image: flattened row by row
         quality=quality,
         training_data=datasets.DIGITS_SOURCE,
         description="Feed-forward network (64-256-256-10, ReLU, dropout 0.2) classifying 8x8 handwritten digits",

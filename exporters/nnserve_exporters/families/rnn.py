@@ -54,6 +54,7 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
         labels=datasets.DIGIT_LABELS,
         input_layout="sequence",
         preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
+        image_size=(8, 8),  # the task API takes a digit image: one step per row
         quality=quality,
         training_data=datasets.DIGITS_SOURCE + "; each image read as 8 rows of 8 pixels",
         description="Two-layer tanh RNN (128 units) over the rows of an 8x8 digit, classified from the last step",

@@ -48,6 +48,7 @@ def describe(repository: ModelRepository, model: OnnxModel) -> pb.ModelDescripti
     spec = model.spec
     specs = [pb.TensorSpec(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs.values()]
     outputs = [pb.TensorSpec(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs.values()]
+    image = tasks.image_shape(model)
     return pb.ModelDescription(
         name=model.name,
         version=model.version,
@@ -60,6 +61,8 @@ def describe(repository: ModelRepository, model: OnnxModel) -> pb.ModelDescripti
         outputs=outputs,
         quality=dict(spec.quality) if spec else {},
         description=spec.description if spec else "",
+        image=pb.ImageInput(height=image[0], width=image[1], channels=image[2]) if image else None,
+        text=tasks.takes_text(model),
     )
 
 
