@@ -49,8 +49,9 @@ $(MODELS): | $(STAMP)
 zoo: $(STAMP)
 	$(BIN)/nnserve-export zoo --out $(MODELS) --force
 
-serve: $(STAMP) | $(MODELS)
-	$(BIN)/nnserve serve --model-repository $(MODELS) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
+# Serves at once; a repository not built yet is built into while it serves (each model joins when trained).
+serve: $(STAMP)
+	$(BIN)/nnserve-export serve --repository $(MODELS) -- --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 test: $(STAMP) $(CHECKOV_STAMP) $(PEERS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -69,11 +69,16 @@ class RunningServer:
 
 
 def start_server(repository: Path, *flags: str, env: dict[str, str] | None = None) -> RunningServer:
-    log_path = Path(tempfile.mkstemp(prefix="nnserve-", suffix=".log")[1])
     command = [
         sys.executable, "-m", "nnserve_server.cli", "serve",
         "--model-repository", str(repository), "--port", "0", "--metrics-port", "0", *flags,
     ]  # fmt: skip
+    return start_command(command, env)
+
+
+def start_command(command: list[str], env: dict[str, str] | None = None) -> RunningServer:
+    """Any command that ends up serving (a server, or the zoo builder that starts one): its output in a log."""
+    log_path = Path(tempfile.mkstemp(prefix="nnserve-", suffix=".log")[1])
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 60

@@ -186,9 +186,11 @@ async def serve(settings: Settings) -> None:
     await server.grpc_server.start()
     await set_serving(server, repository, True)
     ready = [n for n in repository.names() if repository.is_ready(n)]
+    training = sorted(repository.training())
     banner = (
         f"nnserve listening on {settings.host}:{server.port} (gRPC: KServe v2 + nnserve.v1.Tasks); "
         f"{metrics_address}; {_count(len(ready), 'model')} ready: {', '.join(ready) or 'none'}"
+        + (f"; {len(training)} training: {', '.join(training)}" if training else "")
     )
     logs.announce(banner, settings.log_format)
     logs.announce(f"try: nnserve-client --target {settings.host}:{server.port} models", settings.log_format)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -28,6 +29,14 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 READY, UNAVAILABLE, UNLOADED = "READY", "UNAVAILABLE", "UNLOADED"
 KEPT = "kept serving: a newer version did not load"
+TRAINING_FILE = ".training.json"  # {"models": {name: unix time it should be ready}}, kept by the zoo builder
+
+
+def _eta(ready_at: float) -> str:
+    left = ready_at - time.time()
+    return f"ready in about {left:.0f} s" if left > 1 else "ready any moment now"
+
+
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 StateListener = Callable[[str, bool], Awaitable[None]]
@@ -104,6 +113,8 @@ class ModelRepository:
         self._models: dict[str, dict[str, VersionEntry]] = {}
         self._latest: dict[str, OnnxModel | None] = {}  # per name, the highest ready version
         self._listeners: list[StateListener] = []
+        self._training: dict[str, str] = {}
+        self._training_stamp = 0
 
     def on_state_change(self, listener: StateListener) -> None:
         """`listener(model_name, ready)` is awaited after every load or unload."""
@@ -256,6 +267,9 @@ class ModelRepository:
                 return latest
         entries = self._models.get(name)
         if entries is None:
+            training = self.training().get(name)
+            if training is not None:
+                raise ModelNotReady(f"model '{name}' is being trained; {training}")
             raise ModelNotFound(f"unknown model '{name}'; the server has {_listing(self.names())}")
         if version:
             entry = entries.get(version)
@@ -269,6 +283,24 @@ class ModelRepository:
 
     def names(self) -> list[str]:
         return sorted(self._models)
+
+    def training(self) -> dict[str, str]:
+        """Models a zoo builder is training into this repository, each with when it expects to be done
+        (from `TRAINING_FILE`, which the builder keeps; re-read only when it changes)."""
+        path = self.root / TRAINING_FILE
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return {}
+        if stamp != self._training_stamp:
+            try:
+                listed = json.loads(path.read_text())["models"]
+                self._training = {str(name): _eta(float(eta)) for name, eta in dict(listed).items()}
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("cannot read %s (%s); ignoring it", path, error)
+                self._training = {}
+            self._training_stamp = stamp
+        return {name: eta for name, eta in self._training.items() if name not in self._latest or not self._latest[name]}
 
     def knows(self, name: str) -> bool:
         """Whether `name` is a model of this repository (loaded or not): a dict lookup, for the hot path."""

@@ -16,6 +16,7 @@ from ..training import Progress, Trained, minibatches
 from .judge import judge, sample_quality
 
 NAME = "digits-vae"
+MODEL_NAMES = (NAME, NAME + "-encoder")  # the models this family installs
 FAMILY = "vae"
 TASK = "generate"
 NEEDS = ("cnn",)
