@@ -6,14 +6,25 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import serving
 from .zoo import FAMILIES, main_zoo
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nnserve-export", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(
+        prog="nnserve-export",
+        description=__doc__,
+        epilog="exit codes: 0 built (and served); 1 a model missed its bar, or --out exists without --force; "
+        "2 a usage mistake",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     zoo = commands.add_parser("zoo", help="train, export and verify every family into a model repository")
     zoo.add_argument("--out", type=Path, default=Path("models"), help="model repository to create")
     zoo.add_argument("--fast", action="store_true", help="tiny models in seconds, for tests (no quality bars)")

@@ -32,19 +32,25 @@ def serve(repository: Path, server_flags: list[str], jobs: int = 2, fast: bool =
     repository.mkdir(parents=True, exist_ok=True)
     print(f"nnserve-export serve: {repository} is not built yet; serving it while the zoo trains into it", flush=True)
     server = subprocess.Popen([*command, "--poll-interval-s", POLL_S, *server_flags])
+
+    def stop(signum: int, frame: object) -> None:  # Ctrl-C or SIGTERM: the server drains, the build stops
+        server.send_signal(signum)
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)  # also where a shell started us with SIGINT ignored (`make serve &`)
     status = 0
     try:
         rows = build_zoo(repository, jobs=jobs, incremental=True, fast=fast)
         print(table(rows), flush=True)
         print(f"nnserve-export serve: the whole zoo is built and served from {repository}", flush=True)
+        return server.wait()
     except QualityError as error:  # the others are served; this one is named
         print(f"nnserve-export serve: {error}; the other models are served", file=sys.stderr, flush=True)
         status = 1
     except KeyboardInterrupt:
-        server.send_signal(signal.SIGINT)
-        return server.wait()
+        pass
     try:
         return server.wait() or status
     except KeyboardInterrupt:
-        server.send_signal(signal.SIGINT)
-        return server.wait()
+        return server.wait() or status

@@ -167,8 +167,9 @@ def build_zoo(
     try:
         rows, failures = _run_jobs(chosen, staging, out if incremental else None, fast, jobs, started, pending)
     finally:
-        if incremental:
+        if incremental:  # what met its bar is in `out` already; the rest is half-built
             (out / TRAINING_FILE).unlink(missing_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(staging / TORCH_DIR, ignore_errors=True)
     if failures:
         raise QualityError("models missed their quality bars: " + "; ".join(failures))
@@ -221,44 +222,65 @@ def _run_jobs(
     started: float,
     pending: dict[str, float],
 ) -> tuple[list[ZooRow], list[str]]:
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: torch's threads set before any work
+    pool = ProcessPoolExecutor(max_workers=max(jobs, 1), mp_context=context)
+    try:
+        return _drive(pool, chosen, staging, install, fast, jobs, started, pending)
+    except BaseException:  # Ctrl-C or SIGTERM: the workers stop now, not after the family they train
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _drive(
+    pool: ProcessPoolExecutor,
+    chosen: list[str],
+    staging: Path,
+    install: Path | None,
+    fast: bool,
+    jobs: int,
+    started: float,
+    pending: dict[str, float],
+) -> tuple[list[ZooRow], list[str]]:
     rows: list[ZooRow] = []
     failures: list[str] = []
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: torch's threads set before any work
-    with ProcessPoolExecutor(max_workers=max(jobs, 1), mp_context=context) as pool:
-        submitted: dict[Future[list[ZooRow]], str] = {}
-        waiting = list(chosen)
-        done_keys: set[str] = set()
+    submitted: dict[Future[list[ZooRow]], str] = {}
+    waiting = list(chosen)
+    done_keys: set[str] = set()
 
-        def submit_ready() -> None:
-            for key in list(waiting):
-                needs = set(getattr(FAMILIES[key], "NEEDS", ())) & set(chosen)
-                if needs <= done_keys and len(submitted) < max(jobs, 1):
-                    waiting.remove(key)
-                    print(f"[{key}] training{' (fast)' if fast else ''}", flush=True)
-                    submitted[pool.submit(_build_in_worker, key, staging, fast)] = key
+    def submit_ready() -> None:
+        for key in list(waiting):
+            needs = set(getattr(FAMILIES[key], "NEEDS", ())) & set(chosen)
+            if needs <= done_keys and len(submitted) < max(jobs, 1):
+                waiting.remove(key)
+                print(f"[{key}] training{' (fast)' if fast else ''}", flush=True)
+                submitted[pool.submit(_build_in_worker, key, staging, fast)] = key
 
+    submit_ready()
+    while submitted:
+        finished, _ = wait(submitted, return_when=FIRST_COMPLETED)
+        for future in finished:
+            key = submitted.pop(future)
+            family = FAMILIES[key]
+            built = future.result()
+            missed = [] if fast else misses(family, built[0].quality)
+            elapsed = time.perf_counter() - started
+            verdict = "; MISSED ITS BAR, left out" if missed else ""
+            print(f"[{key}] {_quality(built[0].quality)} ({elapsed:.0f}s elapsed){verdict}", flush=True)
+            failures += missed
+            done_keys.add(key)
+            if install is not None:
+                if not missed:
+                    for model_dir in (staging / key).iterdir():
+                        shutil.rmtree(install / model_dir.name, ignore_errors=True)
+                        model_dir.rename(install / model_dir.name)  # whole, at once
+                pending.pop(key, None)
+                _write_training(install, pending)
+            rows += built
         submit_ready()
-        while submitted:
-            finished, _ = wait(submitted, return_when=FIRST_COMPLETED)
-            for future in finished:
-                key = submitted.pop(future)
-                family = FAMILIES[key]
-                built = future.result()
-                missed = [] if fast else misses(family, built[0].quality)
-                elapsed = time.perf_counter() - started
-                verdict = "; MISSED ITS BAR, left out" if missed else ""
-                print(f"[{key}] {_quality(built[0].quality)} ({elapsed:.0f}s elapsed){verdict}", flush=True)
-                failures += missed
-                done_keys.add(key)
-                if install is not None:
-                    if not missed:
-                        for model_dir in (staging / key).iterdir():
-                            shutil.rmtree(install / model_dir.name, ignore_errors=True)
-                            model_dir.rename(install / model_dir.name)  # whole, at once
-                    pending.pop(key, None)
-                    _write_training(install, pending)
-                rows += built
-            submit_ready()
     return rows, failures
 
 

@@ -141,7 +141,10 @@ class _Cache:
 async def generate_text(model: OnnxModel, prompt: str, sampling: Sampling) -> AsyncIterator[TextPiece | Finished]:
     spec = require_task(model, "generate")
     if not spec.vocabulary or not (spec.state or spec.cache):
-        raise InvalidInput(f"model '{model.name}' generates images, not text: ask for num_samples, not a prompt")
+        raise InvalidInput(
+            f"model '{model.name}' generates images, not text: ask for images "
+            "(num_samples; --samples in nnserve-client), not a prompt"
+        )
     if not prompt:
         raise InvalidInput("the prompt is empty; give at least one character")
     codec = CharacterCodec(spec.vocabulary)
@@ -214,7 +217,7 @@ async def generate_images(
     conditional = spec.extra.get("condition") == "label"
     if label is not None and not (conditional and 0 <= label < len(spec.labels)):
         raise InvalidInput(
-            f"label {label} is not one of model '{model.name}''s labels 0..{len(spec.labels) - 1}"
+            f"label {label} is not one of the labels of model '{model.name}', 0..{len(spec.labels) - 1}"
             if conditional
             else f"model '{model.name}' is not conditional: leave label unset"
         )

@@ -235,6 +235,7 @@ class StatusGuard:
         the call is reported first: whoever sees the error also sees it counted."""
         status, message = _status_and_message(error, record.rpc)
         record.code = status.name
+        record.message = message
         self._close(record, request, None)
         await context.abort(status, message, record.trailing_metadata(time.perf_counter_ns()))
 
@@ -275,6 +276,11 @@ class StatusGuard:
                 "compute_ms": round(record.compute_ns / 1e6, 3),
                 "batch_size": record.batch_size,
             }
+            if failed:  # why, in the caller's words too: the message it got, and the name it asked for
+                fields["message"] = record.message[:300]
+                if model == "unknown":
+                    requested = getattr(request, "model_name", None) or getattr(request, "name", None) or ""
+                    fields["requested_model"] = repr(str(requested)[:64])
             access_log.info("%s %s %s", record.rpc, model or "-", code, extra={"fields": fields})
 
     def _labels(self, request: Any, response: Any) -> tuple[str, str]:

@@ -22,7 +22,12 @@ def check(target: str, service: str = "", timeout_s: float = 3.0) -> tuple[bool,
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
             )
         except grpc.RpcError as error:
-            return False, f"{error.code().name}: {error.details()}"
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return (
+                    False,
+                    f"NOT_FOUND: the server has no health status named {service!r} (a model or gRPC service name)",
+                )
+            return False, f"{error.code().name}: {error.details() or 'no answer'}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     return reply.status == health_pb2.HealthCheckResponse.SERVING, status
 

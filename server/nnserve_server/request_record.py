@@ -33,6 +33,7 @@ class RequestRecord:
     request_id: str
     started_ns: int
     model: str = ""
+    message: str = ""  # the status message of a failed call, for its access line
     version: str = ""
     stats: ModelStats | None = field(default=None, repr=False)
     runs: int = 0  # onnxruntime runs that served this request (Generate: one per step)

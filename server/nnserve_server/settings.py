@@ -174,10 +174,19 @@ class Settings:
         return cls(**values)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage mistake in one line (what is wrong, and where the help is), exit 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="nnserve serve",
         description=f"Serve a repository of ONNX models over gRPC. Every flag has an {ENV_PREFIX}* variable.",
+        epilog="exit codes: 0 stopped cleanly (SIGTERM, SIGINT); 1 cannot start (a busy port, a missing "
+        "repository or provider: one line says which); 2 a usage mistake (a flag or value)",
     )
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")

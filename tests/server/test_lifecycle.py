@@ -122,6 +122,23 @@ def test_a_busy_port_or_a_missing_repository_refuses_to_start_in_one_line(
     assert "--poll-interval-s to wait for it" in missing
 
 
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (["nnserve_server.cli", "serve", "--port", "abc"], "nnserve serve: argument --port: invalid"),
+        (["nnserve_server.cli", "serve", "--workers", "0"], "workers is 0; use 1..64"),
+        (["nnserve_exporters.cli", "zoo", "--jobs", "x"], "nnserve-export zoo: argument --jobs: invalid int value"),
+        (["nnserve_exporters.cli", "zoo", "--only", "nope"], "argument --only: invalid choice: 'nope'"),
+    ],
+)
+def test_usage_mistakes_are_one_line_and_exit_2(command: list[str], message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_provider_fallback_is_logged_and_counted(own_server: Callable[..., RunningServer]) -> None:
     running = own_server("--providers", "cuda,cpu", "--allow-provider-fallback")
     assert "falling back" in running.log()

@@ -139,8 +139,9 @@ def test_json_logs_carry_the_request_id_and_an_access_line(own_server: Callable[
         with pytest.raises(NotFound):
             client.infer("who-knows", pixels(1))
     running.stop()
-    lines = [line for line in running.log().splitlines() if line.startswith("{")]
-    records = [json.loads(line) for line in lines]  # every log line is one JSON object
+    lines = [line for line in running.log().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line, the start-up banner included, is one JSON object
+    assert any("nnserve listening on" in r["message"] for r in records)
     assert any(r["logger"].startswith("nnserve_server") and r["level"] == "INFO" for r in records)
     access = [r for r in records if r["logger"] == "nnserve.access"]
     assert [(r["rpc"], r["model"], r["code"]) for r in access] == [
@@ -152,6 +153,9 @@ def test_json_logs_carry_the_request_id_and_an_access_line(own_server: Callable[
     assert served["version"] == "1"
     assert served["batch_size"] == 2
     assert served["duration_ms"] >= served["compute_ms"] > 0
+    refused = access[1]  # a failure says why, and which name the caller asked for (folded to "unknown")
+    assert refused["message"].startswith("unknown model 'who-knows'")
+    assert refused["requested_model"] == "'who-knows'"
 
 
 def test_the_access_log_keeps_failures_and_samples_successes(own_server: Callable[..., RunningServer]) -> None:
