@@ -9,7 +9,8 @@ Rows, for the MLP (64-256-256-10) and ResNet-18 (3x224x224), random weights, bui
   5. Triton 2.51 (`triton_peer.py`: PyPI's tritonserver, Python backend running onnxruntime);
 each measured with perf_analyzer (Triton's C++ load tool, a standard KServe v2 client) and some with
 our Python SDK, batch-1 requests; the ResNet also with its tensors in system shared
-memory (perf_analyzer --shared-memory system, client "perf_analyzer shm"). Then the zoo's LSTM and
+memory (perf_analyzer --shared-memory system, client "perf_analyzer shm"), and the MLP
+over ModelStreamInfer (perf_analyzer --streaming, client "perf_analyzer stream"). Then the zoo's LSTM and
 Transformer LMs: the cost of a generated token after a 16- and a 512-character prompt. Load is
 closed-loop, bounded in time, on 127.0.0.1.
 Each cell records the load generator's CPU (cores) and the server's CPU per inference (all its
@@ -42,6 +43,7 @@ from benchmarks import models, triton_peer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHM_CLIENT = "perf_analyzer shm"
+STREAM_CLIENT = "perf_analyzer stream"  # --streaming: every request on one ModelStreamInfer stream per client
 LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 
 
@@ -213,10 +215,11 @@ class Bench:
         stack: str = PINNED,
         counted: bool = True,
         shared_memory: bool = False,
+        streaming: bool = False,
     ) -> Cell:
         """`counted`: the server's ModelStatistics covers all its processes (not so with --workers).
         `shared_memory`: inputs and outputs in system shared memory (perf_analyzer registers the regions)."""
-        client = SHM_CLIENT if shared_memory else "perf_analyzer"
+        client = SHM_CLIENT if shared_memory else STREAM_CLIENT if streaming else "perf_analyzer"
         cell = Cell(model, system, client, concurrency, stack=stack)
         if self.perf_analyzer is None:
             cell.note = "perf_analyzer unavailable"
@@ -227,6 +230,7 @@ class Bench:
             "--concurrency-range", str(concurrency), "-p", str(int(self.seconds * 1000 / 2)),
             "-s", "100", "--max-trials", "4", "-f", str(csv),
             *(["--shared-memory", "system"] if shared_memory else []),
+            *(["--streaming"] if streaming else []),
         ]  # fmt: skip
         served = _served(port, model) if counted else None
         cpu_before, server_before, started = _children_cpu(), _tree_cpu(server_pid), time.perf_counter()
@@ -322,6 +326,7 @@ def _triton(bench: Bench, paths: dict[str, Path], out: Path, label: str, levels:
             for concurrency in levels:
                 bench.pa(mlp, label, port, pid, concurrency, stack="C++ front end")
             if label == TRITON:
+                bench.pa(mlp, label, port, pid, 32, stack="C++ front end", streaming=True)
                 bench.pa(resnet, label, port, pid, 4, stack="C++ front end")
                 bench.pa(resnet, label, port, pid, 4, stack="C++ front end", shared_memory=True)
     except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
@@ -378,6 +383,7 @@ def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
                 bench.pa(mlp, label, port, pid, concurrency)
             bench.pa(resnet, label, port, pid, 4)
             if label == "nnserve batching":
+                bench.pa(mlp, label, port, pid, 32, streaming=True)
                 bench.pa(resnet, label, port, pid, 4, shared_memory=True)
                 bench.sdk(mlp, label, port, pid, 1)
                 bench.sdk(mlp, label, port, pid, 32)

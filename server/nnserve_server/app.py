@@ -118,7 +118,16 @@ def create_server(
     guard.register(
         server,
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
-        KServeServicer(repository, state, settings.repository_control, shared_memory),
+        KServeServicer(
+            repository,
+            state,
+            settings.repository_control,
+            shared_memory,
+            guard,
+            max_tokens=settings.max_tokens,
+            max_text_chars=settings.max_text_chars,
+            max_stream_requests=settings.max_stream_requests,
+        ),
     )
     guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings))
     health_servicer = health.aio.HealthServicer()

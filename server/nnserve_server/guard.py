@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -166,7 +166,52 @@ class StatusGuard:
                 request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_bidi(handler.stream_stream),
+                request_deserializer=_tolerant(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
         return handler
+
+    def _wrap_bidi(self, inner: Callable[..., Any]) -> Callable[..., Any]:
+        """A bidirectional stream (ModelStreamInfer): each request on it is counted by `serve_in_stream`;
+        the stream itself is not (it may live for hours, and shutdown waits for requests, not streams).
+        An error of the stream as a whole ends it with its status."""
+
+        async def behavior(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for message in inner(requests, context):
+                    yield message
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as error:
+                status, message = _status_and_message(error, "ModelStreamInfer")
+                await context.abort(status, message)
+
+        return behavior
+
+    async def serve_in_stream(
+        self, rpc: str, metadata: Any, request: Any, work: Callable[[], Awaitable[None]]
+    ) -> str | None:
+        """One request of a stream, admitted, counted and logged like a call of its own (in its own task).
+        Returns None when it was answered, else the error to answer it with ("CODE: message")."""
+        record = RequestRecord(rpc, request_id_from(metadata), time.perf_counter_ns())
+        CURRENT.set(record)
+        self.in_flight.enter()
+        try:
+            self._admit(request, rpc)
+            await work()
+            return None
+        except asyncio.CancelledError:
+            record.code = "CANCELLED"
+            raise
+        except Exception as error:
+            status, message = _status_and_message(error, rpc)
+            record.code, record.message = status.name, message
+            return f"{status.name}: {message} (request {record.request_id})"
+        finally:
+            self._close(record, request, None)
 
     def _wrap(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:

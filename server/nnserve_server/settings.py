@@ -59,6 +59,9 @@ class Settings:
     max_in_flight: int = _setting(
         4096, "requests the whole server answers at once; beyond it RESOURCE_EXHAUSTED at once (0: no limit)"
     )
+    max_stream_requests: int = _setting(
+        256, "requests of one ModelStreamInfer stream in flight at once; beyond it RESOURCE_EXHAUSTED on the stream"
+    )
     inline_run_us: int = _setting(
         200, "a model whose runs average under this runs on the event loop thread (cheaper than a thread hop); 0: never"
     )
@@ -128,6 +131,8 @@ class Settings:
                 problems.append(f"{name.replace('_', ' ')} must be >= 0")
         if self.max_in_flight < 0:
             problems.append("max in flight must be >= 0")
+        if self.max_stream_requests < 1:
+            problems.append("max stream requests must be >= 1")
         if self.max_queue_size < 1:
             problems.append("max queue size must be >= 1")
         if not 1 <= self.workers <= 64:

@@ -61,3 +61,23 @@ def test_tritonclient_shared_memory_workflow(server: RunningServer) -> None:
     assert seen["too_small"][0] == "StatusCode.INVALID_ARGUMENT"
     assert "needs 120 bytes" in seen["too_small"][1]
     assert seen["after_unregister"] == ["tc-output"]
+
+
+def test_tritonclient_streams_requests_and_a_language_model(zoo_server: RunningServer) -> None:
+    done = run_tritonclient(CHECKS.with_name("tritonclient_stream_checks.py"), zoo_server.target)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["sync_ids"] == ["s1", "s2", "s3"]
+    assert seen["sync_logits_equal"] is True
+    assert len(seen["sync_errors"]) == 1
+    assert "unknown model 'no-such-model'" in seen["sync_errors"][0]
+    assert seen["aio_ids"] == ["a1", "a2"]
+    # Streamed: 8 tokens, one piece each (no stop strings), only the last flagged final; the pieces
+    # make the text the unary call gives at once (greedy, so the same).
+    assert len(seen["llm_pieces"]) == 8
+    assert seen["llm_finals"] == [False] * 7 + [True]
+    assert "".join(seen["llm_pieces"]) == seen["llm_whole"]
+    # enable_empty_final_response: the pieces, then an empty response that only says "final".
+    assert seen["llm-empty_pieces"][:-1] == seen["llm_pieces"]
+    assert seen["llm-empty_pieces"][-1] is None
+    assert seen["llm-empty_finals"] == [False] * 8 + [True]

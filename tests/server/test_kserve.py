@@ -158,7 +158,6 @@ def test_repository_index(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
         lambda s: s.CudaSharedMemoryRegister(pb.CudaSharedMemoryRegisterRequest(name="r")),
         lambda s: s.TraceSetting(pb.TraceSettingRequest()),
         lambda s: s.LogSettings(pb.LogSettingsRequest()),
-        lambda s: list(s.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="echo")]))),
     ],
 )
 def test_unimplemented_rpcs_answer_unimplemented(stub: pb_grpc.GRPCInferenceServiceStub, call: object) -> None:

@@ -2,12 +2,13 @@
 
 Each method decodes with the codec, makes one call into the repository or model, and encodes.
 Inputs and outputs may live in system shared memory (`shared_memory.py`); CUDA shared memory answers
-UNIMPLEMENTED, as do the RPCs not overridden here (trace, log settings, streaming).
+UNIMPLEMENTED, as do the RPCs not overridden here (trace, log settings). ModelStreamInfer and language
+models in Triton's LLM convention are in `streaming.py`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -19,12 +20,14 @@ from nnserve_client._proto import model_config_pb2 as config_pb
 
 from .. import __version__, classification
 from ..errors import InvalidInput, Unsupported
+from ..guard import StatusGuard
 from ..model import OnnxModel
 from ..repository import ModelRepository
 from ..serving_config import INTRA_OP_KEY
 from ..session import MAX_REMEMBERED_SIGNATURES
 from ..shared_memory import Region, SharedMemoryRegions
 from ..stats import Duration
+from . import streaming
 from .deadline import deadline_of
 
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
@@ -255,8 +258,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         state: ServerState,
         repository_control: bool = True,
         shared_memory: SharedMemoryRegions | None = None,
+        guard: StatusGuard | None = None,
+        max_tokens: int = 2048,
+        max_text_chars: int = 2048,
+        max_stream_requests: int = 256,
     ) -> None:
+        self._max_stream_requests = max_stream_requests
         self._repository = repository
+        self._guard = guard
+        self._max_tokens = max_tokens
+        self._max_text_chars = max_text_chars
         self._state = state
         self._repository_control = repository_control
         self._shared_memory = shared_memory
@@ -302,15 +313,49 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         shared = region_names(request)
         if shared:
             with self._regions().using(shared) as regions:
-                return await self._infer(model, request, context, regions)
-        return await self._infer(model, request, context, None)
+                return await self._infer(model, request, deadline_of(context), regions)
+        if model.spec is not None and streaming.is_llm_request(model, request):  # the whole text, at once
+            asked = streaming.llm_request(request, self._max_tokens, self._max_text_chars)
+            return await anext(streaming.llm_responses(model, request, asked, streaming=False))
+        return await self._infer(model, request, deadline_of(context), None)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Many requests on one stream, each answered as it completes (`streaming.stream_infer`)."""
+        if self._guard is None:
+            raise Unsupported("ModelStreamInfer needs the server's guard")
+        metadata, deadline, guard = context.invocation_metadata(), deadline_of(context), self._guard
+
+        async def serve(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
+            model = self._repository.get(request.model_name, request.model_version)
+            shared = region_names(request)
+            if shared:
+                with self._regions().using(shared) as regions:
+                    yield await self._infer(model, request, deadline, regions)
+            elif model.spec is not None and streaming.is_llm_request(model, request):
+                asked = streaming.llm_request(request, self._max_tokens, self._max_text_chars)
+                async for response in streaming.llm_responses(model, request, asked, streaming=True):
+                    yield response
+            else:
+                yield await self._infer(model, request, deadline, None)
+
+        async def account(request: pb.ModelInferRequest, work: Callable[[], Awaitable[None]]) -> str | None:
+            return await guard.serve_in_stream("ModelStreamInfer", metadata, request, work)
+
+        async for response in streaming.stream_infer(requests, serve, account, self._max_stream_requests):
+            yield response
 
     async def _infer(
-        self, model: OnnxModel, request: pb.ModelInferRequest, context: Context, regions: Mapping[str, Region] | None
+        self,
+        model: OnnxModel,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+        regions: Mapping[str, Region] | None,
     ) -> pb.ModelInferResponse:
         inputs = decode_inputs(request) if regions is None else decode_shared_inputs(request, regions)
         names, classes = requested_outputs(request)
-        results, _ = await model.infer_timed(inputs, names, deadline_of(context))
+        results, _ = await model.infer_timed(inputs, names, deadline)
         if classes:
             labels = model.spec.labels if model.spec is not None else ()
             batched = bool(model.max_batch_size)
