@@ -9,9 +9,13 @@ consumer (the client going away) stops the loop at its next await: no further mo
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import math
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -164,9 +168,13 @@ async def generate_text(model: OnnxModel, prompt: str, sampling: Sampling) -> As
             )
         cache = _Cache(spec.cache, shapes)
     outputs = ["logits", *spec.state.values(), *(spec.cache.buffers.values() if spec.cache else ())]
+    steps = _step_batcher(model, spec) if cache is None else None
     produced, emitted = "", 0  # text so far, and how much of it has been sent
     for count in range(1, sampling.max_tokens + 1):
-        result = await model.infer({"tokens": tokens, **state, **(cache.feed() if cache else {})}, outputs)
+        if steps is not None and tokens.shape[1] == 1:  # a decoding step: shared with the other streams'
+            result = await steps.step(tokens, state)
+        else:
+            result = await model.infer({"tokens": tokens, **state, **(cache.feed() if cache else {})}, outputs)
         state = {name: result[out] for name, out in spec.state.items()}
         if cache is not None and count < sampling.max_tokens:
             cache.append(result, tokens.shape[1])
@@ -187,6 +195,85 @@ async def generate_text(model: OnnxModel, prompt: str, sampling: Sampling) -> As
     if len(produced) > emitted:
         yield TextPiece(produced[emitted:])
     yield Finished("length", len(prompt), sampling.max_tokens)
+
+
+class StepBatcher:
+    """Continuous batching of decoding steps for a recurrent language model (LSTM, GRU).
+
+    Every stream asks for its next step here; the steps asked for in one turn of the event loop run as
+    one onnxruntime call, their tokens stacked on the batch axis and their states on the state's batch
+    axis, and each stream gets its own row back. Streams join and leave between steps: a new one's
+    prompt runs on its own, then its steps join the others'. N streams then cost about one call per
+    step, not N. (The Transformer's cache is filled in place per stream, so its steps run alone.)"""
+
+    def __init__(self, model: OnnxModel, spec: ModelSpec) -> None:
+        self._model = model
+        self._state = dict(spec.state)  # state input -> the output that feeds it next step
+        self._axes = {name: model.inputs[name].shape.index(-1) for name in spec.state}  # each state's batch axis
+        self._outputs = ["logits", *spec.state.values()]
+        self._waiting: list[tuple[np.ndarray, dict[str, np.ndarray], asyncio.Future[dict[str, np.ndarray]]]] = []
+        self._scheduled = False
+        self._running: set[asyncio.Task[None]] = set()
+        self.runs = 0  # calls made, and the steps they carried (for tests and the curious)
+        self.steps = 0
+
+    async def step(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
+        self._waiting.append((tokens, state, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._dispatch)
+        return await future
+
+    def _dispatch(self) -> None:
+        waiting, self._waiting, self._scheduled = self._waiting, [], False
+        live = [w for w in waiting if not w[2].done()]  # a stream that stopped listening is dropped
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(live), MAX_STEP_BATCH):
+            # A context of its own: the shared run belongs to no one stream's request record.
+            task = loop.create_task(self._run(live[start : start + MAX_STEP_BATCH]), context=contextvars.Context())
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _run(self, batch: list[tuple[np.ndarray, dict[str, np.ndarray], asyncio.Future[Any]]]) -> None:
+        try:
+            if len(batch) == 1:
+                tokens, state, _ = batch[0]
+                feed = {"tokens": tokens, **state}
+            else:
+                feed = {"tokens": np.concatenate([b[0] for b in batch])}
+                for name, axis in self._axes.items():
+                    feed[name] = np.concatenate([b[1][name] for b in batch], axis=axis)
+            result = await self._model.infer(feed, self._outputs)
+        except BaseException as error:  # the same call for all of them: each stream gets the error
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self.runs += 1
+        self.steps += len(batch)
+        for row, (_, _, future) in enumerate(batch):
+            if future.done():
+                continue
+            mine = {"logits": result["logits"][row : row + 1]}
+            for name, out in self._state.items():
+                mine[out] = np.take(result[out], [row], axis=self._axes[name])
+            future.set_result(mine)
+
+
+MAX_STEP_BATCH = 64  # streams whose steps share one call
+_step_batchers: weakref.WeakKeyDictionary[OnnxModel, StepBatcher] = weakref.WeakKeyDictionary()
+
+
+def _step_batcher(model: OnnxModel, spec: ModelSpec) -> StepBatcher | None:
+    """The model's step batcher, when its state has a batch axis to stack on (every recurrent LM here)."""
+    if not spec.state or any(-1 not in model.inputs[name].shape for name in spec.state):
+        return None
+    batcher = _step_batchers.get(model)
+    if batcher is None:
+        batcher = _step_batchers[model] = StepBatcher(model, spec)
+    return batcher
 
 
 def _pending(text: str, stops: tuple[str, ...]) -> int:
