@@ -347,6 +347,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except Exception as error:  # a bug, ours or the SDK's: one line unless asked for the traceback
+        if args.debug:
+            raise
+        print(
+            f"nnserve-client: unexpected error: {type(error).__name__}: {error} (--debug shows where)", file=sys.stderr
+        )
+        return EXIT_REFUSED
     return 0
 
 

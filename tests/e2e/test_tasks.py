@@ -394,3 +394,37 @@ def test_grpcurl_classifies_a_digit_typed_as_numbers(zoo_server: RunningServer) 
 def client_classifies(target: str) -> bool:
     with Client(target) as client:
         return len(client.classify("digits-fnn", np.zeros((1, 64), np.float32))) == 1
+
+
+def test_the_sdk_takes_images_as_people_hold_them_and_errors_carry_the_request_id(
+    zoo_server: RunningServer, tmp_path: Path
+) -> None:
+    from sklearn.datasets import load_digits
+
+    from nnserve_client import NotFound
+
+    images = load_digits().images[:3]  # scikit-learn's own (N, 8, 8), natural units 0..16
+    with Client(zoo_server.target) as client:
+        as_nchw = client.classify("digits-cnn", images[:, None], top_k=2)
+        assert client.classify("digits-cnn", images, top_k=2) == as_nchw  # (N, H, W)
+        assert client.classify("digits-cnn", images[0], top_k=2) == as_nchw[:1]  # (H, W)
+        assert client.classify("digits-fnn", images, top_k=2) == client.classify(
+            "digits-fnn", images.reshape(3, 64), top_k=2
+        )  # the FNN too: (N, 8, 8) flattened as it was trained
+        path = tmp_path / "seven.png"
+        path.write_bytes(png(np.rint(images[0] / 16 * 255)))
+        assert client.classify("digits-cnn", path)[0].label == client.classify("digits-cnn", images=path)[0].label
+        with pytest.raises(InvalidArgument, match=r"the tensor has shape \[2, 5, 5\]; model 'digits-cnn' takes"):
+            client.classify("digits-cnn", np.zeros((2, 5, 5)))  # the shape the caller sent, not a reshaped one
+        with pytest.raises(NotFound) as missing:
+            client.classify("no-such-model", images)
+    assert missing.value.request_id  # the id the server logged the failure under
+    assert missing.value.request_id in str(missing.value)
+    assert missing.value.timing is not None
+
+
+def test_health_for_an_unknown_name_says_what_it_is(zoo_server: RunningServer) -> None:
+    command = [sys.executable, "-m", "nnserve_server.cli", "health", "--target", zoo_server.target, "--service", "nope"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1
+    assert "NOT_FOUND: the server has no health status named 'nope' (a model or gRPC service name)" in done.stdout
