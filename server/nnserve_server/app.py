@@ -23,6 +23,7 @@ from nnserve_client._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc,
 
 from . import logs
 from .errors import StartupError
+from .generation import MemoryBudget
 from .guard import InFlight, StatusGuard
 from .metrics import ServerMetrics, start_metrics_endpoint
 from .repository import ModelRepository
@@ -115,6 +116,7 @@ def create_server(
     )
     state = ServerState()
     shared_memory = _shared_memory(settings, token)
+    budget = MemoryBudget(int(settings.generation_memory_mb * 2**20))  # one for both APIs' generations
     guard.register(
         server,
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
@@ -127,9 +129,10 @@ def create_server(
             max_tokens=settings.max_tokens,
             max_text_chars=settings.max_text_chars,
             max_stream_requests=settings.max_stream_requests,
+            budget=budget,
         ),
     )
-    guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings))
+    guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings, budget))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

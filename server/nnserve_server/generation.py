@@ -22,7 +22,7 @@ import numpy as np
 from nnserve_client.model_spec import AppendCache, ModelSpec
 
 from . import images
-from .errors import InvalidInput
+from .errors import InvalidInput, Overloaded
 from .model import OnnxModel
 from .tasks import require_task
 from .text import CharacterCodec
@@ -142,7 +142,37 @@ class _Cache:
         self.length += steps
 
 
-async def generate_text(model: OnnxModel, prompt: str, sampling: Sampling) -> AsyncIterator[TextPiece | Finished]:
+class MemoryBudget:
+    """The bytes all streams' key/value caches and recurrent states may take together (--generation-memory-mb).
+
+    A stream reserves what its buffers need before they are allocated and gives it back when it ends
+    (done, stopped, cancelled or failed); one that would pass the budget is refused RESOURCE_EXHAUSTED
+    at once, with what to change, so a flood of long generations cannot take the process to its memory
+    limit."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.used = 0
+        self.streams = 0
+
+    def reserve(self, size: int, model: str) -> None:
+        if self.used + size > self.limit:
+            raise Overloaded(
+                f"generation memory: this stream of model '{model}' needs {size / 2**20:.1f} MiB for its cache and "
+                f"state; {self.used / 2**20:.1f} of {self.limit / 2**20:.0f} MiB are in use by {self.streams} "
+                "streams (--generation-memory-mb); retry later, or ask for fewer tokens or a shorter prompt"
+            )
+        self.used += size
+        self.streams += 1
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        self.streams -= 1
+
+
+async def generate_text(
+    model: OnnxModel, prompt: str, sampling: Sampling, budget: MemoryBudget | None = None
+) -> AsyncIterator[TextPiece | Finished]:
     spec = require_task(model, "generate")
     if not spec.vocabulary or not (spec.state or spec.cache):
         raise InvalidInput(
@@ -151,11 +181,10 @@ async def generate_text(model: OnnxModel, prompt: str, sampling: Sampling) -> As
         )
     if not prompt:
         raise InvalidInput("the prompt is empty; give at least one character")
-    codec = CharacterCodec(spec.vocabulary)
-    rng = np.random.default_rng(sampling.seed)
-    tokens = codec.encode(prompt)[np.newaxis]
+    tokens = CharacterCodec(spec.vocabulary).encode(prompt)[np.newaxis]
     state = _initial_state(model, spec)
-    cache = None
+    cache: _Cache | None = None
+    size = 0
     if spec.cache is not None:
         # The last token sampled is never fed back: the cache holds the prompt and max_tokens - 1.
         shapes = _cache_shapes(model, spec.cache, tokens.shape[1] + sampling.max_tokens - 1)
@@ -166,7 +195,30 @@ async def generate_text(model: OnnxModel, prompt: str, sampling: Sampling) -> As
                 f"cache for model '{model.name}'; at most {MAX_CACHE_BYTES >> 20} MiB: shorten the prompt or "
                 "ask for fewer tokens"
             )
-        cache = _Cache(spec.cache, shapes)
+    reserved = size + sum(a.nbytes for a in state.values())
+    if budget is not None:
+        budget.reserve(reserved, model.name)  # before the cache exists: refused, nothing was allocated
+    try:
+        if spec.cache is not None:
+            cache = _Cache(spec.cache, shapes)
+        async for event in _decode(model, spec, prompt, sampling, tokens, state, cache):
+            yield event
+    finally:
+        if budget is not None:
+            budget.release(reserved)
+
+
+async def _decode(
+    model: OnnxModel,
+    spec: ModelSpec,
+    prompt: str,
+    sampling: Sampling,
+    tokens: np.ndarray,
+    state: dict[str, np.ndarray],
+    cache: _Cache | None,
+) -> AsyncIterator[TextPiece | Finished]:
+    codec = CharacterCodec(spec.vocabulary)
+    rng = np.random.default_rng(sampling.seed)
     outputs = ["logits", *spec.state.values(), *(spec.cache.buffers.values() if spec.cache else ())]
     steps = _step_batcher(model, spec) if cache is None else None
     produced, emitted = "", 0  # text so far, and how much of it has been sent

@@ -81,6 +81,9 @@ class Settings:
     )
     max_tokens: int = _setting(2048, "ceiling on the tokens one Generate call may ask for")
     max_samples: int = _setting(256, "ceiling on the images one Generate call may ask for")
+    generation_memory_mb: float = _setting(
+        1024.0, "MiB all text generations' caches and states may take together; beyond it RESOURCE_EXHAUSTED"
+    )
     grace_period_s: float = _setting(10.0, "seconds in-flight requests get to finish on SIGTERM or SIGINT")
     reflection: bool = _setting(True, "serve gRPC server reflection")
     repository_control: bool = _setting(
@@ -144,6 +147,8 @@ class Settings:
         for name in ("max_image_pixels", "max_text_chars", "max_tokens", "max_samples"):
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1")
+        if not self.generation_memory_mb > 0:
+            problems.append("generation memory must be > 0 MiB")
         if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:
             problems.append("connection ages must be >= 0")
         if self.grace_period_s < 0:

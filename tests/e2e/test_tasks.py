@@ -3,9 +3,11 @@ against a real server on the zoo in --fast mode (mechanics; the full zoo's quali
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -428,3 +430,40 @@ def test_health_for_an_unknown_name_says_what_it_is(zoo_server: RunningServer) -
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert "NOT_FOUND: the server has no health status named 'nope' (a model or gRPC service name)" in done.stdout
+
+
+def test_generation_memory_is_budgeted_across_streams(fast_zoo: tuple[Path, list[object]], tmp_path: Path) -> None:
+    """Streams that together would pass --generation-memory-mb are refused RESOURCE_EXHAUSTED before their
+    caches exist; the others run, and the memory comes back when they end."""
+    from conftest import start_server
+
+    from nnserve_client import ResourceExhausted
+
+    prompt, tokens = "x" * 250, 400
+    probe = start_server(fast_zoo[0], "--generation-memory-mb", "0.001", "--max-tokens", "500")
+    try:
+        with Client(probe.target) as client, pytest.raises(ResourceExhausted, match="generation memory") as refused:
+            client.generate_text("chars-transformer", prompt, max_tokens=tokens)
+    finally:
+        probe.stop()
+    need = float(re.search(r"needs ([\d.]+) MiB", str(refused.value)).group(1))  # type: ignore[union-attr]
+    running = start_server(fast_zoo[0], "--generation-memory-mb", str(need * 3.5), "--max-tokens", "500")
+    try:
+
+        async def flood() -> list[object]:
+            async with AsyncClient(running.target, timeout=120) as client:
+                calls = [client.generate_text("chars-transformer", prompt, max_tokens=tokens) for _ in range(12)]
+                return list(await asyncio.gather(*calls, return_exceptions=True))
+
+        outcomes = asyncio.run(flood())
+        refusals = [o for o in outcomes if isinstance(o, ResourceExhausted)]
+        texts = [o for o in outcomes if isinstance(o, str)]
+        assert len(refusals) + len(texts) == 12, outcomes  # text or RESOURCE_EXHAUSTED, nothing else
+        assert refusals, "twelve streams at once in a budget for three"
+        assert texts  # (more than three may get through: a stream that ends gives its share back)
+        assert all("--generation-memory-mb" in str(r) for r in refusals)
+        with Client(running.target) as client:  # all given back: three more fit again
+            for _ in range(3):
+                assert len(client.generate_text("chars-transformer", prompt, max_tokens=tokens)) > 0
+    finally:
+        running.stop()

@@ -20,6 +20,7 @@ from nnserve_client._proto import model_config_pb2 as config_pb
 
 from .. import __version__, classification
 from ..errors import InvalidInput, Unsupported
+from ..generation import MemoryBudget
 from ..guard import StatusGuard
 from ..model import OnnxModel
 from ..repository import ModelRepository
@@ -262,7 +263,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         max_tokens: int = 2048,
         max_text_chars: int = 2048,
         max_stream_requests: int = 256,
+        budget: MemoryBudget | None = None,
     ) -> None:
+        self._budget = budget
         self._max_stream_requests = max_stream_requests
         self._repository = repository
         self._guard = guard
@@ -316,7 +319,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return await self._infer(model, request, deadline_of(context), regions)
         if model.spec is not None and streaming.is_llm_request(model, request):  # the whole text, at once
             asked = streaming.llm_request(request, self._max_tokens, self._max_text_chars)
-            return await anext(streaming.llm_responses(model, request, asked, streaming=False))
+            return await anext(streaming.llm_responses(model, request, asked, streaming=False, budget=self._budget))
         return await self._infer(model, request, deadline_of(context), None)
 
     async def ModelStreamInfer(
@@ -335,7 +338,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     yield await self._infer(model, request, deadline, regions)
             elif model.spec is not None and streaming.is_llm_request(model, request):
                 asked = streaming.llm_request(request, self._max_tokens, self._max_text_chars)
-                async for response in streaming.llm_responses(model, request, asked, streaming=True):
+                async for response in streaming.llm_responses(model, request, asked, True, self._budget):
                     yield response
             else:
                 yield await self._infer(model, request, deadline, None)

@@ -143,10 +143,14 @@ def _text_response(model: OnnxModel, request_id: str, text: str | None, final: b
 
 
 async def llm_responses(
-    model: OnnxModel, request: pb.ModelInferRequest, asked: LlmRequest, streaming: bool
+    model: OnnxModel,
+    request: pb.ModelInferRequest,
+    asked: LlmRequest,
+    streaming: bool,
+    budget: generation.MemoryBudget | None = None,
 ) -> AsyncIterator[pb.ModelInferResponse]:
     """The responses to one LLM-convention request: one per piece when streamed, else the whole text."""
-    pieces = generation.generate_text(model, asked.prompt, asked.sampling)
+    pieces = generation.generate_text(model, asked.prompt, asked.sampling, budget)
     if not (streaming and asked.stream):
         text = "".join([event.text async for event in pieces if isinstance(event, generation.TextPiece)])
         yield _text_response(model, request.id, text, final=True)

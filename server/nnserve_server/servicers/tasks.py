@@ -67,9 +67,12 @@ def describe(repository: ModelRepository, model: OnnxModel) -> pb.ModelDescripti
 
 
 class TasksServicer(pb_grpc.TasksServicer):
-    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+    def __init__(
+        self, repository: ModelRepository, settings: Settings, budget: generation.MemoryBudget | None = None
+    ) -> None:
         self._repository = repository
         self._settings = settings
+        self._budget = budget
 
     def _inputs(self, model: OnnxModel, request: Any, rpc: str) -> dict[str, np.ndarray]:
         """The model's inputs from whichever of tensor, images or texts the request carries."""
@@ -121,7 +124,7 @@ class TasksServicer(pb_grpc.TasksServicer):
                 stop=tuple(request.stop),
             )
             generation.check_sampling(sampling, self._settings.max_tokens)
-            events = generation.generate_text(model, request.prompt, sampling)
+            events = generation.generate_text(model, request.prompt, sampling, self._budget)
         else:
             count = request.num_samples or 1
             if count > self._settings.max_samples:
