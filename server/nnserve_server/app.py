@@ -117,6 +117,7 @@ def create_server(
     state = ServerState()
     shared_memory = _shared_memory(settings, token)
     budget = MemoryBudget(int(settings.generation_memory_mb * 2**20))  # one for both APIs' generations
+    metrics.stats.generation = lambda: (budget.streams, budget.used)
     guard.register(
         server,
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,

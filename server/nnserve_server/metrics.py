@@ -78,6 +78,12 @@ METRICS = (
                "Time from a Generate request's arrival to its first streamed message", per_request=True),
     MetricSpec("in_flight", "nnserve_in_flight_requests", Gauge, (),
                "Requests being answered now", per_request=True, multiprocess_mode="livesum"),
+    MetricSpec("generation_streams", "nnserve_generation_streams", Gauge, (),
+               "Text generations running now (Generate and the LLM convention)", per_request=True,
+               multiprocess_mode="livesum"),
+    MetricSpec("generation_memory", "nnserve_generation_memory_bytes", Gauge, (),
+               "Cache and state bytes the running generations hold, against --generation-memory-mb",
+               per_request=True, multiprocess_mode="livesum"),
     MetricSpec("queue_depth", "nnserve_queue_depth", Gauge, MODEL,
                "Requests waiting in the model's queue, read when scraped", per_request=True,
                multiprocess_mode="livesum"),
@@ -165,6 +171,11 @@ class StatsCollector:
         in_flight = _family("in_flight")
         in_flight.add_metric([], stats.in_flight())
         yield in_flight
+        streams, held = stats.generation()
+        generation_streams, generation_memory = _family("generation_streams"), _family("generation_memory")
+        generation_streams.add_metric([], streams)
+        generation_memory.add_metric([], held)
+        yield from (generation_streams, generation_memory)
 
     def _per_model(self, versions: dict[tuple[str, str], list[ModelStats]]) -> Iterator[Metric]:
         names = ("inferences", "queue_wait", "compute", "batch_size", "generated_tokens", "time_to_first_token")

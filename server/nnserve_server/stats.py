@@ -177,6 +177,8 @@ class ServerStats:
         self.requests: dict[tuple[str, str, str, str], RequestCount] = {}
         self.models: list[ModelStats] = []
         self.in_flight: Callable[[], int] = lambda: 0  # the guard sets it: read at scrape time
+        # Text generations running now and the cache and state bytes they hold (the app sets it).
+        self.generation: Callable[[], tuple[int, int]] = lambda: (0, 0)
 
     def count(self, model: str, version: str, rpc: str, code: str, seconds: float) -> None:
         key = (model, version, rpc, code)

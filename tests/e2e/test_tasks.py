@@ -465,5 +465,10 @@ def test_generation_memory_is_budgeted_across_streams(fast_zoo: tuple[Path, list
         with Client(running.target) as client:  # all given back: three more fit again
             for _ in range(3):
                 assert len(client.generate_text("chars-transformer", prompt, max_tokens=tokens)) > 0
+        from tests.server.test_health_reflection_metrics import sample
+
+        text = running.metrics()
+        assert sample(text, "nnserve_generation_streams") == 0
+        assert sample(text, "nnserve_generation_memory_bytes") == 0
     finally:
         running.stop()
