@@ -145,9 +145,53 @@ def generate(
     return result
 
 
+def streams(target: str, model: str, concurrency: int, tokens: int) -> dict[str, Any]:
+    """`concurrency` greedy generations of `tokens` at once (after one to warm up): aggregate tokens/s,
+    time to first token (p50, p99), the median gap between a stream's tokens, and errors by code."""
+    from nnserve_client import AsyncClient, NNServeError
+    from nnserve_client.types import TextPiece
+
+    async def run() -> dict[str, Any]:
+        async with AsyncClient(target, timeout=300) as client:
+
+            async def one() -> tuple[float, list[float]]:
+                started, arrivals = time.perf_counter(), []
+                async for event in client.generate(model, prompt="The ", max_tokens=tokens, temperature=0.0):
+                    if isinstance(event, TextPiece):
+                        arrivals.append(time.perf_counter())
+                return started, arrivals
+
+            await one()
+            began = time.perf_counter()
+            outcomes = await asyncio.gather(*(one() for _ in range(concurrency)), return_exceptions=True)
+            wall = time.perf_counter() - began
+        errors: Counter[str] = Counter()
+        firsts, gaps, pieces = [], [], 0
+        for outcome in outcomes:
+            if isinstance(outcome, NNServeError):
+                errors[outcome.code] += 1
+            elif isinstance(outcome, BaseException):
+                errors[type(outcome).__name__] += 1
+            else:
+                started, arrivals = outcome
+                pieces += len(arrivals)
+                firsts.append(arrivals[0] - started)
+                gaps += list(np.diff(arrivals))
+        return {
+            "streams": concurrency,
+            "tokens_per_s": pieces / wall,
+            "first_token_p50_ms": float(np.percentile(firsts, 50) * 1000) if firsts else float("nan"),
+            "first_token_p99_ms": float(np.percentile(firsts, 99) * 1000) if firsts else float("nan"),
+            "inter_token_p50_ms": float(np.median(gaps) * 1000) if gaps else float("nan"),
+            "errors": dict(errors),
+        }
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("sdk", "raw", "generate"))
+    parser.add_argument("mode", choices=("sdk", "raw", "generate", "streams"))
     parser.add_argument("--target", default="127.0.0.1:8001")
     parser.add_argument("--model", default="bench-mlp")
     parser.add_argument("--model-path", type=Path)
@@ -162,6 +206,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "sdk":
         result = asyncio.run(sdk(args.target, args.model, args.model_path, args.concurrency, args.seconds, args.warmup))
+    elif args.mode == "streams":
+        result = streams(args.target, args.model, args.concurrency, args.tokens)
     elif args.mode == "raw":
         result = raw(args.model_path, args.concurrency, args.seconds, args.threads, args.batch)
     else:

@@ -256,6 +256,25 @@ class Bench:
         cell.server_us = _per_inference(server_cpu, served, after, cell.throughput * wall)
         return self._record(cell)
 
+    def streams(self, model: str, port: int, concurrency: int, batching: bool) -> dict[str, Any]:
+        command = [
+            sys.executable, "-m", "benchmarks.load", "streams", "--target", f"127.0.0.1:{port}", "--model", model,
+            "--concurrency", str(concurrency), "--tokens", "128",
+        ]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"streams load failed: {done.stderr[-2000:]}")
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        result |= {"model": model, "step_batching": batching}
+        print(
+            f"  {model:18} step batching {'on ' if batching else 'off'} {concurrency:3} streams: "
+            f"{result['tokens_per_s']:7.0f} tokens/s, first token p50 {result['first_token_p50_ms']:7.1f} ms "
+            f"p99 {result['first_token_p99_ms']:7.1f} ms, between tokens p50 {result['inter_token_p50_ms']:.2f} ms, "
+            f"errors {result['errors']}",
+            flush=True,
+        )
+        return result
+
     def generate(self, model: str, path: Path, port: int, prefixes: tuple[int, ...]) -> dict[int, Any]:
         command = [
             sys.executable, "-m", "benchmarks.load", "generate", "--target", f"127.0.0.1:{port}", "--model", model,
@@ -422,8 +441,16 @@ def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
     with _server(_nnserve(lm_repo), "lm", out) as (port, _):
         for name in ("chars-lstm", "chars-transformer"):
             generation[name] = bench.generate(name, paths[name], port, (16, 512))
+    print("concurrent generations (128 greedy tokens each), decoding steps shared and not:", flush=True)
+    concurrent: list[dict[str, Any]] = []
+    for batching in (True, False):
+        flags = () if batching else ("--no-step-batching",)
+        with _server(_nnserve(lm_repo, *flags), f"lm-streams-{batching}", out) as (port, _):
+            for name in ("chars-lstm", "chars-transformer"):
+                for streams in (1, 4, 16, 64):
+                    concurrent.append(bench.streams(name, port, streams, batching))
 
-    return {"cells": [asdict(c) for c in bench.cells], "generation": generation}
+    return {"cells": [asdict(c) for c in bench.cells], "generation": generation, "streams": concurrent}
 
 
 def _best(
@@ -502,6 +529,15 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
         checks.append(("ResNet-18 c=4 through shared memory >= 0.95x raw onnxruntime's best", ratio >= 0.95, what))
     failed = [f"{c['system']} c={c['concurrency']}" for c in cells if c["errors"]]
     checks.append(("no cell with errors", not failed, ", ".join(failed) or "none"))
+    for name in ("chars-lstm", "chars-transformer"):
+        rows = {r["streams"]: r for r in results.get("streams", []) if r["model"] == name and r["step_batching"]}
+        if 1 in rows and 16 in rows:
+            ratio = rows[16]["tokens_per_s"] / rows[1]["tokens_per_s"]
+            checks.append((f"{name}: 16 streams >= 6x one stream's tokens/s", ratio >= 6, f"{ratio:.1f}x"))
+        if 64 in rows:
+            ok = not rows[64]["errors"] and rows[64]["first_token_p99_ms"] < 2000
+            what = f"p99 {rows[64]['first_token_p99_ms']:.0f} ms, errors {rows[64]['errors'] or 'none'}"
+            checks.append((f"{name}: 64 streams, no errors, first token p99 < 2 s", ok, what))
     for name, by_prefix in results["generation"].items():
         ratio = by_prefix[512]["token_ms"] / by_prefix[16]["token_ms"]
         checks.append((f"{name}: token at prefix 512 <= 1.5x prefix 16", ratio <= 1.5, f"{ratio:.2f}x"))
@@ -537,6 +573,18 @@ def table(results: dict[str, Any]) -> str:
             )
     lines += ["", "| target | met | measured |", "|---|---|---|"]
     lines += [f"| {name} | {'yes' if ok else 'NO'} | {value} |" for name, ok, value in targets(results)]
+    lines += [
+        "",
+        "| language model | step batching | streams | tokens/s | first token p50 ms | p99 ms "
+        "| between tokens p50 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results.get("streams", []):
+        lines.append(
+            f"| {r['model']} | {'on' if r['step_batching'] else 'off'} | {r['streams']} | {r['tokens_per_s']:.0f} | "
+            f"{r['first_token_p50_ms']:.1f} | {r['first_token_p99_ms']:.1f} | {r['inter_token_p50_ms']:.2f} | "
+            f"{r['errors'] or ''} |"
+        )
     return "\n".join(lines)
 
 

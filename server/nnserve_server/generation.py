@@ -171,7 +171,11 @@ class MemoryBudget:
 
 
 async def generate_text(
-    model: OnnxModel, prompt: str, sampling: Sampling, budget: MemoryBudget | None = None
+    model: OnnxModel,
+    prompt: str,
+    sampling: Sampling,
+    budget: MemoryBudget | None = None,
+    share_steps: bool = True,
 ) -> AsyncIterator[TextPiece | Finished]:
     spec = require_task(model, "generate")
     if not spec.vocabulary or not (spec.state or spec.cache):
@@ -201,7 +205,8 @@ async def generate_text(
     try:
         if spec.cache is not None:
             cache = _Cache(spec.cache, shapes)
-        async for event in _decode(model, spec, prompt, sampling, tokens, state, cache):
+        steps = _step_batcher(model, spec) if cache is None and share_steps else None
+        async for event in _decode(model, spec, prompt, sampling, tokens, state, cache, steps):
             yield event
     finally:
         if budget is not None:
@@ -216,11 +221,11 @@ async def _decode(
     tokens: np.ndarray,
     state: dict[str, np.ndarray],
     cache: _Cache | None,
+    steps: StepBatcher | None,
 ) -> AsyncIterator[TextPiece | Finished]:
     codec = CharacterCodec(spec.vocabulary)
     rng = np.random.default_rng(sampling.seed)
     outputs = ["logits", *spec.state.values(), *(spec.cache.buffers.values() if spec.cache else ())]
-    steps = _step_batcher(model, spec) if cache is None else None
     produced, emitted = "", 0  # text so far, and how much of it has been sent
     for count in range(1, sampling.max_tokens + 1):
         if steps is not None and tokens.shape[1] == 1:  # a decoding step: shared with the other streams'

@@ -81,6 +81,9 @@ class Settings:
     )
     max_tokens: int = _setting(2048, "ceiling on the tokens one Generate call may ask for")
     max_samples: int = _setting(256, "ceiling on the images one Generate call may ask for")
+    step_batching: bool = _setting(
+        True, "run the decoding steps of concurrent text generations on a recurrent LM as one onnxruntime call"
+    )
     generation_memory_mb: float = _setting(
         1024.0, "MiB all text generations' caches and states may take together; beyond it RESOURCE_EXHAUSTED"
     )

@@ -264,8 +264,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         max_text_chars: int = 2048,
         max_stream_requests: int = 256,
         budget: MemoryBudget | None = None,
+        step_batching: bool = True,
     ) -> None:
         self._budget = budget
+        self._step_batching = step_batching
         self._max_stream_requests = max_stream_requests
         self._repository = repository
         self._guard = guard
@@ -319,7 +321,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 return await self._infer(model, request, deadline_of(context), regions)
         if model.spec is not None and streaming.is_llm_request(model, request):  # the whole text, at once
             asked = streaming.llm_request(request, self._max_tokens, self._max_text_chars)
-            return await anext(streaming.llm_responses(model, request, asked, streaming=False, budget=self._budget))
+            return await anext(streaming.llm_responses(model, request, asked, False, self._budget, self._step_batching))
         return await self._infer(model, request, deadline_of(context), None)
 
     async def ModelStreamInfer(
@@ -338,7 +340,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                     yield await self._infer(model, request, deadline, regions)
             elif model.spec is not None and streaming.is_llm_request(model, request):
                 asked = streaming.llm_request(request, self._max_tokens, self._max_text_chars)
-                async for response in streaming.llm_responses(model, request, asked, True, self._budget):
+                async for response in streaming.llm_responses(
+                    model, request, asked, True, self._budget, self._step_batching
+                ):
                     yield response
             else:
                 yield await self._infer(model, request, deadline, None)
