@@ -234,7 +234,11 @@ class Bench:
         ]  # fmt: skip
         served = _served(port, model) if counted else None
         cpu_before, server_before, started = _children_cpu(), _tree_cpu(server_pid), time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, timeout=self.seconds * 10 + 60)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=self.seconds * 10 + 60)
+        except subprocess.TimeoutExpired:  # a row that hangs is recorded as failed; the others still run
+            cell.errors, cell.note = 1, "perf_analyzer timed out"
+            return self._record(cell)
         wall = time.perf_counter() - started
         server_cpu = _tree_cpu(server_pid) - server_before
         cell.client_cores = (_children_cpu() - cpu_before) / wall
@@ -345,9 +349,10 @@ def _triton(bench: Bench, paths: dict[str, Path], out: Path, label: str, levels:
             for concurrency in levels:
                 bench.pa(mlp, label, port, pid, concurrency, stack="C++ front end")
             if label == TRITON:
-                bench.pa(mlp, label, port, pid, 32, stack="C++ front end", streaming=True)
                 bench.pa(resnet, label, port, pid, 4, stack="C++ front end")
                 bench.pa(resnet, label, port, pid, 4, stack="C++ front end", shared_memory=True)
+                # Last: perf_analyzer --streaming on this Python-backend model did not finish in one run here.
+                bench.pa(mlp, label, port, pid, 32, stack="C++ front end", streaming=True)
     except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
         print(f"Triton could not be run ({str(error)[:300]}); its rows are skipped", flush=True)
 

@@ -29,6 +29,7 @@ from .types import (
     InferResult,
     LabelScore,
     ModelInfo,
+    ModelList,
     Segmentation,
     ServerInfo,
     ServerTiming,
@@ -82,7 +83,7 @@ def server_info() -> Call[ServerInfo]:
 
 
 def models() -> Call[list[ModelInfo]]:
-    return Call("tasks", "ListModels", tasks.ListModelsRequest(), lambda r: [_model_info(m) for m in r.models])
+    return Call("tasks", "ListModels", tasks.ListModelsRequest(), lambda r: ModelList(_model_info(m) for m in r.models))
 
 
 def metadata(model: str, version: str) -> Call[ModelInfo]:

@@ -213,9 +213,11 @@ class Client:
         return self._invoke(_calls.segment(model, image, png, version), timeout)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The same as `models` (the name the RPC has)."""
         return self.models(timeout=timeout)
 
     def close(self) -> None:
+        """Close the channel; calls still in flight are cancelled."""
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -298,6 +300,7 @@ class AsyncClient:
         version: str = "",
         timeout: float | None = None,
     ) -> InferResult:
+        """As `Client.infer`, awaited."""
         return await self._invoke(_calls.infer(model, inputs, outputs, version), timeout)
 
     async def classify(
@@ -311,6 +314,7 @@ class AsyncClient:
         version: str = "",
         timeout: float | None = None,
     ) -> Classifications:
+        """As `Client.classify`, awaited."""
         return await self._invoke(_calls.classify(model, batch, images, texts, top_k, version), timeout)
 
     async def generate(
@@ -345,17 +349,21 @@ class AsyncClient:
         version: str = "",
         timeout: float | None = None,
     ) -> Embeddings:
+        """As `Client.encode`, awaited."""
         return await self._invoke(_calls.encode(model, batch, images, texts, normalize, version), timeout)
 
     async def segment(
         self, model: str, image: Any, *, png: bool = False, version: str = "", timeout: float | None = None
     ) -> Segmentation:
+        """As `Client.segment`, awaited."""
         return await self._invoke(_calls.segment(model, image, png, version), timeout)
 
     async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The same as `models` (the name the RPC has)."""
         return await self.models(timeout=timeout)
 
     async def close(self) -> None:
+        """Close the channel; calls still in flight are cancelled."""
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:

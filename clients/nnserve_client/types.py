@@ -62,6 +62,13 @@ class ModelInfo:
         )
 
 
+class ModelList(list[ModelInfo]):
+    """`Client.models()`: a list, printed one model per line."""
+
+    def __repr__(self) -> str:
+        return "\n".join(repr(m) for m in self) if self else "[]"
+
+
 def _shape(shape: Iterable[int]) -> str:
     return "[" + ", ".join("n" if i == 0 and d < 0 else "?" if d < 0 else str(d) for i, d in enumerate(shape)) + "]"
 

@@ -26,9 +26,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     zoo = commands.add_parser("zoo", help="train, export and verify every family into a model repository")
-    zoo.add_argument("--out", type=Path, default=Path("models"), help="model repository to create")
+    zoo.add_argument("--out", type=Path, default=Path("models"), help="model repository to create (default: models)")
     zoo.add_argument("--fast", action="store_true", help="tiny models in seconds, for tests (no quality bars)")
-    zoo.add_argument("--force", action="store_true", help="replace --out if it exists")
+    zoo.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
     zoo.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="build only these families")
     zoo.add_argument("--jobs", type=int, default=2, help="families trained at once, one thread each (default: 2)")
     zoo.add_argument(

@@ -407,6 +407,10 @@ def test_the_sdk_takes_images_as_people_hold_them_and_errors_carry_the_request_i
 
     images = load_digits().images[:3]  # scikit-learn's own (N, 8, 8), natural units 0..16
     with Client(zoo_server.target) as client:
+        listing = repr(client.models()).splitlines()  # print(client.models()): one readable line per model
+        assert len(listing) == 12
+        assert max(len(line) for line in listing) < 300
+        assert any(line.startswith("<ModelInfo digits-fnn v1 (classify, fnn): takes images 8x8") for line in listing)
         as_nchw = client.classify("digits-cnn", images[:, None], top_k=2)
         assert client.classify("digits-cnn", images, top_k=2) == as_nchw  # (N, H, W)
         assert client.classify("digits-cnn", images[0], top_k=2) == as_nchw[:1]  # (H, W)
