@@ -222,34 +222,15 @@ def _run_jobs(
     started: float,
     pending: dict[str, float],
 ) -> tuple[list[ZooRow], list[str]]:
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: torch's threads set before any work
-    pool = ProcessPoolExecutor(max_workers=max(jobs, 1), mp_context=context)
-    try:
-        return _drive(pool, chosen, staging, install, fast, jobs, started, pending)
-    except BaseException:  # Ctrl-C or SIGTERM: the workers stop now, not after the family they train
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    finally:
-        pool.shutdown(wait=True)
-
-
-def _drive(
-    pool: ProcessPoolExecutor,
-    chosen: list[str],
-    staging: Path,
-    install: Path | None,
-    fast: bool,
-    jobs: int,
-    started: float,
-    pending: dict[str, float],
-) -> tuple[list[ZooRow], list[str]]:
+    """Train the families `jobs` at a time, each once what it NEEDS is done; with `install`, move each
+    family's models in as it meets its bar and keep `pending` (the servers' ETAs) up to date."""
     rows: list[ZooRow] = []
     failures: list[str] = []
     submitted: dict[Future[list[ZooRow]], str] = {}
     waiting = list(chosen)
     done_keys: set[str] = set()
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: torch's threads set before any work
+    pool = ProcessPoolExecutor(max_workers=max(jobs, 1), mp_context=context)
 
     def submit_ready() -> None:
         for key in list(waiting):
@@ -259,28 +240,35 @@ def _drive(
                 print(f"[{key}] training{' (fast)' if fast else ''}", flush=True)
                 submitted[pool.submit(_build_in_worker, key, staging, fast)] = key
 
-    submit_ready()
-    while submitted:
-        finished, _ = wait(submitted, return_when=FIRST_COMPLETED)
-        for future in finished:
-            key = submitted.pop(future)
-            family = FAMILIES[key]
-            built = future.result()
-            missed = [] if fast else misses(family, built[0].quality)
-            elapsed = time.perf_counter() - started
-            verdict = "; MISSED ITS BAR, left out" if missed else ""
-            print(f"[{key}] {_quality(built[0].quality)} ({elapsed:.0f}s elapsed){verdict}", flush=True)
-            failures += missed
-            done_keys.add(key)
-            if install is not None:
-                if not missed:
-                    for model_dir in (staging / key).iterdir():
-                        shutil.rmtree(install / model_dir.name, ignore_errors=True)
-                        model_dir.rename(install / model_dir.name)  # whole, at once
-                pending.pop(key, None)
-                _write_training(install, pending)
-            rows += built
+    try:
         submit_ready()
+        while submitted:
+            finished, _ = wait(submitted, return_when=FIRST_COMPLETED)
+            for future in finished:
+                key = submitted.pop(future)
+                built = future.result()
+                missed = [] if fast else misses(FAMILIES[key], built[0].quality)
+                elapsed = time.perf_counter() - started
+                verdict = "; MISSED ITS BAR, left out" if missed else ""
+                print(f"[{key}] {_quality(built[0].quality)} ({elapsed:.0f}s elapsed){verdict}", flush=True)
+                failures += missed
+                done_keys.add(key)
+                if install is not None:
+                    if not missed:
+                        for model_dir in (staging / key).iterdir():
+                            shutil.rmtree(install / model_dir.name, ignore_errors=True)
+                            model_dir.rename(install / model_dir.name)  # whole, at once
+                    pending.pop(key, None)
+                    _write_training(install, pending)
+                rows += built
+            submit_ready()
+    except BaseException:  # Ctrl-C or SIGTERM: the workers stop now, not after the family they train
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        pool.shutdown(wait=True)
     return rows, failures
 
 

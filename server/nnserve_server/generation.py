@@ -15,7 +15,6 @@ import math
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -24,6 +23,7 @@ from nnserve_client.model_spec import AppendCache, ModelSpec
 from . import images
 from .errors import InvalidInput, Overloaded
 from .model import OnnxModel
+from .request_record import CURRENT, RequestRecord
 from .tasks import require_task
 from .text import CharacterCodec
 
@@ -268,7 +268,7 @@ class StepBatcher:
         self._state = dict(spec.state)  # state input -> the output that feeds it next step
         self._axes = {name: model.inputs[name].shape.index(-1) for name in spec.state}  # each state's batch axis
         self._outputs = ["logits", *spec.state.values()]
-        self._waiting: list[tuple[np.ndarray, dict[str, np.ndarray], asyncio.Future[dict[str, np.ndarray]]]] = []
+        self._waiting: list[_Step] = []
         self._scheduled = False
         self._running: set[asyncio.Task[None]] = set()
         self.runs = 0  # calls made, and the steps they carried (for tests and the curious)
@@ -277,7 +277,7 @@ class StepBatcher:
     async def step(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
-        self._waiting.append((tokens, state, future))
+        self._waiting.append(_Step(tokens, state, future, CURRENT.get()))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._dispatch)
@@ -285,7 +285,7 @@ class StepBatcher:
 
     def _dispatch(self) -> None:
         waiting, self._waiting, self._scheduled = self._waiting, [], False
-        live = [w for w in waiting if not w[2].done()]  # a stream that stopped listening is dropped
+        live = [w for w in waiting if not w.future.done()]  # a stream that stopped listening is dropped
         loop = asyncio.get_running_loop()
         for start in range(0, len(live), MAX_STEP_BATCH):
             # A context of its own: the shared run belongs to no one stream's request record.
@@ -293,30 +293,42 @@ class StepBatcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _run(self, batch: list[tuple[np.ndarray, dict[str, np.ndarray], asyncio.Future[Any]]]) -> None:
+    async def _run(self, batch: list[_Step]) -> None:
         try:
             if len(batch) == 1:
-                tokens, state, _ = batch[0]
-                feed = {"tokens": tokens, **state}
+                feed = {"tokens": batch[0].tokens, **batch[0].state}
             else:
-                feed = {"tokens": np.concatenate([b[0] for b in batch])}
+                feed = {"tokens": np.concatenate([b.tokens for b in batch])}
                 for name, axis in self._axes.items():
-                    feed[name] = np.concatenate([b[1][name] for b in batch], axis=axis)
-            result = await self._model.infer(feed, self._outputs)
+                    feed[name] = np.concatenate([b.state[name] for b in batch], axis=axis)
+            result, timing = await self._model.infer_timed(feed, self._outputs)
         except BaseException as error:  # the same call for all of them: each stream gets the error
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            for step in batch:
+                if not step.future.done():
+                    step.future.set_exception(error)
             return
         self.runs += 1
         self.steps += len(batch)
-        for row, (_, _, future) in enumerate(batch):
-            if future.done():
+        model = self._model
+        for row, step in enumerate(batch):
+            if step.record is not None:  # each stream's record counts the shared run (trailers, traces)
+                step.record.add_run(model.name, model.version, model.stats, timing, 1)
+            if step.future.done():
                 continue
             mine = {"logits": result["logits"][row : row + 1]}
             for name, out in self._state.items():
                 mine[out] = np.take(result[out], [row], axis=self._axes[name])
-            future.set_result(mine)
+            step.future.set_result(mine)
+
+
+@dataclass
+class _Step:
+    """One stream's request for its next decoding step."""
+
+    tokens: np.ndarray
+    state: dict[str, np.ndarray]
+    future: asyncio.Future[dict[str, np.ndarray]]
+    record: RequestRecord | None
 
 
 MAX_STEP_BATCH = 64  # streams whose steps share one call
