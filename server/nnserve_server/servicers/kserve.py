@@ -319,8 +319,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         if shared:
             with self._regions().using(shared) as regions:
                 return await self._infer(model, request, deadline_of(context), regions)
-        if model.spec is not None and streaming.is_llm_request(model, request):  # the whole text, at once
-            asked = streaming.llm_request(request, self._max_tokens, self._max_text_chars)
+        if streaming.is_llm_request(model, request):  # the whole text, at once
+            asked = streaming.llm_request(
+                decode_inputs(request), request.parameters, self._max_tokens, self._max_text_chars
+            )
             return await anext(streaming.llm_responses(model, request, asked, False, self._budget, self._step_batching))
         return await self._infer(model, request, deadline_of(context), None)
 
@@ -338,8 +340,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             if shared:
                 with self._regions().using(shared) as regions:
                     yield await self._infer(model, request, deadline, regions)
-            elif model.spec is not None and streaming.is_llm_request(model, request):
-                asked = streaming.llm_request(request, self._max_tokens, self._max_text_chars)
+            elif streaming.is_llm_request(model, request):
+                asked = streaming.llm_request(
+                    decode_inputs(request), request.parameters, self._max_tokens, self._max_text_chars
+                )
                 async for response in streaming.llm_responses(
                     model, request, asked, True, self._budget, self._step_batching
                 ):

@@ -19,7 +19,7 @@ response after the last piece does. Otherwise one response holds the whole text.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,31 +60,22 @@ def is_llm_request(model: OnnxModel, request: pb.ModelInferRequest) -> bool:
     )
 
 
-def llm_request(request: pb.ModelInferRequest, max_tokens: int, max_chars: int) -> LlmRequest:
-    """The prompt and sampling of an LLM-convention request; every input and parameter is checked, and
-    one this server does not know is refused (never ignored)."""
+def llm_request(inputs: Mapping[str, np.ndarray], parameters: Any, max_tokens: int, max_chars: int) -> LlmRequest:
+    """The prompt and sampling of an LLM-convention request (its inputs decoded as any request's, and its
+    request parameters); every input and parameter is checked, and one this server does not know is
+    refused (never ignored)."""
     values: dict[str, Any] = {}
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs")
-    for index, tensor in enumerate(request.inputs):
-        if tensor.name not in _KNOWN_INPUTS:
-            raise InvalidInput(f"input '{tensor.name}' is not one of {sorted(_KNOWN_INPUTS)} (Triton's LLM inputs)")
-        if tensor.parameters:
-            raise InvalidInput(f"input '{tensor.name}' has parameters; the LLM inputs take none")
-        array = (
-            codec.from_raw(raw[index], tensor.datatype, tensor.shape)
-            if raw
-            else codec.from_contents(tensor.contents, tensor.datatype, tensor.shape)
-        )
+    for name, array in inputs.items():
+        if name not in _KNOWN_INPUTS:
+            raise InvalidInput(f"input '{name}' is not one of {sorted(_KNOWN_INPUTS)} (Triton's LLM inputs)")
         flat = array.reshape(-1)
-        if tensor.name == "stop":
+        if name == "stop":
             values["stop"] = tuple(_text(v, "stop") for v in flat)
             continue
         if flat.size != 1:
-            raise InvalidInput(f"input '{tensor.name}' has {flat.size} elements; send one (shape [1])")
-        values[tensor.name] = flat[0]
-    for key, parameter in request.parameters.items():
+            raise InvalidInput(f"input '{name}' has {flat.size} elements; send one (shape [1])")
+        values[name] = flat[0]
+    for key, parameter in parameters.items():
         if key not in _KNOWN_PARAMETERS:
             if key in ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout"):
                 raise InvalidInput(f"request parameter '{key}' is not supported by this server")
