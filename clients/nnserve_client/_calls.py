@@ -265,7 +265,7 @@ def _segmentation(response: tasks.SegmentResponse) -> Segmentation:
 
 def _infer_outputs(response: kserve.ModelInferResponse) -> InferResult:
     results = InferResult()
-    for index, output in enumerate(response.outputs):
+    for index, output in enumerate(response.outputs[:]):  # a slice: cheaper than iterating (upb)
         if index < len(response.raw_output_contents):
             results[output.name] = codec.from_raw(response.raw_output_contents[index], output.datatype, output.shape)
         else:

@@ -96,6 +96,9 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
+_RPC_NAMES: dict[str, str] = {}  # "/package.Service/Method" -> "Method", for every wrapped method
+
+
 class InFlight:
     """Counts requests being answered, so shutdown can wait for them and not for endless streams
     (the in-flight gauge reads `count` when scraped)."""
@@ -154,6 +157,7 @@ class StatusGuard:
         add_to_server(servicer, _WrappingRegistrar(server, self))
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        _RPC_NAMES[method] = method.rsplit("/", 1)[-1]  # named once here, not on every call
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap(method, handler.unary_unary),
@@ -257,8 +261,7 @@ class StatusGuard:
         """Start the call's record, current for its task (each call runs in a task of its own), and
         with --tracing its span."""
         metadata = context.invocation_metadata()
-        rpc = method.rsplit("/", 1)[-1]
-        record = RequestRecord(rpc, request_id_from(metadata), time.perf_counter_ns())
+        record = RequestRecord(_RPC_NAMES[method], request_id_from(metadata), time.perf_counter_ns())
         if self._tracing is not None:
             record.span = self._tracing.start(method, metadata)
         CURRENT.set(record)
@@ -296,9 +299,10 @@ class StatusGuard:
     def _report(self, record: RequestRecord, request: Any, response: Any) -> None:
         ended_ns = time.perf_counter_ns()
         code = record.code = record.code or "OK"
-        model, version = self._labels(request, response)
-        if record.model and model not in ("", "unknown"):
-            version = record.version  # the version that served it, also when the caller named none
+        if record.model:  # the version that served it, also when the caller named none
+            model, version = record.model, record.version
+        else:
+            model, version = self._labels(request, response)
         self._stats.count(model, version, record.rpc, code, (ended_ns - record.started_ns) / 1e9)
         stats = record.stats
         if stats is not None and code == "OK":

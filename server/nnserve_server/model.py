@@ -26,7 +26,7 @@ from .stats import ModelStats
 log = logging.getLogger(__name__)
 
 
-BATCH_PAYS = 1.8  # combine requests only where a batch of two costs less than this many runs of one
+BATCH_PAYS = 1.7  # combine requests only where a batch of two costs less than this many runs of one
 
 
 def _timed(run: RunFn, names: Sequence[str], feed: dict[str, np.ndarray]) -> int:
@@ -103,7 +103,7 @@ class OnnxModel:
         two = {name: np.concatenate([array, array]) for name, array in one.items()}
         names = session.all_outputs
         try:
-            alone, paired = (min(_timed(session.run, names, feed) for _ in range(2)) for feed in (one, two))
+            alone, paired = (min(_timed(session.run, names, feed) for _ in range(3)) for feed in (one, two))
         except Exception as error:  # zeros are not valid input for every model: then keep batching
             log.info("model %s: batching kept, not measured (%s)", self.name, error)
             return

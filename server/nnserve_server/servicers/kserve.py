@@ -54,7 +54,8 @@ class ServerState:
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    tensors, raw = request.inputs, request.raw_input_contents
+    # Slices, not iterators: iterating a protobuf repeated field costs several times a slice (upb).
+    tensors, raw = request.inputs[:], request.raw_input_contents[:]
     arrays: dict[str, np.ndarray] = {}
     if not raw:
         for tensor in tensors:
@@ -78,7 +79,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
 def region_names(request: pb.ModelInferRequest) -> list[str]:
     """The shared-memory regions a request names (usually none: two cheap loops)."""
     names = []
-    for tensors in (request.inputs, request.outputs):
+    for tensors in (request.inputs[:], request.outputs[:]):
         for tensor in tensors:
             if tensor.parameters and REGION in tensor.parameters:
                 region = tensor.parameters[REGION]
@@ -94,7 +95,7 @@ def decode_shared_inputs(request: pb.ModelInferRequest, regions: Mapping[str, Re
     raw = request.raw_input_contents
     arrays: dict[str, np.ndarray] = {}
     used = 0
-    for tensor in request.inputs:
+    for tensor in request.inputs[:]:
         name = _unique(tensor.name, arrays)
         what = f"input '{name}'"
         if tensor.parameters and REGION in tensor.parameters:
@@ -136,7 +137,7 @@ def _region_slice(what: str, parameters: Any, regions: Mapping[str, Region]) -> 
 def requested_outputs(request: pb.ModelInferRequest) -> tuple[list[str], dict[str, int]]:
     """The outputs asked for, and those asked for as top-k classes (the classification extension)."""
     names, classes = [], {}
-    for output in request.outputs:
+    for output in request.outputs[:]:
         names.append(output.name)
         if output.parameters:
             if REGION in output.parameters:
@@ -156,7 +157,7 @@ def _write_shared_outputs(
 ) -> list[bytes]:
     """Write each output that names a region into it; the raw contents, empty where written (Triton's rule:
     one entry per output, so clients find the others by position)."""
-    where = {o.name: o.parameters for o in request.outputs if o.parameters and REGION in o.parameters}
+    where = {o.name: o.parameters for o in request.outputs[:] if o.parameters and REGION in o.parameters}
     contents = []
     for name, array in results.items():
         data = codec.to_raw(array)

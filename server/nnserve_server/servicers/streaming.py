@@ -56,7 +56,7 @@ def is_llm_request(model: OnnxModel, request: pb.ModelInferRequest) -> bool:
         spec is not None
         and spec.task == "generate"
         and spec.vocabulary
-        and any(t.name == TEXT_INPUT for t in request.inputs)
+        and any(t.name == TEXT_INPUT for t in request.inputs[:])
     )
 
 
