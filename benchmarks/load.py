@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -147,18 +148,22 @@ def generate(
 
 def streams(target: str, model: str, concurrency: int, tokens: int) -> dict[str, Any]:
     """`concurrency` greedy generations of `tokens` at once (after one to warm up): aggregate tokens/s,
-    time to first token (p50, p99), the median gap between a stream's tokens, and errors by code."""
+    time to first token (p50, p99), the median gap between a stream's tokens, and errors by code.
+
+    A busy server sends several tokens in one piece: tokens are counted by the characters of the
+    pieces (one per token for these character LMs), and a piece of k tokens after a gap g counts as
+    k gaps of g/k (the pieces per token are reported too)."""
     from nnserve_client import AsyncClient, NNServeError
     from nnserve_client.types import TextPiece
 
     async def run() -> dict[str, Any]:
         async with AsyncClient(target, timeout=300) as client:
 
-            async def one() -> tuple[float, list[float]]:
+            async def one() -> tuple[float, list[tuple[float, int]]]:
                 started, arrivals = time.perf_counter(), []
                 async for event in client.generate(model, prompt="The ", max_tokens=tokens, temperature=0.0):
                     if isinstance(event, TextPiece):
-                        arrivals.append(time.perf_counter())
+                        arrivals.append((time.perf_counter(), len(event.text)))
                 return started, arrivals
 
             await one()
@@ -166,7 +171,7 @@ def streams(target: str, model: str, concurrency: int, tokens: int) -> dict[str,
             outcomes = await asyncio.gather(*(one() for _ in range(concurrency)), return_exceptions=True)
             wall = time.perf_counter() - began
         errors: Counter[str] = Counter()
-        firsts, gaps, pieces = [], [], 0
+        firsts, gaps, pieces, generated = [], [], 0, 0
         for outcome in outcomes:
             if isinstance(outcome, NNServeError):
                 errors[outcome.code] += 1
@@ -175,11 +180,14 @@ def streams(target: str, model: str, concurrency: int, tokens: int) -> dict[str,
             else:
                 started, arrivals = outcome
                 pieces += len(arrivals)
-                firsts.append(arrivals[0] - started)
-                gaps += list(np.diff(arrivals))
+                generated += sum(count for _, count in arrivals)
+                firsts.append(arrivals[0][0] - started)
+                for (before, _), (at, count) in itertools.pairwise(arrivals):
+                    gaps += [(at - before) / max(count, 1)] * max(count, 1)
         return {
             "streams": concurrency,
-            "tokens_per_s": pieces / wall,
+            "tokens_per_s": generated / wall,
+            "pieces_per_token": pieces / max(generated, 1),
             "first_token_p50_ms": float(np.percentile(firsts, 50) * 1000) if firsts else float("nan"),
             "first_token_p99_ms": float(np.percentile(firsts, 99) * 1000) if firsts else float("nan"),
             "inter_token_p50_ms": float(np.median(gaps) * 1000) if gaps else float("nan"),

@@ -274,7 +274,7 @@ class Bench:
             f"  {model:18} step batching {'on ' if batching else 'off'} {concurrency:3} streams: "
             f"{result['tokens_per_s']:7.0f} tokens/s, first token p50 {result['first_token_p50_ms']:7.1f} ms "
             f"p99 {result['first_token_p99_ms']:7.1f} ms, between tokens p50 {result['inter_token_p50_ms']:.2f} ms, "
-            f"errors {result['errors']}",
+            f"pieces per token {result['pieces_per_token']:.2f}, errors {result['errors']}",
             flush=True,
         )
         return result
@@ -539,6 +539,10 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
         if 1 in rows and 16 in rows:
             ratio = rows[16]["tokens_per_s"] / rows[1]["tokens_per_s"]
             checks.append((f"{name}: 16 streams >= 6x one stream's tokens/s", ratio >= 6, f"{ratio:.1f}x"))
+            gap = rows[16]["inter_token_p50_ms"] / rows[1]["inter_token_p50_ms"]
+            checks.append(
+                (f"{name}: 16 streams, gap between tokens p50 <= 2.5x one stream's", gap <= 2.5, f"{gap:.1f}x")
+            )
         if 64 in rows:
             ok = not rows[64]["errors"] and rows[64]["first_token_p99_ms"] < 2000
             what = f"p99 {rows[64]['first_token_p99_ms']:.0f} ms, errors {rows[64]['errors'] or 'none'}"
@@ -581,14 +585,14 @@ def table(results: dict[str, Any]) -> str:
     lines += [
         "",
         "| language model | step batching | streams | tokens/s | first token p50 ms | p99 ms "
-        "| between tokens p50 ms | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| between tokens p50 ms | pieces per token | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.get("streams", []):
         lines.append(
             f"| {r['model']} | {'on' if r['step_batching'] else 'off'} | {r['streams']} | {r['tokens_per_s']:.0f} | "
             f"{r['first_token_p50_ms']:.1f} | {r['first_token_p99_ms']:.1f} | {r['inter_token_p50_ms']:.2f} | "
-            f"{r['errors'] or ''} |"
+            f"{r.get('pieces_per_token', 1.0):.2f} | {r['errors'] or ''} |"
         )
     return "\n".join(lines)
 

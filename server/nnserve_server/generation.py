@@ -3,8 +3,13 @@
 A language model described with `state` in its metadata is a step model: the prompt goes through
 once, then every token is one call with one token and the state from the call before, so a token
 costs one step whatever the prefix length. A model described with `cache` (a Transformer) keeps its
-keys and values in buffers this module sizes once per stream and fills in place. Cancelling the
-consumer (the client going away) stops the loop at its next await: no further model call is made.
+keys and values in buffers this module sizes once per stream and fills in place.
+
+Each text generation decodes in a task of its own, ahead of its consumer by at most `RUN_AHEAD`
+pieces, so a stream's next step never waits for its last piece to be written, and it joins every
+shared step. While other generations run beside it, the pieces that piled up during a write leave as
+one piece (several tokens to a message when the server is busy); a lone stream keeps one piece per
+token. Cancelling the consumer (the client going away) cancels the decoding at its next await.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import contextvars
 import math
 import weakref
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -202,15 +208,69 @@ async def generate_text(
     reserved = size + sum(a.nbytes for a in state.values())
     if budget is not None:
         budget.reserve(reserved, model.name)  # before the cache exists: refused, nothing was allocated
+    global _generations
+    _generations += 1
     try:
         if spec.cache is not None:
             cache = _Cache(spec.cache, shapes)
         steps = _step_batcher(model, spec) if cache is None and share_steps else None
-        async for event in _decode(model, spec, prompt, sampling, tokens, state, cache, steps):
+        async for event in _ahead(_decode(model, spec, prompt, sampling, tokens, state, cache, steps)):
             yield event
     finally:
+        _generations -= 1
         if budget is not None:
             budget.release(reserved)
+
+
+RUN_AHEAD = 32  # pieces a generation may decode before its consumer takes them; then it waits
+_generations = 0  # text generations running in this process (more than one: pieces are coalesced)
+
+
+async def _ahead(events: AsyncIterator[TextPiece | Finished]) -> AsyncIterator[TextPiece | Finished]:
+    """`events`, decoded in a task of their own (see the module's docstring): pieces queued while the
+    consumer was busy are joined into one when other generations run too. Errors arrive in order,
+    after the pieces decoded before them."""
+    queued: deque[TextPiece | Finished] = deque()
+    arrived, room = asyncio.Event(), asyncio.Event()
+    failure: list[BaseException] = []
+    finished = False
+
+    async def decode() -> None:
+        nonlocal finished
+        try:
+            async for event in events:
+                queued.append(event)
+                arrived.set()
+                if len(queued) >= RUN_AHEAD:
+                    room.clear()
+                    await room.wait()
+        except Exception as error:  # the consumer raises it, after what was decoded before it
+            failure.append(error)
+        finally:
+            finished = True
+            arrived.set()
+
+    task = asyncio.get_running_loop().create_task(decode())  # a copy of this context: the same request record
+    try:
+        while True:
+            if not queued:
+                if finished:
+                    break
+                arrived.clear()
+                await arrived.wait()
+                continue
+            event = queued.popleft()
+            if isinstance(event, TextPiece) and _generations > 1 and queued and isinstance(queued[0], TextPiece):
+                texts = [event.text]
+                while queued and isinstance(queued[0], TextPiece):
+                    texts.append(queued.popleft().text)  # type: ignore[union-attr]
+                event = TextPiece("".join(texts))
+            room.set()
+            yield event
+        if failure:
+            raise failure[0]
+    finally:
+        task.cancel()
 
 
 async def _decode(

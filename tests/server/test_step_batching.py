@@ -58,3 +58,55 @@ def test_the_transformer_steps_alone(fast_zoo: tuple[Path, list[object]]) -> Non
     model = _load(fast_zoo[0] / "chars-transformer")
     assert generation._step_batcher(model, model.spec) is None  # type: ignore[arg-type]
     model.close()
+
+
+async def _pieces(model: OnnxModel, prompt: str, seed: int, pause_s: float) -> list[str]:
+    """A consumer that takes `pause_s` over each piece (a slow client, or a busy server's writes)."""
+    sampling = Sampling(24, temperature=0.9, top_k=0, top_p=1.0, seed=seed, stop=())
+    pieces = []
+    async for event in generation.generate_text(model, prompt, sampling):
+        if isinstance(event, TextPiece):
+            pieces.append(event.text)
+            await asyncio.sleep(pause_s)
+    return pieces
+
+
+def test_busy_streams_get_several_tokens_a_piece_and_a_lone_stream_one(fast_zoo: tuple[Path, list[object]]) -> None:
+    model = _load(fast_zoo[0] / "chars-lstm")
+    prompts = [("The ", 1), ("def ", 2), ("a", 3), ("x = ", 4)]
+    alone = [asyncio.run(_pieces(model, p, s, 0.004)) for p, s in prompts]
+    assert all(len(pieces) == 24 for pieces in alone)  # alone: one piece per token, however slow the consumer
+
+    async def together() -> list[list[str]]:
+        return list(await asyncio.gather(*(_pieces(model, p, s, 0.004) for p, s in prompts)))
+
+    shared = asyncio.run(together())
+    assert ["".join(p) for p in shared] == ["".join(p) for p in alone]  # the same text
+    # Decoding ran ahead while each consumer paused: the pieces that piled up left together.
+    assert sum(len(p) for p in shared) < sum(len(p) for p in alone) / 2, [len(p) for p in shared]
+    model.close()
+
+
+def test_decoding_runs_ahead_of_a_stalled_consumer_by_a_bounded_number_of_pieces(
+    fast_zoo: tuple[Path, list[object]],
+) -> None:
+    model = _load(fast_zoo[0] / "chars-lstm")
+    steps = generation._step_batcher(model, model.spec)  # type: ignore[arg-type]
+    assert steps is not None
+
+    async def stalled() -> int:
+        sampling = Sampling(500, temperature=0.9, top_k=0, top_p=1.0, seed=1, stop=())
+        events = generation.generate_text(model, "The ", sampling)
+        await anext(events)  # one piece taken, then the consumer stops reading (but does not leave)
+        before = steps.steps
+        await asyncio.sleep(0.5)
+        ahead = steps.steps - before
+        await events.aclose()  # it leaves: decoding is cancelled
+        after = steps.steps
+        await asyncio.sleep(0.2)
+        assert steps.steps == after  # no step after the consumer left
+        return ahead
+
+    ahead = asyncio.run(stalled())
+    assert 0 < ahead <= generation.RUN_AHEAD + 1, ahead
+    model.close()
