@@ -167,9 +167,9 @@ def streams(target: str, model: str, concurrency: int, tokens: int) -> dict[str,
                 return started, arrivals
 
             await one()
-            began = time.perf_counter()
+            began, cpu = time.perf_counter(), time.process_time()
             outcomes = await asyncio.gather(*(one() for _ in range(concurrency)), return_exceptions=True)
-            wall = time.perf_counter() - began
+            wall, cpu = time.perf_counter() - began, time.process_time() - cpu
         errors: Counter[str] = Counter()
         firsts, gaps, pieces, generated = [], [], 0, 0
         for outcome in outcomes:
@@ -188,6 +188,7 @@ def streams(target: str, model: str, concurrency: int, tokens: int) -> dict[str,
             "streams": concurrency,
             "tokens_per_s": generated / wall,
             "pieces_per_token": pieces / max(generated, 1),
+            "client_cores": cpu / wall,  # this load generator's own CPU: it shares the machine with the server
             "first_token_p50_ms": float(np.percentile(firsts, 50) * 1000) if firsts else float("nan"),
             "first_token_p99_ms": float(np.percentile(firsts, 99) * 1000) if firsts else float("nan"),
             "inter_token_p50_ms": float(np.median(gaps) * 1000) if gaps else float("nan"),

@@ -274,7 +274,8 @@ class Bench:
             f"  {model:18} step batching {'on ' if batching else 'off'} {concurrency:3} streams: "
             f"{result['tokens_per_s']:7.0f} tokens/s, first token p50 {result['first_token_p50_ms']:7.1f} ms "
             f"p99 {result['first_token_p99_ms']:7.1f} ms, between tokens p50 {result['inter_token_p50_ms']:.2f} ms, "
-            f"pieces per token {result['pieces_per_token']:.2f}, errors {result['errors']}",
+            f"pieces per token {result['pieces_per_token']:.2f}, client cores {result['client_cores']:.2f}, "
+            f"errors {result['errors']}",
             flush=True,
         )
         return result
@@ -585,14 +586,14 @@ def table(results: dict[str, Any]) -> str:
     lines += [
         "",
         "| language model | step batching | streams | tokens/s | first token p50 ms | p99 ms "
-        "| between tokens p50 ms | pieces per token | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| between tokens p50 ms | pieces per token | client cores | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results.get("streams", []):
         lines.append(
             f"| {r['model']} | {'on' if r['step_batching'] else 'off'} | {r['streams']} | {r['tokens_per_s']:.0f} | "
             f"{r['first_token_p50_ms']:.1f} | {r['first_token_p99_ms']:.1f} | {r['inter_token_p50_ms']:.2f} | "
-            f"{r.get('pieces_per_token', 1.0):.2f} | {r['errors'] or ''} |"
+            f"{r.get('pieces_per_token', 1.0):.2f} | {r.get('client_cores', 0.0):.2f} | {r['errors'] or ''} |"
         )
     return "\n".join(lines)
 
