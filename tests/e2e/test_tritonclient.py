@@ -81,3 +81,12 @@ def test_tritonclient_streams_requests_and_a_language_model(zoo_server: RunningS
     assert seen["llm-empty_pieces"][:-1] == seen["llm_pieces"]
     assert seen["llm-empty_pieces"][-1] is None
     assert seen["llm-empty_finals"] == [False] * 8 + [True]
+    # ModelMetadata and ModelConfig describe the LLM view of both LMs, decoupled; a plain model is not.
+    for lm in ("chars-lstm", "chars-transformer"):
+        metadata, config = seen[f"{lm}_metadata"], seen[f"{lm}_config"]
+        assert metadata["inputs"][0] == ["text_input", "BYTES"]
+        assert {"max_tokens", "stream", "temperature", "top_k", "top_p", "seed", "stop"} == set(config["optional"])
+        assert metadata["outputs"] == [["text_output", "BYTES"]]
+        assert config == {"decoupled": True, "optional": config["optional"], "outputs": ["text_output"]}
+    assert seen["digits-fnn_config"]["decoupled"] is False
+    assert seen["digits-fnn_metadata"]["outputs"] == [["logits", "FP32"]]

@@ -69,6 +69,19 @@ def _sync(target: str, seen: dict[str, object]) -> None:
     client.stop_stream()
     whole = client.infer("chars-lstm", _llm("The ", False)).as_numpy("text_output")[0].decode()
     seen["llm_whole"] = whole
+    # What a client reads before it streams: the LLM view, and that the model answers decoupled.
+    for model in ("chars-lstm", "chars-transformer", "digits-fnn"):
+        meta = client.get_model_metadata(model, as_json=True)
+        config = client.get_model_config(model, as_json=True)["config"]
+        seen[f"{model}_metadata"] = {
+            "inputs": [[t["name"], t["datatype"]] for t in meta["inputs"]],
+            "outputs": [[t["name"], t["datatype"]] for t in meta["outputs"]],
+        }
+        seen[f"{model}_config"] = {
+            "decoupled": config.get("model_transaction_policy", {}).get("decoupled", False),
+            "optional": sorted(i["name"] for i in config["input"] if i.get("optional")),
+            "outputs": [o["name"] for o in config["output"]],
+        }
     client.close()
 
 

@@ -222,6 +222,8 @@ def model_statistics(model: OnnxModel) -> pb.ModelStatistics:
 
 
 def model_config(model: OnnxModel) -> config_pb.ModelConfig:
+    if streaming.is_text_lm(model):
+        return _llm_config(model)
     skip = 1 if model.max_batch_size else 0  # Triton states dims without the batch dimension
     return config_pb.ModelConfig(
         name=model.name,
@@ -245,6 +247,28 @@ def model_config(model: OnnxModel) -> config_pb.ModelConfig:
         )
         if model.batcher.policy.max_batch_size
         else None,
+        parameters={INTRA_OP_KEY: config_pb.ModelParameter(string_value=str(model.config.intra_op_threads))},
+    )
+
+
+def _llm_config(model: OnnxModel) -> config_pb.ModelConfig:
+    """A text LM as Triton describes its LLM models: text in, text out, decoupled (streamed responses)."""
+    return config_pb.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        input=[
+            config_pb.ModelInput(name=name, data_type=_config_type(datatype), dims=shape, optional=name != "text_input")
+            for name, datatype, shape in streaming.LLM_INPUTS
+        ],
+        output=[
+            config_pb.ModelOutput(name=name, data_type=_config_type(datatype), dims=shape)
+            for name, datatype, shape in streaming.LLM_OUTPUTS
+        ],
+        instance_group=[
+            config_pb.ModelInstanceGroup(count=model.instances, kind=config_pb.ModelInstanceGroup.KIND_CPU)
+        ],
+        model_transaction_policy=config_pb.ModelTransactionPolicy(decoupled=True),
         parameters={INTRA_OP_KEY: config_pb.ModelParameter(string_value=str(model.config.intra_op_threads))},
     )
 
@@ -306,12 +330,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         model = self._repository.get(request.name, request.version)
         tensor = pb.ModelMetadataResponse.TensorMetadata
+        if streaming.is_text_lm(model):  # the LLM view (its own tensors still answer ModelInfer)
+            inputs = [tensor(name=n, datatype=d, shape=s) for n, d, s in streaming.LLM_INPUTS]
+            outputs = [tensor(name=n, datatype=d, shape=s) for n, d, s in streaming.LLM_OUTPUTS]
+        else:
+            inputs = [tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs.values()]
+            outputs = [tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs.values()]
         return pb.ModelMetadataResponse(
             name=model.name,
             versions=[e.version for e in self._repository.versions(model.name) if e.model is not None],
             platform=PLATFORM,
-            inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.inputs.values()],
-            outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in model.outputs.values()],
+            inputs=inputs,
+            outputs=outputs,
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:

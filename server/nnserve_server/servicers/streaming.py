@@ -49,15 +49,30 @@ class LlmRequest:
     empty_final: bool
 
 
+# The LLM view of a text LM, as ModelMetadata and ModelConfig describe it: (name, datatype, shape);
+# every input but text_input is optional (Triton's vLLM and TensorRT-LLM models describe the same).
+LLM_INPUTS = (
+    (TEXT_INPUT, "BYTES", [1]),
+    ("stream", "BOOL", [1]),
+    ("max_tokens", "INT32", [1]),
+    ("temperature", "FP32", [1]),
+    ("top_k", "INT32", [1]),
+    ("top_p", "FP32", [1]),
+    ("seed", "INT64", [1]),
+    ("stop", "BYTES", [-1]),
+)
+LLM_OUTPUTS = ((TEXT_OUTPUT, "BYTES", [1]),)
+
+
+def is_text_lm(model: OnnxModel) -> bool:
+    """A language model that generates text: served in Triton's LLM convention besides its own tensors."""
+    spec = model.spec
+    return bool(spec is not None and spec.task == "generate" and spec.vocabulary and (spec.state or spec.cache))
+
+
 def is_llm_request(model: OnnxModel, request: pb.ModelInferRequest) -> bool:
     """A language model asked in Triton's LLM convention (`text_input`), not with its own tensors."""
-    spec = model.spec
-    return bool(
-        spec is not None
-        and spec.task == "generate"
-        and spec.vocabulary
-        and any(t.name == TEXT_INPUT for t in request.inputs[:])
-    )
+    return is_text_lm(model) and any(t.name == TEXT_INPUT for t in request.inputs[:])
 
 
 def llm_request(inputs: Mapping[str, np.ndarray], parameters: Any, max_tokens: int, max_chars: int) -> LlmRequest:
