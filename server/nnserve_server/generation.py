@@ -223,6 +223,9 @@ async def generate_text(
 
 
 RUN_AHEAD = 32  # pieces a generation may decode before its consumer takes them; then it waits
+# Prompt tokens per call: a 2,000-character prompt in one call scored 2,000 x 2,000 attention weights per
+# head and layer at once (tens of MiB outside the memory budget, kept by onnxruntime's arena).
+PREFILL_CHUNK = 256
 _generations = 0  # text generations running in this process (more than one: pieces are coalesced)
 
 
@@ -287,6 +290,12 @@ async def _decode(
     rng = np.random.default_rng(sampling.seed)
     outputs = ["logits", *spec.state.values(), *(spec.cache.buffers.values() if spec.cache else ())]
     produced, emitted = "", 0  # text so far, and how much of it has been sent
+    while tokens.shape[1] > PREFILL_CHUNK:  # a long prompt in chunks: bounded activations, and an await each
+        chunk, tokens = tokens[:, :PREFILL_CHUNK], tokens[:, PREFILL_CHUNK:]
+        result = await model.infer({"tokens": chunk, **state, **(cache.feed() if cache else {})}, outputs[1:])
+        state = {name: result[out] for name, out in spec.state.items()}
+        if cache is not None:
+            cache.append(result, chunk.shape[1])
     for count in range(1, sampling.max_tokens + 1):
         if steps is not None and tokens.shape[1] == 1:  # a decoding step: shared with the other streams'
             result = await steps.step(tokens, state)

@@ -476,3 +476,63 @@ def test_generation_memory_is_budgeted_across_streams(fast_zoo: tuple[Path, list
         assert sample(text, "nnserve_generation_memory_bytes") == 0
     finally:
         running.stop()
+
+
+def _rss_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")
+
+
+def test_a_flood_of_long_generations_stays_inside_the_memory_budget(fast_zoo: tuple[Path, list[object]]) -> None:
+    """300 concurrent generations with 2,000-character prompts and max_tokens 2,048: the server stays up,
+    its peak RSS grows by at most the budget plus a fixed margin, and every stream gets text or
+    RESOURCE_EXHAUSTED (each admitted stream is read to its first piece, then left: a bounded test)."""
+    from conftest import start_server
+
+    from nnserve_client import ResourceExhausted
+    from nnserve_client.types import TextPiece
+
+    budget_mb, margin_mb, streams = 32, 160, 300
+    prompt = ("The quick brown fox jumps over the lazy dog. " * 45)[:2000]
+    running = start_server(
+        fast_zoo[0],
+        *("--generation-memory-mb", str(budget_mb), "--max-text-chars", "2000", "--max-tokens", "2048"),
+        *("--max-in-flight", "0"),
+    )
+    try:
+        pid = running.process.pid
+        with Client(running.target) as client:  # warm: the model has run once before the baseline
+            client.generate_text("chars-transformer", "The ", max_tokens=4)
+        baseline = _rss_kib(pid, "VmRSS")
+
+        async def one(client: AsyncClient) -> str:
+            try:
+                async for event in client.generate("chars-transformer", prompt=prompt, max_tokens=2048):
+                    if isinstance(event, TextPiece):
+                        return "text"
+            except ResourceExhausted as error:
+                return "refused" if "--generation-memory-mb" in str(error) else f"refused: {error}"
+            return "ended without text"
+
+        async def flood() -> list[object]:
+            async with AsyncClient(running.target, timeout=300) as client:
+                return list(await asyncio.gather(*(one(client) for _ in range(streams)), return_exceptions=True))
+
+        outcomes = asyncio.run(flood())
+        assert running.process.poll() is None, running.log()[-2000:]  # alive
+        assert sorted(set(map(str, outcomes))) <= ["refused", "text"], [
+            o for o in outcomes if o not in ("text", "refused")
+        ][:3]
+        assert outcomes.count("text") > 0
+        assert outcomes.count("refused") > 0, "300 long streams at once in a budget for a few"
+        grown_mb = (_rss_kib(pid, "VmHWM") - baseline) / 1024
+        print(
+            f"flood: {outcomes.count('text')} text, {outcomes.count('refused')} refused, peak RSS +{grown_mb:.0f} MiB"
+        )
+        assert grown_mb <= budget_mb + margin_mb, f"peak RSS grew by {grown_mb:.0f} MiB"
+        with Client(running.target) as client:  # and it serves on
+            assert len(client.generate_text("chars-transformer", "The ", max_tokens=4)) > 0
+    finally:
+        running.stop()

@@ -85,3 +85,21 @@ def test_a_cache_too_large_is_refused_before_it_is_allocated(
     with pytest.raises(InvalidInput, match="MiB cache for model 'chars-transformer'; at most 0 MiB"):
         _generate(transformer, "a prompt long enough", 100)
     assert built == []  # refused before any buffer was made
+
+
+@pytest.mark.parametrize("name", ["chars-transformer", "chars-lstm"])
+def test_a_long_prompt_fed_in_chunks_gives_the_text_of_one_call(
+    fast_zoo: tuple[Path, list[object]], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of several tokens after a filled cache (or a carried state) are the same sequence."""
+    folder = fast_zoo[0] / name
+    settings = Settings()
+    runtime = Runtime.from_settings(settings)
+    model = OnnxModel(name, "1", folder / "1" / "model.onnx", runtime, serving_config(folder, settings, runtime.cpus))
+    prompt = ("def main():\n    return the value of it " * 20)[:700]
+    chunked = _generate(model, prompt, 16)
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 10**6)
+    whole = _generate(model, prompt, 16)
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 7)  # chunks that cross no boundary of the other runs
+    assert _generate(model, prompt, 16) == chunked == whole
+    model.close()
