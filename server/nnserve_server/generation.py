@@ -301,6 +301,8 @@ async def _decode(
             result = await steps.step(tokens, state)
         else:
             result = await model.infer({"tokens": tokens, **state, **(cache.feed() if cache else {})}, outputs)
+            if steps is None:  # a run inline never suspends: let the consumer and the other streams in
+                await asyncio.sleep(0)
         state = {name: result[out] for name, out in spec.state.items()}
         if cache is not None and count < sampling.max_tokens:
             cache.append(result, tokens.shape[1])
