@@ -122,21 +122,15 @@ class ModelStats:
         """One request's whole accounting, for KServe statistics and Prometheus alike (written out:
         it runs for every request)."""
         queue_ns, input_ns, infer_ns, output_ns, _ = timing
-        duration = self.success
-        duration.count += 1
-        duration.ns += success_ns
-        duration = self.queue
-        duration.count += 1
-        duration.ns += queue_ns
-        duration = self.compute_input
-        duration.count += 1
-        duration.ns += input_ns
-        duration = self.compute_infer
-        duration.count += 1
-        duration.ns += infer_ns
-        duration = self.compute_output
-        duration.count += 1
-        duration.ns += output_ns
+        for duration, ns in (
+            (self.success, success_ns),
+            (self.queue, queue_ns),
+            (self.compute_input, input_ns),
+            (self.compute_infer, infer_ns),
+            (self.compute_output, output_ns),
+        ):
+            duration.count += 1
+            duration.ns += ns
         self.inference_count += rows
         self.last_inference_ms = time.time_ns() // 1_000_000
         queue_wait, compute = self.queue_wait, self.compute
@@ -149,23 +143,14 @@ class ModelStats:
 
     def count_run(self, timing: Timing) -> None:
         """One onnxruntime run (it may have served several requests)."""
-        _, input_ns, infer_ns, output_ns, size = timing
         self.execution_count += 1
-        histogram = self.batch_size
-        histogram.counts[bisect_left(histogram.bounds, size)] += 1
-        histogram.sum += size
-        batch = self.by_batch_size.get(size)
+        self.batch_size.observe(timing.batch_size)
+        batch = self.by_batch_size.get(timing.batch_size)
         if batch is None:
-            batch = self.by_batch_size[size] = BatchStats()
-        duration = batch.compute_input
-        duration.count += 1
-        duration.ns += input_ns
-        duration = batch.compute_infer
-        duration.count += 1
-        duration.ns += infer_ns
-        duration = batch.compute_output
-        duration.count += 1
-        duration.ns += output_ns
+            batch = self.by_batch_size[timing.batch_size] = BatchStats()
+        batch.compute_input.add(timing.input_ns)
+        batch.compute_infer.add(timing.infer_ns)
+        batch.compute_output.add(timing.output_ns)
 
     def codec_of(self, rpc: str) -> CodecStats:
         stats = self.codec.get(rpc)
