@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from nnserve_client._proto import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
-from . import logs
+from . import generation, logs
 from .errors import StartupError
 from .generation import MemoryBudget
 from .guard import InFlight, StatusGuard
@@ -117,7 +117,7 @@ def create_server(
     state = ServerState()
     shared_memory = _shared_memory(settings, token)
     budget = MemoryBudget(int(settings.generation_memory_mb * 2**20))  # one for both APIs' generations
-    metrics.stats.generation = lambda: (budget.streams, budget.used)
+    metrics.stats.generation = lambda: (generation.running(), budget.used)
     guard.register(
         server,
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,

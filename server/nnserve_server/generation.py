@@ -159,21 +159,18 @@ class MemoryBudget:
     def __init__(self, limit_bytes: int) -> None:
         self.limit = limit_bytes
         self.used = 0
-        self.streams = 0
 
     def reserve(self, size: int, model: str) -> None:
         if self.used + size > self.limit:
             raise Overloaded(
                 f"generation memory: this stream of model '{model}' needs {size / 2**20:.1f} MiB for its cache and "
-                f"state; {self.used / 2**20:.1f} of {self.limit / 2**20:.0f} MiB are in use by {self.streams} "
+                f"state; {self.used / 2**20:.1f} of {self.limit / 2**20:.0f} MiB are in use by {running()} "
                 "streams (--generation-memory-mb); retry later, or ask for fewer tokens or a shorter prompt"
             )
         self.used += size
-        self.streams += 1
 
     def release(self, size: int) -> None:
         self.used -= size
-        self.streams -= 1
 
 
 async def generate_text(
@@ -227,6 +224,11 @@ RUN_AHEAD = 32  # pieces a generation may decode before its consumer takes them;
 # head and layer at once (tens of MiB outside the memory budget, kept by onnxruntime's arena).
 PREFILL_CHUNK = 256
 _generations = 0  # text generations running in this process (more than one: pieces are coalesced)
+
+
+def running() -> int:
+    """Text generations running in this process (for the streams gauge and the budget's message)."""
+    return _generations
 
 
 async def _ahead(events: AsyncIterator[TextPiece | Finished]) -> AsyncIterator[TextPiece | Finished]:

@@ -222,55 +222,32 @@ def model_statistics(model: OnnxModel) -> pb.ModelStatistics:
 
 
 def model_config(model: OnnxModel) -> config_pb.ModelConfig:
-    if streaming.is_text_lm(model):
-        return _llm_config(model)
+    config = config_pb.ModelConfig(
+        name=model.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        instance_group=[
+            config_pb.ModelInstanceGroup(count=model.instances, kind=config_pb.ModelInstanceGroup.KIND_CPU)
+        ],
+        parameters={INTRA_OP_KEY: config_pb.ModelParameter(string_value=str(model.config.intra_op_threads))},
+    )
+    if streaming.is_text_lm(model):  # as Triton describes its LLM models: text in, text out, streamed responses
+        for name, datatype, shape in streaming.LLM_INPUTS:
+            config.input.add(name=name, data_type=_config_type(datatype), dims=shape, optional=name != "text_input")
+        for name, datatype, shape in streaming.LLM_OUTPUTS:
+            config.output.add(name=name, data_type=_config_type(datatype), dims=shape)
+        config.model_transaction_policy.decoupled = True
+        return config
     skip = 1 if model.max_batch_size else 0  # Triton states dims without the batch dimension
-    return config_pb.ModelConfig(
-        name=model.name,
-        platform=PLATFORM,
-        backend="onnxruntime",
-        max_batch_size=model.max_batch_size,
-        input=[
-            config_pb.ModelInput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape[skip:])
-            for s in model.inputs.values()
-        ],
-        output=[
-            config_pb.ModelOutput(name=s.name, data_type=_config_type(s.datatype), dims=s.shape[skip:])
-            for s in model.outputs.values()
-        ],
-        instance_group=[
-            config_pb.ModelInstanceGroup(count=model.instances, kind=config_pb.ModelInstanceGroup.KIND_CPU)
-        ],
-        dynamic_batching=config_pb.ModelDynamicBatching(
-            max_queue_delay_microseconds=model.config.max_queue_delay_us,
-            default_queue_policy=config_pb.ModelQueuePolicy(max_queue_size=model.config.max_queue_size),
-        )
-        if model.batcher.policy.max_batch_size
-        else None,
-        parameters={INTRA_OP_KEY: config_pb.ModelParameter(string_value=str(model.config.intra_op_threads))},
-    )
-
-
-def _llm_config(model: OnnxModel) -> config_pb.ModelConfig:
-    """A text LM as Triton describes its LLM models: text in, text out, decoupled (streamed responses)."""
-    return config_pb.ModelConfig(
-        name=model.name,
-        platform=PLATFORM,
-        backend="onnxruntime",
-        input=[
-            config_pb.ModelInput(name=name, data_type=_config_type(datatype), dims=shape, optional=name != "text_input")
-            for name, datatype, shape in streaming.LLM_INPUTS
-        ],
-        output=[
-            config_pb.ModelOutput(name=name, data_type=_config_type(datatype), dims=shape)
-            for name, datatype, shape in streaming.LLM_OUTPUTS
-        ],
-        instance_group=[
-            config_pb.ModelInstanceGroup(count=model.instances, kind=config_pb.ModelInstanceGroup.KIND_CPU)
-        ],
-        model_transaction_policy=config_pb.ModelTransactionPolicy(decoupled=True),
-        parameters={INTRA_OP_KEY: config_pb.ModelParameter(string_value=str(model.config.intra_op_threads))},
-    )
+    config.max_batch_size = model.max_batch_size
+    for s in model.inputs.values():
+        config.input.add(name=s.name, data_type=_config_type(s.datatype), dims=s.shape[skip:])
+    for s in model.outputs.values():
+        config.output.add(name=s.name, data_type=_config_type(s.datatype), dims=s.shape[skip:])
+    if model.batcher.policy.max_batch_size:
+        config.dynamic_batching.max_queue_delay_microseconds = model.config.max_queue_delay_us
+        config.dynamic_batching.default_queue_policy.max_queue_size = model.config.max_queue_size
+    return config
 
 
 def _config_type(datatype: str) -> Any:
@@ -351,11 +328,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             with self._regions().using(shared) as regions:
                 return await self._infer(model, request, deadline_of(context), regions)
         if streaming.is_llm_request(model, request):  # the whole text, at once
-            asked = streaming.llm_request(
-                decode_inputs(request), request.parameters, self._max_tokens, self._max_text_chars
-            )
-            return await anext(streaming.llm_responses(model, request, asked, False, self._budget, self._step_batching))
+            return await anext(self._llm_responses(model, request, False))
         return await self._infer(model, request, deadline_of(context), None)
+
+    def _llm_responses(
+        self, model: OnnxModel, request: pb.ModelInferRequest, streamed: bool
+    ) -> AsyncIterator[pb.ModelInferResponse]:
+        asked = streaming.llm_request(
+            decode_inputs(request), request.parameters, self._max_tokens, self._max_text_chars
+        )
+        return streaming.llm_responses(model, request, asked, streamed, self._budget, self._step_batching)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -372,12 +354,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 with self._regions().using(shared) as regions:
                     yield await self._infer(model, request, deadline, regions)
             elif streaming.is_llm_request(model, request):
-                asked = streaming.llm_request(
-                    decode_inputs(request), request.parameters, self._max_tokens, self._max_text_chars
-                )
-                async for response in streaming.llm_responses(
-                    model, request, asked, True, self._budget, self._step_batching
-                ):
+                async for response in self._llm_responses(model, request, True):
                     yield response
             else:
                 yield await self._infer(model, request, deadline, None)
