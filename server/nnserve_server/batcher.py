@@ -6,8 +6,8 @@ Only requests with the same non-batch shapes and the same requested outputs shar
 caller gets back its own rows. A full queue refuses at once (Overloaded); a request whose deadline
 passed while it waited is answered DeadlineExceeded and never computed; a cancelled one is skipped.
 
-Where a run happens: models whose runs are shorter than a thread hop (`inline_ns`, measured as a
-moving average) run on the event loop thread; the rest run in a pool of `instances` threads
+Where a run happens: models whose runs are shorter than a thread hop (`inline_ns`, estimated from the
+fastest recent runs) run on the event loop thread; the rest run in a pool of `instances` threads
 (onnxruntime releases the GIL). All queue bookkeeping happens on the event loop thread.
 """
 
@@ -101,7 +101,7 @@ class Batcher:
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._executor = ThreadPoolExecutor(max_workers=policy.instances, thread_name_prefix=f"{name}-run")
-        self._average_run_ns = math.inf  # moving average of one run, for the inline decision; inf: unknown
+        self._run_ns = math.inf  # what one run costs, for the inline decision (`_observe`); inf: unknown
         self._inline = False
         self._closed = False
         # Does the oldest request wait for others to join it? Only with a delay and a batch axis.
@@ -115,8 +115,18 @@ class Batcher:
         to the pool, whose thread hops cost far more than the run itself.
         """
         limit = self.policy.inline_ns * (4 if self._inline else 1)
-        self._inline = self._average_run_ns < limit
+        self._inline = self._run_ns < limit
         return self._inline
+
+    def _observe(self, run_ns: float) -> None:
+        """Follow what a run costs from the fastest recent runs: down at once, up by at most 5% a run.
+
+        A run measured on a busy machine is only ever slower than the model: preempted, or (in the pool)
+        waiting for the GIL after onnxruntime let it go. The moving average this replaces took one 10 ms
+        preemption of a 20 us run past the 800 us that sends a model to the pool, where those waits kept
+        it (seen in the bench: the MLP served from the pool); this estimate needs 75 slower runs in a row
+        to move that far, as a model that really became slower gives."""
+        self._run_ns = min(run_ns, self._run_ns * 1.05)
 
     @property
     def depth(self) -> int:
@@ -127,19 +137,15 @@ class Batcher:
         """One run outside the queue (at load time): seeds the inline decision, pages the weights in."""
         started = time.perf_counter_ns()
         self.run_fn(outputs, feed)
-        self._average_run_ns = float(time.perf_counter_ns() - started)
+        self._run_ns = float(time.perf_counter_ns() - started)
 
-    def run_now(
-        self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], rows: int, deadline: float | None
-    ) -> tuple[list[np.ndarray], Timing] | None:
-        """Run one request at once, on the loop thread, when that is what the queue would do anyway:
-        an inline model, nothing queued, an instance free, and no delay to wait for others. Saves the
-        future, the dispatch callback and the two loop turns. None: `submit` it instead."""
-        arrived = time.perf_counter_ns()
-        if self._queue or self._busy >= self.policy.instances or self._closed or self._waits or not self.inline:
-            return None
-        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-            return None  # the queue answers it DeadlineExceeded without computing it
+    def runs_now(self) -> bool:
+        """Would a request run at once, on the loop thread? An inline model, nothing queued, an
+        instance free, and no delay to wait for others: what the queue would do anyway."""
+        return not (self._queue or self._busy >= self.policy.instances or self._closed or self._waits) and self.inline
+
+    def run_inline(self, outputs: Sequence[str], inputs: dict[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
+        """One run on the loop thread (after `runs_now`), with its time in ns; feeds the inline decision."""
         self._busy += 1
         try:
             began = time.perf_counter_ns()
@@ -147,8 +153,21 @@ class Batcher:
             run_ns = time.perf_counter_ns() - began
         finally:
             self._busy -= 1
-        self._average_run_ns += (run_ns - self._average_run_ns) * 0.1  # finite: inline needs a measured run
-        timing = Timing(began - arrived, 0, run_ns, 0, rows)
+        self._observe(run_ns)
+        return arrays, run_ns
+
+    def run_now(
+        self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], rows: int, deadline: float | None
+    ) -> tuple[list[np.ndarray], Timing] | None:
+        """Run one request at once when `runs_now` (saves the future, the dispatch callback and the two
+        loop turns), counted as a run of its own. None: `submit` it instead."""
+        arrived = time.perf_counter_ns()
+        if not self.runs_now():
+            return None
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            return None  # the queue answers it DeadlineExceeded without computing it
+        arrays, run_ns = self.run_inline(outputs, inputs)
+        timing = Timing(time.perf_counter_ns() - run_ns - arrived, 0, run_ns, 0, rows)
         if self._stats is not None:
             self._stats.count_run(timing)
         return arrays, timing
@@ -264,8 +283,7 @@ class Batcher:
             fed = time.perf_counter_ns()
             arrays = self.run_fn(outputs, feed)
             ran = time.perf_counter_ns()
-            average = self._average_run_ns
-            self._average_run_ns = ran - fed if average == math.inf else average + (ran - fed - average) * 0.1
+            self._observe(ran - fed)
             if len(batch) == 1:
                 parts = [arrays]
             else:  # views, not copies: each caller's rows of each output

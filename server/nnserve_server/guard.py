@@ -96,6 +96,17 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
+def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A servicer may answer with its response already serialized (ModelInfer's fast lane): sent as it is."""
+    if serialize is None:
+        return None
+
+    def serialize_unless_bytes(response: Any) -> bytes:
+        return response if response.__class__ is bytes else serialize(response)
+
+    return serialize_unless_bytes
+
+
 _RPC_NAMES: dict[str, str] = {}  # "/package.Service/Method" -> "Method", for every wrapped method
 
 
@@ -162,7 +173,7 @@ class StatusGuard:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap(method, handler.unary_unary),
                 request_deserializer=_tolerant(handler.request_deserializer),
-                response_serializer=handler.response_serializer,
+                response_serializer=_passing_bytes(handler.response_serializer),
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(

@@ -2,7 +2,8 @@
 
 `OnnxModel.infer` is the whole inference path: the session checks the inputs, the batcher runs
 them (now, or in a shared run), and the request is counted once, in the model's `ModelStats`,
-which KServe's ModelStatistics and the Prometheus collector both read.
+which KServe's ModelStatistics and the Prometheus collector both read. `infer_now` is the short way
+for inputs already checked: a run at once on the loop thread, or None.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class OnnxModel:
         self.providers = session.providers
         self.instances = config.instances
         self.stats.queue_depth = lambda: self.batcher.depth
+        # What the serving edge keeps per model version (its fast lane's plans): freed with the version.
+        self.edge_cache: dict[object, object] = {}
 
     def _warm_up(self, session: ModelSession) -> None:
         """Runs on zeros: pages the weights in, times a run for the inline decision."""
@@ -116,6 +119,28 @@ class OnnxModel:
                 self.version,
                 paired / alone,
             )
+
+    def infer_now(self, feed: dict[str, np.ndarray], names: tuple[str, ...], rows: int) -> list[np.ndarray] | None:
+        """Run inputs already checked (`session.validate` passed for their shape) at once, on the loop
+        thread, when the batcher would do just that (`Batcher.runs_now`); None: use `infer_timed`.
+        Counted as `infer_timed` counts, in the model's stats and the request's record."""
+        batcher = self.batcher
+        if not batcher.runs_now():
+            return None
+        started = time.perf_counter_ns()
+        record = CURRENT.get()
+        if record is not None and not record.entered_ns:
+            record.entered_ns = started
+        stats = self.stats
+        try:
+            arrays, run_ns = batcher.run_inline(names, feed)
+        except BaseException:
+            stats.fail.add(time.perf_counter_ns() - started)
+            raise
+        stats.count_alone(time.perf_counter_ns() - started, run_ns, rows)
+        if record is not None:
+            record.add_alone_run(self.name, self.version, stats, run_ns, rows)
+        return arrays
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = (), deadline: float | None = None

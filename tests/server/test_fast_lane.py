@@ -1,0 +1,140 @@
+"""ModelInfer's fast lane (`servicers/plain.py`): a shape served before is answered as the first one was.
+
+The first request of a shape takes the general path; the next ones are decoded against its plan and
+answered with bytes built from it. These tests send each request several times and compare the
+answers, the statistics and the trailers, and check that what the general path refuses is still
+refused once a plan exists.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import ECHO_TYPES, RunningServer, echo_model
+
+from nnserve_client import codec
+from nnserve_client._proto import grpc_predict_v2_pb2 as pb
+from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+
+NUMERIC = [t for t in ECHO_TYPES if t != "BYTES"]
+
+
+@pytest.fixture(scope="module")
+def repository(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("lane") / "models"
+    echo_model(repo / "echo-numbers" / "1" / "model.onnx", NUMERIC)
+    shutil.copytree(model_repository / "digits-fnn", repo / "digits-fnn", ignore=shutil.ignore_patterns("2"))
+    return repo
+
+
+@pytest.fixture
+def stub(own_server: Callable[..., RunningServer], repository: Path) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    server = own_server(repository=repository)
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _digits(rows: int, request_id: str = "", outputs: tuple[str, ...] = ()) -> pb.ModelInferRequest:
+    pixels = np.random.default_rng(rows).random((rows, 64), dtype=np.float32)
+    request = pb.ModelInferRequest(model_name="digits-fnn", id=request_id)
+    request.inputs.add(name="input", datatype="FP32", shape=pixels.shape)
+    request.raw_input_contents.append(pixels.tobytes())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def _echo(outputs: tuple[str, ...]) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="echo-numbers", id="e")
+    for index, datatype in enumerate(NUMERIC):
+        array = (np.arange(6).reshape(2, 3) + index).astype(ECHO_TYPES[datatype][1])
+        request.inputs.add(name=f"in_{datatype}", datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(codec.to_raw(array))
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
+def _inferences(stub: pb_grpc.GRPCInferenceServiceStub, model: str) -> tuple[int, int, int]:
+    (stats,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model, version="1")).model_stats
+    return stats.inference_count, stats.execution_count, stats.inference_stats.success.count
+
+
+@pytest.mark.parametrize(
+    "request_of",
+    [
+        lambda: _digits(1),
+        lambda: _digits(3, request_id="order-7"),
+        lambda: _digits(2, outputs=("logits",)),
+        lambda: _echo(()),
+        lambda: _echo(("out_INT8", "out_FP32", "out_UINT64")),
+    ],
+    ids=["one-row", "three-rows-with-id", "named-output", "every-output", "outputs-in-asked-order"],
+)
+def test_a_shape_served_again_is_answered_as_the_first_time(
+    stub: pb_grpc.GRPCInferenceServiceStub, request_of: Callable[[], pb.ModelInferRequest]
+) -> None:
+    request = request_of()
+    before = _inferences(stub, request.model_name)
+    answers = []
+    for sent in range(4):
+        response, call = stub.ModelInfer.with_call(request)
+        answers.append(response)
+        trailers = dict(call.trailing_metadata())
+        timing = dict(item.split("=") for item in trailers["nnserve-timing"].split(","))
+        assert int(timing["batch"]) == request.inputs[0].shape[0]
+        assert trailers["x-request-id"]
+        assert int(timing["server"]) >= int(timing["compute"]) >= 0
+        if sent:  # the fast lane: run at once, no wait counted
+            assert timing["queue"] == "0"
+    assert all(answer == answers[0] for answer in answers[1:])
+    first = answers[0]
+    assert (first.id, first.model_name, first.model_version) == (request.id, request.model_name, "1")
+    if request.outputs:
+        assert [o.name for o in first.outputs] == [o.name for o in request.outputs]
+    rows = request.inputs[0].shape[0]
+    inferences, executions, successes = _inferences(stub, request.model_name)
+    assert (inferences - before[0], executions - before[1], successes - before[2]) == (4 * rows, 4, 4)
+    if request.model_name == "echo-numbers":  # the echo gives back what it got, in the order asked
+        sent = dict(zip((t.name for t in request.inputs), request.raw_input_contents, strict=True))
+        for output, raw in zip(first.outputs, first.raw_output_contents, strict=True):
+            assert raw == sent["in_" + output.name.removeprefix("out_")]
+
+
+def test_what_the_general_path_refuses_is_refused_after_a_plan_exists(
+    stub: pb_grpc.GRPCInferenceServiceStub,
+) -> None:
+    good = _digits(2)
+    expected = stub.ModelInfer(good)
+    assert stub.ModelInfer(good) == expected  # the plan exists now
+
+    short = _digits(2)
+    short.raw_input_contents[0] = short.raw_input_contents[0][:-4]
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ModelInfer(short)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw contents hold 508 bytes" in (refused.value.details() or "")
+
+    unknown = _digits(2)
+    unknown.inputs[0].parameters["binary_data_size"].int64_param = 512
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ModelInfer(unknown)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    typed = _digits(2)
+    typed.inputs[0].contents.fp32_contents.extend([0.0] * 128)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ModelInfer(typed)
+    assert "typed contents as well as raw_input_contents" in (refused.value.details() or "")
+
+    missing = _digits(2, outputs=("probabilities",))
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.ModelInfer(missing)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    assert stub.ModelInfer(good) == expected  # and the lane still answers
