@@ -146,12 +146,17 @@ class ServerTiming:
         if "x-request-id" not in values:
             return None  # not an nnserve server
         try:
+            if "nnserve-timing" in values:  # "server=US[,queue=US,compute=US,batch=ROWS]"
+                timing = dict(item.split("=", 1) for item in values["nnserve-timing"].split(","))
+            else:  # older servers sent one entry each
+                timing = {key: values.get(f"nnserve-{key}-us", "0") for key in ("server", "queue", "compute")}
+                timing["batch"] = values.get("nnserve-batch-size", "0")
             return cls(
                 request_id=values["x-request-id"],
-                server=int(values.get("nnserve-server-us", 0)) / 1e6,
-                queue=int(values.get("nnserve-queue-us", 0)) / 1e6,
-                compute=int(values.get("nnserve-compute-us", 0)) / 1e6,
-                batch_size=int(values.get("nnserve-batch-size", 0)),
+                server=int(timing.get("server", 0)) / 1e6,
+                queue=int(timing.get("queue", 0)) / 1e6,
+                compute=int(timing.get("compute", 0)) / 1e6,
+                batch_size=int(timing.get("batch", 0)),
             )
         except ValueError:
             return None
