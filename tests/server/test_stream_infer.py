@@ -104,3 +104,43 @@ def test_cancelling_a_stream_ends_its_work_in_flight(own_server: Callable[..., R
         time.sleep(0.1)
     with grpc.insecure_channel(running.target) as channel:  # and the server goes on
         assert pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(fnn("next"), timeout=10).id == "next"
+
+
+def test_a_client_that_stops_reading_holds_a_bounded_number_of_answers() -> None:
+    """`stream_infer` itself, with work that answers faster than the client reads: the work waits at its
+    next answer once the stream's queue is full, and every answer still arrives, in order per request."""
+    import asyncio
+    from collections.abc import AsyncIterator, Awaitable
+
+    from nnserve_server.servicers.streaming import stream_infer
+
+    produced = 0
+
+    async def serve(request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
+        nonlocal produced
+        for piece in range(200):
+            produced += 1
+            yield pb.ModelInferResponse(id=f"{request.id}:{piece}")
+
+    async def account(request: pb.ModelInferRequest, work: Callable[[], Awaitable[None]]) -> str | None:
+        await work()
+        return None
+
+    async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+        for index in range(3):
+            yield pb.ModelInferRequest(id=str(index))
+
+    async def client() -> list[str]:
+        answers = stream_infer(requests(), serve, account, limit=8, max_queued=16)
+        received = [(await anext(answers)).infer_response.id]
+        await asyncio.sleep(0.2)  # the client stops reading: the work runs until the queue is full
+        stalled_at = produced
+        assert stalled_at <= 16 + 1 + 3  # the queue, the one read, one answer in hand per request
+        received += [answer.infer_response.id async for answer in answers]
+        assert produced == 600
+        return received
+
+    received = asyncio.run(client())
+    assert len(received) == 600
+    for index in range(3):
+        assert [r for r in received if r.startswith(f"{index}:")] == [f"{index}:{p}" for p in range(200)]

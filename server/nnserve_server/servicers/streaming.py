@@ -36,6 +36,7 @@ TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
 FINAL = "triton_final_response"
 EMPTY_FINAL = "enable_empty_final_response"
 DEFAULT_MAX_TOKENS = 64
+MAX_QUEUED_RESPONSES = 64  # answers of one stream waiting to be written (see `stream_infer`)
 _SAMPLING = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
 _KNOWN_INPUTS = {TEXT_INPUT, "stream", "stop", *_SAMPLING}
 _KNOWN_PARAMETERS = {*_SAMPLING, "stop", "stream", EMPTY_FINAL}
@@ -182,22 +183,30 @@ Account = Callable[[pb.ModelInferRequest, Callable[[], Awaitable[None]]], Awaita
 
 
 async def stream_infer(
-    requests: AsyncIterator[pb.ModelInferRequest], serve: Serve, account: Account, limit: int
+    requests: AsyncIterator[pb.ModelInferRequest],
+    serve: Serve,
+    account: Account,
+    limit: int,
+    max_queued: int = MAX_QUEUED_RESPONSES,
 ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-    """Answer every request of a stream as it completes; see the module's docstring for the rules."""
-    out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+    """Answer every request of a stream as it completes; see the module's docstring for the rules.
+
+    At most `max_queued` answers wait to be written: when the client reads slower than the server
+    answers, the requests' work waits at its next answer (a generation stops decoding a little ahead)
+    and the stream stops reading requests, so a client that stops reading holds a bounded amount."""
+    out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(max_queued)
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(request: pb.ModelInferRequest) -> None:
         async def work() -> None:
             async for response in serve(request):
-                out.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+                await out.put(pb.ModelStreamInferResponse(infer_response=response))
 
         error = await account(request, work)
         if error is not None:
             failed = pb.ModelInferResponse(model_name=request.model_name, model_version=request.model_version)
             failed.id = request.id
-            out.put_nowait(pb.ModelStreamInferResponse(error_message=error, infer_response=failed))
+            await out.put(pb.ModelStreamInferResponse(error_message=error, infer_response=failed))
 
     async def read() -> None:
         async for request in requests:
@@ -207,17 +216,17 @@ async def stream_infer(
                     "wait for answers before sending more"
                 )
                 error = await account(request, _raise(refused))
-                out.put_nowait(pb.ModelStreamInferResponse(error_message=error or str(refused)))
+                await out.put(pb.ModelStreamInferResponse(error_message=error or str(refused)))
                 continue
             task = asyncio.create_task(one(request))
             tasks.add(task)
             task.add_done_callback(finished)
-        out.put_nowait(None)
+        await out.put(None)
 
     def finished(task: asyncio.Task[None]) -> None:
         tasks.discard(task)
-        if not tasks:
-            out.put_nowait(None)  # wakes the writer to see whether the stream is done
+        if not tasks and not out.full():
+            out.put_nowait(None)  # wakes the writer to see whether the stream is done (a full queue wakes it anyway)
 
     reader = asyncio.create_task(read())
     try:
@@ -225,12 +234,8 @@ async def stream_infer(
             item = await out.get()
             if item is not None:
                 yield item
-            elif reader.done() and not tasks:
+            if reader.done() and not tasks and out.empty():
                 reader.result()  # a broken request stream ends the call with its error
-                while not out.empty():  # answers queued after the last marker
-                    queued = out.get_nowait()
-                    if queued is not None:
-                        yield queued
                 return
     finally:
         reader.cancel()
