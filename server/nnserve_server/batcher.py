@@ -6,8 +6,8 @@ Only requests with the same non-batch shapes and the same requested outputs shar
 caller gets back its own rows. A full queue refuses at once (Overloaded); a request whose deadline
 passed while it waited is answered DeadlineExceeded and never computed; a cancelled one is skipped.
 
-Where a run happens: models whose runs are shorter than a thread hop (`inline_ns`, estimated from the
-fastest recent runs) run on the event loop thread; the rest run in a pool of `instances` threads
+Where a run happens: models whose runs are shorter than a thread hop (`inline_ns`, a moving average
+robust to preemption) run on the event loop thread; the rest run in a pool of `instances` threads
 (onnxruntime releases the GIL). All queue bookkeeping happens on the event loop thread.
 """
 
@@ -119,14 +119,16 @@ class Batcher:
         return self._inline
 
     def _observe(self, run_ns: float) -> None:
-        """Follow what a run costs from the fastest recent runs: down at once, up by at most 5% a run.
+        """A moving average of what a run costs, each run counted at most 8x the estimate so far.
 
-        A run measured on a busy machine is only ever slower than the model: preempted, or (in the pool)
-        waiting for the GIL after onnxruntime let it go. The moving average this replaces took one 10 ms
-        preemption of a 20 us run past the 800 us that sends a model to the pool, where those waits kept
-        it (seen in the bench: the MLP served from the pool); this estimate needs 75 slower runs in a row
-        to move that far, as a model that really became slower gives."""
-        self._run_ns = min(run_ns, self._run_ns * 1.05)
+        A run measured on a busy machine is only ever slower than the model. Without the cap, one 10 ms
+        stall of a 20 us run (a preempted VM, or py-spy pausing the process to sample it, which is how it
+        was seen) took the average past the 800 us that sends a model to the pool, and the pool's runs,
+        timed by the wall clock, included their wait for the GIL and kept it there. Capped, it takes six
+        stalled runs in a row, while a model whose runs really became slower (long prompts) still gets
+        there in a few; pool runs are timed in CPU time (`_execute`), so a cheap model comes back."""
+        estimate = self._run_ns
+        self._run_ns = run_ns if estimate == math.inf else estimate + (min(run_ns, 8 * estimate) - estimate) * 0.1
 
     @property
     def depth(self) -> int:
@@ -266,12 +268,12 @@ class Batcher:
         loop = asyncio.get_running_loop()
 
         def run_and_report() -> None:
-            outcome = self._execute(batch)
+            outcome = self._execute(batch, pooled=True)
             loop.call_soon_threadsafe(self._finish, batch, outcome)
 
         self._executor.submit(run_and_report)
 
-    def _execute(self, batch: Sequence[_Request]) -> _Outcome:
+    def _execute(self, batch: Sequence[_Request], pooled: bool = False) -> _Outcome:
         """Concatenate, run, split: on the loop thread or a pool thread. Returns (results, error)."""
         try:
             began = time.perf_counter_ns()
@@ -280,10 +282,11 @@ class Batcher:
                 feed = batch[0].inputs
             else:
                 feed = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
+            cpu = time.thread_time_ns() if pooled else 0
             fed = time.perf_counter_ns()
             arrays = self.run_fn(outputs, feed)
             ran = time.perf_counter_ns()
-            self._observe(ran - fed)
+            self._observe(time.thread_time_ns() - cpu if pooled else ran - fed)
             if len(batch) == 1:
                 parts = [arrays]
             else:  # views, not copies: each caller's rows of each output

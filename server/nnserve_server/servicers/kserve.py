@@ -379,7 +379,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         names, classes = requested_outputs(request)
         results, _ = await model.infer_timed(inputs, names, deadline)
         if regions is None and not classes:
-            plain.remember(model, request, inputs, tuple(results))
+            plain.remember(model, request, inputs, results)
         if classes:
             labels = model.spec.labels if model.spec is not None else ()
             batched = bool(model.max_batch_size)

@@ -114,14 +114,23 @@ def answer(model: OnnxModel, request: pb.ModelInferRequest) -> bytes | None:
     return plan.encode(model, request.id, arrays)
 
 
+def _raw_as_is(array: np.ndarray) -> bool:
+    """Numbers in this machine's (little-endian) order: `tobytes()` is their raw KServe contents."""
+    return array.dtype.kind not in "OSUV" and array.dtype.byteorder in "=<|" and np.little_endian
+
+
 def remember(
-    model: OnnxModel, request: pb.ModelInferRequest, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    model: OnnxModel, request: pb.ModelInferRequest, inputs: dict[str, np.ndarray], results: dict[str, np.ndarray]
 ) -> None:
-    """After the general path served `request`: its shape, if plain, for the next ones (inline models only)."""
+    """After the general path served `request` with `results`: its shape, if plain, for the next ones
+    (inline models, numeric tensors, each output once)."""
     if not model.batcher.inline or not _plain(request):
         return
-    if len(set(outputs)) != len(outputs) or any(array.dtype == object for array in inputs.values()):
-        return  # repeated outputs, or text (decoded element by element): the general path's
+    outputs = tuple(results)
+    if len(outputs) != len(request.outputs) and request.outputs:
+        return  # an output asked for twice: the general path's (it answers it once)
+    if not all(map(_raw_as_is, (*inputs.values(), *results.values()))):
+        return  # text (decoded and encoded element by element): the general path's
     key = signature(request)
     plans: dict[Signature, Plan] = model.edge_cache.setdefault(Plan, {})  # type: ignore[assignment]
     if key is None or key in plans:
