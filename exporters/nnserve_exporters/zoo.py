@@ -58,8 +58,8 @@ class ZooRow:
 # Roughly how long each family trains here (seconds, one thread): the ETA a server gives for a model
 # still training, and the order of the work (quickest first, so a first model answers within seconds).
 EXPECTED_S = {
-    "fnn": 6, "rnn": 9, "minilm": 14, "resnet": 25, "cnn": 28, "lstm": 28, "vae": 30, "gru": 45,
-    "transformer-lm": 170, "unet": 130, "gan": 140,
+    "fnn": 6, "rnn": 9, "minilm": 14, "resnet": 25, "cnn": 28, "lstm": 28, "vae": 30, "gru": 30,
+    "transformer-lm": 115, "unet": 100, "gan": 90,
 }  # fmt: skip
 # The order the jobs take the work: the quickest family first (a first model answers within seconds),
 # then the longest one on its own job while the other job takes the small ones, the rest longest first.

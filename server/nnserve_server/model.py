@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .batcher import Batcher, BatchPolicy, RunFn, Timing
-from .request_record import CURRENT
+from .request_record import CURRENT, RequestRecord
 from .runtime import Runtime
 from .serving_config import ServingConfig
 from .session import ModelSession
@@ -34,6 +34,15 @@ def _timed(run: RunFn, names: Sequence[str], feed: dict[str, np.ndarray]) -> int
     started = time.perf_counter_ns()
     run(names, feed)
     return time.perf_counter_ns() - started
+
+
+def _arrived() -> tuple[int, RequestRecord | None]:
+    """Now, and the current request's record, marked as having reached a model (its decoding ends here)."""
+    started = time.perf_counter_ns()
+    record = CURRENT.get()
+    if record is not None and not record.entered_ns:
+        record.entered_ns = started
+    return started, record
 
 
 class OnnxModel:
@@ -127,10 +136,7 @@ class OnnxModel:
         batcher = self.batcher
         if not batcher.runs_now():
             return None
-        started = time.perf_counter_ns()
-        record = CURRENT.get()
-        if record is not None and not record.entered_ns:
-            record.entered_ns = started
+        started, record = _arrived()
         stats = self.stats
         try:
             arrays, run_ns = batcher.run_inline(names, feed)
@@ -153,10 +159,7 @@ class OnnxModel:
         self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = (), deadline: float | None = None
     ) -> tuple[dict[str, np.ndarray], Timing]:
         """As `infer`, with where the time went. `deadline` is on the event loop's clock (loop.time())."""
-        started = time.perf_counter_ns()
-        record = CURRENT.get()
-        if record is not None and not record.entered_ns:
-            record.entered_ns = started
+        started, record = _arrived()
         stats = self.stats
         try:
             feed, rows = self.session.feed(inputs, outputs)

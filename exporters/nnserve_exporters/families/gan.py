@@ -86,7 +86,7 @@ def train(model: nn.Module, *, fast: bool, zoo: Mapping[str, nn.Module]) -> Trai
     g_opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.5, 0.999))
     d_opt = torch.optim.Adam(discriminator.parameters(), lr=2e-4, betas=(0.5, 0.999))
     bce = nn.BCEWithLogitsLoss()
-    steps, batch = (50 if fast else 2400), 64
+    steps, batch = (50 if fast else 1800), 64
     # The exported generator is an exponential moving average of the trained one's weights: GAN
     # training oscillates, and the average draws steadier digits than any single step's weights.
     average = copy.deepcopy(model)

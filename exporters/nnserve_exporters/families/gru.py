@@ -24,7 +24,7 @@ def build(fast: bool = False) -> nn.Module:
 
 def train(model: nn.Module, *, fast: bool, zoo: Mapping[str, nn.Module]) -> Trained:
     return fit_language_model(
-        model, datasets.text_corpus(), steps=20 if fast else 500, seq_len=64, batch_size=32, lr=4e-3, seed=0, label=NAME
+        model, datasets.text_corpus(), steps=20 if fast else 350, seq_len=64, batch_size=32, lr=4e-3, seed=0, label=NAME
     )
 
 

@@ -155,7 +155,7 @@ def train(model: nn.Module, *, fast: bool, zoo: Mapping[str, nn.Module]) -> Trai
     return fit_language_model(
         model,
         datasets.text_corpus(),
-        steps=20 if fast else 300,
+        steps=20 if fast else 220,
         seq_len=128,
         batch_size=32,
         lr=3e-3,
