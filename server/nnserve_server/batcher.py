@@ -124,9 +124,10 @@ class Batcher:
         A run measured on a busy machine is only ever slower than the model. Without the cap, one 10 ms
         stall of a 20 us run (a preempted VM, or py-spy pausing the process to sample it, which is how it
         was seen) took the average past the 800 us that sends a model to the pool, and the pool's runs,
-        timed by the wall clock, included their wait for the GIL and kept it there. Capped, it takes six
+        timed by the wall clock, include their wait for the GIL, which kept it there. Capped, it takes six
         stalled runs in a row, while a model whose runs really became slower (long prompts) still gets
-        there in a few; pool runs are timed in CPU time (`_execute`), so a cheap model comes back."""
+        there in a few. (Timing pool runs in CPU time would bring a cheap model back, but it also brought
+        the Transformer LM's steps back to the loop, where 64 streams waited 2.2 s for a first token.)"""
         estimate = self._run_ns
         self._run_ns = run_ns if estimate == math.inf else estimate + (min(run_ns, 8 * estimate) - estimate) * 0.1
 
@@ -268,12 +269,12 @@ class Batcher:
         loop = asyncio.get_running_loop()
 
         def run_and_report() -> None:
-            outcome = self._execute(batch, pooled=True)
+            outcome = self._execute(batch)
             loop.call_soon_threadsafe(self._finish, batch, outcome)
 
         self._executor.submit(run_and_report)
 
-    def _execute(self, batch: Sequence[_Request], pooled: bool = False) -> _Outcome:
+    def _execute(self, batch: Sequence[_Request]) -> _Outcome:
         """Concatenate, run, split: on the loop thread or a pool thread. Returns (results, error)."""
         try:
             began = time.perf_counter_ns()
@@ -282,11 +283,10 @@ class Batcher:
                 feed = batch[0].inputs
             else:
                 feed = {name: np.concatenate([p.inputs[name] for p in batch]) for name in batch[0].inputs}
-            cpu = time.thread_time_ns() if pooled else 0
             fed = time.perf_counter_ns()
             arrays = self.run_fn(outputs, feed)
             ran = time.perf_counter_ns()
-            self._observe(time.thread_time_ns() - cpu if pooled else ran - fed)
+            self._observe(ran - fed)
             if len(batch) == 1:
                 parts = [arrays]
             else:  # views, not copies: each caller's rows of each output
