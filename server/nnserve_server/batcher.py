@@ -6,8 +6,8 @@ Only requests with the same non-batch shapes and the same requested outputs shar
 caller gets back its own rows. A full queue refuses at once (Overloaded); a request whose deadline
 passed while it waited is answered DeadlineExceeded and never computed; a cancelled one is skipped.
 
-Where a run happens: models whose runs are shorter than a thread hop (`inline_ns`, a moving average
-robust to preemption) run on the event loop thread; the rest run in a pool of `instances` threads
+Where a run happens: models whose runs are shorter than a thread hop (`inline_ns`, measured as a
+moving average) run on the event loop thread; the rest run in a pool of `instances` threads
 (onnxruntime releases the GIL). All queue bookkeeping happens on the event loop thread.
 """
 
@@ -119,17 +119,13 @@ class Batcher:
         return self._inline
 
     def _observe(self, run_ns: float) -> None:
-        """A moving average of what a run costs, each run counted at most 8x the estimate so far.
-
-        A run measured on a busy machine is only ever slower than the model. Without the cap, one 10 ms
-        stall of a 20 us run (a preempted VM, or py-spy pausing the process to sample it, which is how it
-        was seen) took the average past the 800 us that sends a model to the pool, and the pool's runs,
-        timed by the wall clock, include their wait for the GIL, which kept it there. Capped, it takes six
-        stalled runs in a row, while a model whose runs really became slower (long prompts) still gets
-        there in a few. (Timing pool runs in CPU time would bring a cheap model back, but it also brought
-        the Transformer LM's steps back to the loop, where 64 streams waited 2.2 s for a first token.)"""
+        """A moving average of what a run costs (10% a run). A stall counts in full: one 10 ms pause of a
+        20 us run (py-spy sampling the process showed it) moves the MLP to the pool, where runs timed
+        by the wall clock include their wait for the GIL and keep it there. Capping the samples kept
+        it on the loop, but also kept the Transformer LM's steps there, where 64 streams waited 2.6 s
+        for a first token (133-199 ms in the pool): the decision needs more than one number."""
         estimate = self._run_ns
-        self._run_ns = run_ns if estimate == math.inf else estimate + (min(run_ns, 8 * estimate) - estimate) * 0.1
+        self._run_ns = run_ns if estimate == math.inf else estimate + (run_ns - estimate) * 0.1
 
     @property
     def depth(self) -> int:

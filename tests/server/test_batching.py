@@ -289,31 +289,3 @@ def test_requests_are_combined_only_where_a_measured_batch_costs_less_per_row(tm
     asked = load("rowwise", Settings(max_queue_delay_us=100))
     assert asked.batcher.policy.max_batch_size == 256
     asked.close()
-
-
-def test_a_stalled_run_does_not_send_a_quick_model_to_the_pool_but_a_slower_model_goes() -> None:
-    """The inline decision (`Batcher._observe`): one 10 ms stall of a 20 us model (a preempted VM, a
-    profiler's pause) leaves it on the loop; runs that really became slower move it in a few."""
-    from nnserve_server.batcher import Batcher, BatchPolicy
-
-    def run(outputs: object, feed: object) -> list[np.ndarray]:
-        return []
-
-    policy = BatchPolicy(max_batch_size=8, max_queue_delay_us=0, max_queue_size=8, instances=1, inline_ns=200_000)
-    batcher = Batcher("quick", run, policy)
-    try:
-        for _ in range(50):
-            batcher._observe(20_000)
-        assert batcher.inline
-        batcher._observe(10_000_000)  # one stall
-        assert batcher.inline
-        for _ in range(3):
-            batcher._observe(10_000_000)
-        assert batcher.inline  # four in a row: still on the loop
-        slower = 0
-        while batcher.inline:  # long prompts: 3 ms a run from now on
-            batcher._observe(3_000_000)
-            slower += 1
-        assert slower <= 12
-    finally:
-        batcher.close()

@@ -82,16 +82,14 @@ def test_a_shape_served_again_is_answered_as_the_first_time(
     request = request_of()
     before = _inferences(stub, request.model_name)
     answers = []
-    for sent in range(4):
+    for _ in range(4):
         response, call = stub.ModelInfer.with_call(request)
         answers.append(response)
         trailers = dict(call.trailing_metadata())
         timing = dict(item.split("=") for item in trailers["nnserve-timing"].split(","))
         assert int(timing["batch"]) == request.inputs[0].shape[0]
         assert trailers["x-request-id"]
-        assert int(timing["server"]) >= int(timing["compute"]) >= 0
-        if sent:  # the fast lane: run at once, no wait counted
-            assert timing["queue"] == "0"
+        assert int(timing["server"]) >= int(timing["compute"]) + int(timing["queue"])
     assert all(answer == answers[0] for answer in answers[1:])
     first = answers[0]
     assert (first.id, first.model_name, first.model_version) == (request.id, request.model_name, "1")
