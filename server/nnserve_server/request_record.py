@@ -50,16 +50,12 @@ class RequestRecord:
     span: Any = field(default=None, repr=False)  # with --tracing: the call's server span
 
     def add_run(self, model: str, version: str, stats: ModelStats | None, timing: Timing, rows: int) -> None:
-        self.model, self.version, self.stats = model, version, stats
-        self.left_ns = time.perf_counter_ns()
-        self.runs += 1
-        self.rows += rows
+        self.add_alone_run(model, version, stats, timing.infer_ns, rows)
         self.queue_ns += timing.queue_ns
-        self.compute_ns += timing.infer_ns
-        self.batch_size = max(self.batch_size, timing.batch_size)
+        self.batch_size = max(self.batch_size, timing.batch_size)  # the whole run's rows, these among them
 
-    def add_alone_run(self, model: str, version: str, stats: ModelStats, infer_ns: int, rows: int) -> None:
-        """As `add_run`, for a run of this request alone that did not wait."""
+    def add_alone_run(self, model: str, version: str, stats: ModelStats | None, infer_ns: int, rows: int) -> None:
+        """A run of `rows` rows that served this request alone, without waiting (`add_run` adds the rest)."""
         self.model, self.version, self.stats = model, version, stats
         self.left_ns = time.perf_counter_ns()
         self.runs += 1
