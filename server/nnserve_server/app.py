@@ -131,7 +131,7 @@ def create_server(
             max_text_chars=settings.max_text_chars,
             max_stream_requests=settings.max_stream_requests,
             budget=budget,
-            step_batching=settings.step_batching,
+            decoding=settings.decoding(),
         ),
     )
     guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings, budget))

@@ -172,9 +172,15 @@ class Batcher:
         return arrays, timing
 
     def submit(
-        self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], rows: int, deadline: float | None
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: tuple[str, ...],
+        rows: int,
+        deadline: float | None,
+        alone: bool = False,
     ) -> asyncio.Future[tuple[list[np.ndarray], Timing]]:
-        """Queue one request of `rows` rows; the future gets its outputs (in `outputs` order) and timing."""
+        """Queue one request of `rows` rows; the future gets its outputs (in `outputs` order) and timing.
+        `alone`: it shares its run with no other request."""
         if self._closed:
             raise Overloaded(f"model '{self.name}' is shutting down")
         if len(self._queue) >= self.policy.max_queue_size:
@@ -186,6 +192,8 @@ class Batcher:
                 )
         loop = asyncio.get_running_loop()
         pending = _Pending(inputs, outputs, rows, deadline, loop.create_future())
+        if alone:
+            pending.key = (pending.key, id(pending))  # unique: never batched with another
         self._queue.append(pending)
         if not self._scheduled:
             # Dispatch after this turn of the loop, so requests that arrive together share a run.

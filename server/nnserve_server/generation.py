@@ -3,47 +3,34 @@
 A language model described with `state` in its metadata is a step model: the prompt goes through
 once, then every token is one call with one token and the state from the call before, so a token
 costs one step whatever the prefix length. A model described with `cache` (a Transformer) keeps its
-keys and values in buffers this module sizes once per stream and fills in place.
+keys and values in buffers the server sizes before they exist and fills in place.
 
-Each text generation decodes in a task of its own, ahead of its consumer by at most `RUN_AHEAD`
-pieces, so a stream's next step never waits for its last piece to be written, and it joins every
-shared step. While other generations run beside it, the pieces that piled up during a write leave as
-one piece (several tokens to a message when the server is busy); a lone stream keeps one piece per
-token. Cancelling the consumer (the client going away) cancels the decoding at its next await.
+A text generation runs its prompt here, alone, then decodes in its model's shared decoding group
+(`decoding`): one onnxruntime call per step for every stream of the model. While other generations
+run, the pieces that piled up during a consumer's write leave as one piece (several tokens to a
+message when the server is busy); a lone stream keeps one piece per token.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import math
 import weakref
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from nnserve_client.model_spec import AppendCache, ModelSpec
 
-from . import images
+from . import decoding, images
+from .decoding import Sampling as Sampling  # the servicers take it from here
 from .errors import InvalidInput, Overloaded
 from .model import OnnxModel
-from .request_record import CURRENT, RequestRecord
+from .request_record import CURRENT
 from .tasks import require_task
 from .text import CharacterCodec
 
 MAX_CACHE_BYTES = 256 << 20  # one stream's key/value buffers
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float
-    top_k: int
-    top_p: float
-    seed: int | None
-    stop: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -75,22 +62,6 @@ def check_sampling(sampling: Sampling, ceiling: int) -> None:
         raise InvalidInput(f"top_p is {sampling.top_p}; it must be within 0..1")
     if any(not s for s in sampling.stop):
         raise InvalidInput("stop strings must not be empty")
-
-
-def next_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; else sample after temperature, top-k and top-p (nucleus) cuts."""
-    if sampling.temperature == 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / sampling.temperature
-    order = np.argsort(-scaled, kind="stable")
-    if sampling.top_k:
-        order = order[: sampling.top_k]
-    probabilities = np.exp(scaled[order] - scaled[order[0]])
-    probabilities /= probabilities.sum()
-    if 0 < sampling.top_p < 1:
-        keep = int(np.searchsorted(np.cumsum(probabilities), sampling.top_p) + 1)
-        order, probabilities = order[:keep], probabilities[:keep] / probabilities[:keep].sum()
-    return int(order[rng.choice(len(order), p=probabilities)])
 
 
 def _initial_state(model: OnnxModel, spec: ModelSpec) -> dict[str, np.ndarray]:
@@ -173,12 +144,24 @@ class MemoryBudget:
         self.used -= size
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How text generations decode (--step-batching, --generation-max-batch, --generation-max-streams)."""
+
+    share_steps: bool = True  # concurrent streams of a model step in one call (continuous batching)
+    max_batch: int = 64  # streams in one decoding call; more make more groups (calls) per step
+    max_streams: int = 256  # text generations of one model at once; beyond: RESOURCE_EXHAUSTED
+
+
+DECODING = Decoding()
+
+
 async def generate_text(
     model: OnnxModel,
     prompt: str,
     sampling: Sampling,
     budget: MemoryBudget | None = None,
-    share_steps: bool = True,
+    decoding_settings: Decoding = DECODING,
 ) -> AsyncIterator[TextPiece | Finished]:
     spec = require_task(model, "generate")
     if not spec.vocabulary or not (spec.state or spec.cache):
@@ -190,40 +173,67 @@ async def generate_text(
         raise InvalidInput("the prompt is empty; give at least one character")
     tokens = CharacterCodec(spec.vocabulary).encode(prompt)[np.newaxis]
     state = _initial_state(model, spec)
-    cache: _Cache | None = None
-    size = 0
+    shared = decoding_settings.share_steps and _batchable(model, spec)
+    groups = _groups.get(model)
+    if groups is None:
+        groups = _groups[model] = decoding.Groups(model, spec, decoding_settings.max_batch)
+    if groups.streams >= decoding_settings.max_streams:
+        raise Overloaded(
+            f"model '{model.name}' is generating {groups.streams} texts, as many as this server runs at once "
+            "(--generation-max-streams); retry later"
+        )
+    # The last token sampled is never fed back: the cache holds the prompt and max_tokens - 1.
+    positions = tokens.shape[1] + sampling.max_tokens - 1
+    capacity, reserved = 0, sum(a.nbytes for a in state.values())  # a recurrent model: one group
     if spec.cache is not None:
-        # The last token sampled is never fed back: the cache holds the prompt and max_tokens - 1.
-        shapes = _cache_shapes(model, spec.cache, tokens.shape[1] + sampling.max_tokens - 1)
-        size = sum(4 * math.prod(shape) for shape in shapes.values())
+        size = _bytes(_cache_shapes(model, spec.cache, positions))
         if size > MAX_CACHE_BYTES:
             raise InvalidInput(
                 f"a {tokens.shape[1]}-character prompt and {sampling.max_tokens} tokens need a {size >> 20} MiB "
                 f"cache for model '{model.name}'; at most {MAX_CACHE_BYTES >> 20} MiB: shorten the prompt or "
                 "ask for fewer tokens"
             )
-    reserved = size + sum(a.nbytes for a in state.values())
+        capacity = positions
+        if shared and _bytes(_cache_shapes(model, spec.cache, decoding.capacity_class(positions))) <= MAX_CACHE_BYTES:
+            capacity = decoding.capacity_class(positions)
+        reserved = _bytes(_cache_shapes(model, spec.cache, capacity)) + _bytes(  # its row, and its prompt's own
+            _cache_shapes(model, spec.cache, tokens.shape[1])
+        )
     if budget is not None:
         budget.reserve(reserved, model.name)  # before the cache exists: refused, nothing was allocated
     global _generations
     _generations += 1
+    groups.streams += 1
+    stream = decoding.Stream(sampling, CURRENT.get())
     try:
+        cache = None
         if spec.cache is not None:
-            cache = _Cache(spec.cache, shapes)
-        steps = _step_batcher(model, spec) if cache is None and share_steps else None
-        async for event in _ahead(_decode(model, spec, prompt, sampling, tokens, state, cache, steps)):
+            cache = _Cache(spec.cache, _cache_shapes(model, spec.cache, tokens.shape[1]))
+        logits, state = await _prefill(model, spec, tokens, state, cache)
+        (token,) = decoding.sample(logits, [stream]).tolist()
+        stream.take(spec.vocabulary[token])
+        if not stream.done:
+            rows = _rows(model, spec, capacity)
+            group = groups.group(capacity, rows) if shared else groups.alone(rows)
+            group.join(stream, cache if cache is not None else state, token)
+        del cache, state  # the group has copied what it needs
+        async for event in _events(stream, len(prompt)):
             yield event
     finally:
+        stream.left = True
+        if stream.group is not None:
+            stream.group.resume.set()  # a group waiting on parked streams drops this one's row now
         _generations -= 1
+        groups.streams -= 1
         if budget is not None:
             budget.release(reserved)
 
 
-RUN_AHEAD = 32  # pieces a generation may decode before its consumer takes them; then it waits
 # Prompt tokens per call: a 2,000-character prompt in one call scored 2,000 x 2,000 attention weights per
 # head and layer at once (tens of MiB outside the memory budget, kept by onnxruntime's arena).
 PREFILL_CHUNK = 256
 _generations = 0  # text generations running in this process (more than one: pieces are coalesced)
+_groups: weakref.WeakKeyDictionary[OnnxModel, decoding.Groups] = weakref.WeakKeyDictionary()
 
 
 def running() -> int:
@@ -231,202 +241,73 @@ def running() -> int:
     return _generations
 
 
-async def _ahead(events: AsyncIterator[TextPiece | Finished]) -> AsyncIterator[TextPiece | Finished]:
-    """`events`, decoded in a task of their own (see the module's docstring): pieces queued while the
-    consumer was busy are joined into one when other generations run too. Errors arrive in order,
-    after the pieces decoded before them."""
-    queued: deque[TextPiece | Finished] = deque()
-    arrived, room = asyncio.Event(), asyncio.Event()
-    failure: list[BaseException] = []
-    finished = False
-
-    async def decode() -> None:
-        nonlocal finished
-        try:
-            async for event in events:
-                queued.append(event)
-                arrived.set()
-                if len(queued) >= RUN_AHEAD:
-                    room.clear()
-                    await room.wait()
-        except Exception as error:  # the consumer raises it, after what was decoded before it
-            failure.append(error)
-        finally:
-            finished = True
-            arrived.set()
-
-    task = asyncio.get_running_loop().create_task(decode())  # a copy of this context: the same request record
-    try:
-        while True:
-            if not queued:
-                if finished:
-                    break
-                arrived.clear()
-                await arrived.wait()
-                continue
-            event = queued.popleft()
-            if isinstance(event, TextPiece) and _generations > 1 and queued and isinstance(queued[0], TextPiece):
-                texts = [event.text]
-                while queued and isinstance(queued[0], TextPiece):
-                    texts.append(queued.popleft().text)  # type: ignore[union-attr]
-                event = TextPiece("".join(texts))
-            room.set()
-            yield event
-        if failure:
-            raise failure[0]
-    finally:
-        task.cancel()
+def _bytes(shapes: dict[str, list[int]]) -> int:
+    return sum(4 * math.prod(shape) for shape in shapes.values())
 
 
-async def _decode(
-    model: OnnxModel,
-    spec: ModelSpec,
-    prompt: str,
-    sampling: Sampling,
-    tokens: np.ndarray,
-    state: dict[str, np.ndarray],
-    cache: _Cache | None,
-    steps: StepBatcher | None,
-) -> AsyncIterator[TextPiece | Finished]:
-    codec = CharacterCodec(spec.vocabulary)
-    rng = np.random.default_rng(sampling.seed)
+async def _prefill(
+    model: OnnxModel, spec: ModelSpec, tokens: np.ndarray, state: dict[str, np.ndarray], cache: _Cache | None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The prompt, alone, into the stream's own state or cache: the last position's logits [1, vocab],
+    and the state after it. A long prompt goes in chunks (bounded activations, and an await each)."""
     outputs = ["logits", *spec.state.values(), *(spec.cache.buffers.values() if spec.cache else ())]
-    produced, emitted = "", 0  # text so far, and how much of it has been sent
-    while tokens.shape[1] > PREFILL_CHUNK:  # a long prompt in chunks: bounded activations, and an await each
+    while True:
         chunk, tokens = tokens[:, :PREFILL_CHUNK], tokens[:, PREFILL_CHUNK:]
-        result = await model.infer({"tokens": chunk, **state, **(cache.feed() if cache else {})}, outputs[1:])
+        last = tokens.shape[1] == 0
+        feed = {"tokens": chunk, **state, **(cache.feed() if cache else {})}
+        # Alone: prompts merged by the batcher would score rows x chunk x prompt attention weights at once
+        # (40 long prompts took the server 1 GiB past its generation budget).
+        result = await model.infer(feed, outputs if last else outputs[1:], alone=True)
         state = {name: result[out] for name, out in spec.state.items()}
         if cache is not None:
             cache.append(result, chunk.shape[1])
-    for count in range(1, sampling.max_tokens + 1):
-        if steps is not None and tokens.shape[1] == 1:  # a decoding step: shared with the other streams'
-            result = await steps.step(tokens, state)
-        else:
-            result = await model.infer({"tokens": tokens, **state, **(cache.feed() if cache else {})}, outputs)
-            if steps is None:  # a run inline never suspends: let the consumer and the other streams in
-                await asyncio.sleep(0)
-        state = {name: result[out] for name, out in spec.state.items()}
-        if cache is not None and count < sampling.max_tokens:
-            cache.append(result, tokens.shape[1])
-        token = next_token(result["logits"][0, -1], sampling, rng)
-        produced += codec.decode(token)
-        stop_at = min((i for s in sampling.stop if (i := produced.find(s, max(0, emitted - len(s)))) >= 0), default=-1)
-        if stop_at >= 0:
-            if stop_at > emitted:
-                yield TextPiece(produced[emitted:stop_at])
-            yield Finished("stop", len(prompt), count)
-            return
-        # Hold back a tail that may still grow into a stop string; send the rest now.
-        safe = len(produced) - _pending(produced, sampling.stop)
-        if safe > emitted:
-            yield TextPiece(produced[emitted:safe])
-            emitted = safe
-        tokens = np.array([[token]], dtype=np.int64)
-    if len(produced) > emitted:
-        yield TextPiece(produced[emitted:])
-    yield Finished("length", len(prompt), sampling.max_tokens)
+        if last:
+            return result["logits"][:, -1], state
 
 
-class StepBatcher:
-    """Continuous batching of decoding steps for a recurrent language model (LSTM, GRU).
+def _batchable(model: OnnxModel, spec: ModelSpec) -> bool:
+    """Whether the model's steps can share a call: every recurrent state has a batch axis, or the cache
+    model takes one filled length per row (the exporters' step models do; older ones took one length)."""
+    if spec.cache is not None:
+        length = model.inputs[spec.cache.length_input].shape
+        return list(length) == [-1] and all(model.inputs[name].shape[0] == -1 for name in spec.cache.buffers)
+    return bool(spec.state) and all(-1 in model.inputs[name].shape for name in spec.state)
 
-    Every stream asks for its next step here; the steps asked for in one turn of the event loop run as
-    one onnxruntime call, their tokens stacked on the batch axis and their states on the state's batch
-    axis, and each stream gets its own row back. Streams join and leave between steps: a new one's
-    prompt runs on its own, then its steps join the others'. N streams then cost about one call per
-    step, not N. (The Transformer's cache is filled in place per stream, so its steps run alone.)"""
 
-    def __init__(self, model: OnnxModel, spec: ModelSpec) -> None:
-        self._model = model
-        self._state = dict(spec.state)  # state input -> the output that feeds it next step
-        self._axes = {name: model.inputs[name].shape.index(-1) for name in spec.state}  # each state's batch axis
-        self._outputs = ["logits", *spec.state.values()]
-        self._waiting: list[_Step] = []
-        self._scheduled = False
-        self._running: set[asyncio.Task[None]] = set()
-        self.runs = 0  # calls made, and the steps they carried (for tests and the curious)
-        self.steps = 0
+def _rows(model: OnnxModel, spec: ModelSpec, capacity: int) -> Callable[[], decoding.Rows]:
+    """How to make the rows of a new group: recurrent states, or key/value buffers of `capacity` positions."""
+    if spec.cache is not None:
+        cache = spec.cache
+        return lambda: decoding.Caches(cache, _cache_shapes(model, cache, capacity))
+    return lambda: decoding.States(model, spec)
 
-    async def step(self, tokens: np.ndarray, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[dict[str, np.ndarray]] = loop.create_future()
-        self._waiting.append(_Step(tokens, state, future, CURRENT.get()))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._dispatch)
-        return await future
 
-    def _dispatch(self) -> None:
-        waiting, self._waiting, self._scheduled = self._waiting, [], False
-        live = [w for w in waiting if not w.future.done()]  # a stream that stopped listening is dropped
-        loop = asyncio.get_running_loop()
-        for start in range(0, len(live), MAX_STEP_BATCH):
-            # A context of its own: the shared run belongs to no one stream's request record.
-            task = loop.create_task(self._run(live[start : start + MAX_STEP_BATCH]), context=contextvars.Context())
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+def _groups_of(model: OnnxModel) -> decoding.Groups | None:
+    """The model's shared decoding groups, once a stream used them (tests, the curious)."""
+    return _groups.get(model)
 
-    async def _run(self, batch: list[_Step]) -> None:
-        try:
-            if len(batch) == 1:
-                feed = {"tokens": batch[0].tokens, **batch[0].state}
+
+async def _events(stream: decoding.Stream, prompt_tokens: int) -> AsyncIterator[TextPiece | Finished]:
+    pieces = stream.pieces
+    while True:
+        if pieces:
+            parked = stream.parked
+            if _generations > 1 and len(pieces) > 1:  # others run too: what piled up leaves at once
+                text = "".join(pieces)
+                pieces.clear()
             else:
-                feed = {"tokens": np.concatenate([b.tokens for b in batch])}
-                for name, axis in self._axes.items():
-                    feed[name] = np.concatenate([b.state[name] for b in batch], axis=axis)
-            result, timing = await self._model.infer_timed(feed, self._outputs)
-        except BaseException as error:  # the same call for all of them: each stream gets the error
-            for step in batch:
-                if not step.future.done():
-                    step.future.set_exception(error)
+                text = pieces.popleft()
+            if parked:
+                stream.took_pieces()
+            yield TextPiece(text)
+            continue
+        if stream.failure is not None:
+            raise stream.failure
+        if stream.end:
+            yield Finished(stream.end, prompt_tokens, stream.count)
             return
-        self.runs += 1
-        self.steps += len(batch)
-        model = self._model
-        for row, step in enumerate(batch):
-            if step.record is not None:  # each stream's record counts the shared run (trailers, traces)
-                step.record.add_run(model.name, model.version, model.stats, timing, 1)
-            if step.future.done():
-                continue
-            mine = {"logits": result["logits"][row : row + 1]}
-            for name, out in self._state.items():
-                mine[out] = np.take(result[out], [row], axis=self._axes[name])
-            step.future.set_result(mine)
-
-
-@dataclass
-class _Step:
-    """One stream's request for its next decoding step."""
-
-    tokens: np.ndarray
-    state: dict[str, np.ndarray]
-    future: asyncio.Future[dict[str, np.ndarray]]
-    record: RequestRecord | None
-
-
-MAX_STEP_BATCH = 64  # streams whose steps share one call
-_step_batchers: weakref.WeakKeyDictionary[OnnxModel, StepBatcher] = weakref.WeakKeyDictionary()
-
-
-def _step_batcher(model: OnnxModel, spec: ModelSpec) -> StepBatcher | None:
-    """The model's step batcher, when its state has a batch axis to stack on (every recurrent LM here)."""
-    if not spec.state or any(-1 not in model.inputs[name].shape for name in spec.state):
-        return None
-    batcher = _step_batchers.get(model)
-    if batcher is None:
-        batcher = _step_batchers[model] = StepBatcher(model, spec)
-    return batcher
-
-
-def _pending(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is the start of some stop string."""
-    longest = 0
-    for stop in stops:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest
+        stream.ready.clear()
+        await stream.ready.wait()
 
 
 async def generate_images(

@@ -76,6 +76,10 @@ METRICS = (
                "Tokens generated per Generate stream", per_request=True),
     MetricSpec("time_to_first_token", "nnserve_time_to_first_token_seconds", Histogram, MODEL,
                "Time from a Generate request's arrival to its first streamed message", per_request=True),
+    MetricSpec("step_rows", "nnserve_generation_step_rows", Histogram, MODEL,
+               "Streams advanced by one decoding step of a text generation (tokens per step)", per_request=True),
+    MetricSpec("inter_token", "nnserve_inter_token_seconds", Histogram, MODEL,
+               "Time between a text generation's consecutive tokens", per_request=True),
     MetricSpec("in_flight", "nnserve_in_flight_requests", Gauge, (),
                "Requests being answered now", per_request=True, multiprocess_mode="livesum"),
     MetricSpec("generation_streams", "nnserve_generation_streams", Gauge, (),
@@ -178,14 +182,15 @@ class StatsCollector:
         yield from (generation_streams, generation_memory)
 
     def _per_model(self, versions: dict[tuple[str, str], list[ModelStats]]) -> Iterator[Metric]:
-        names = ("inferences", "queue_wait", "compute", "batch_size", "generated_tokens", "time_to_first_token")
+        shown_once_counted = ("generated_tokens", "time_to_first_token", "step_rows", "inter_token")
+        names = ("inferences", "queue_wait", "compute", "batch_size", *shown_once_counted)
         families = {name: _family(name) for name in (*names, "decode", "encode", "queue_depth")}
         for (model, version), stores in versions.items():
             labels = [model, version]
             families["inferences"].add_metric(labels, sum(s.inference_count for s in stores))
             for name in ("queue_wait", "compute", "batch_size"):
                 _add_histogram(families[name], labels, _summed(getattr(s, name) for s in stores))
-            for name in ("generated_tokens", "time_to_first_token"):
+            for name in shown_once_counted:
                 total = _summed(getattr(s, name) for s in stores)
                 if total.count:  # shown once a stream has been counted, as before
                     _add_histogram(families[name], labels, total)

@@ -149,14 +149,23 @@ class OnnxModel:
         return arrays
 
     async def infer(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = (), deadline: float | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] = (),
+        deadline: float | None = None,
+        alone: bool = False,
     ) -> dict[str, np.ndarray]:
-        """Run the model; returns the requested outputs (all when none are named), by name."""
-        results, _ = await self.infer_timed(inputs, outputs, deadline)
+        """Run the model; returns the requested outputs (all when none are named), by name. `alone`:
+        never in one run with other requests (a long prompt's activations grow with the rows)."""
+        results, _ = await self.infer_timed(inputs, outputs, deadline, alone)
         return results
 
     async def infer_timed(
-        self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] = (), deadline: float | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] = (),
+        deadline: float | None = None,
+        alone: bool = False,
     ) -> tuple[dict[str, np.ndarray], Timing]:
         """As `infer`, with where the time went. `deadline` is on the event loop's clock (loop.time())."""
         started, record = _arrived()
@@ -165,7 +174,7 @@ class OnnxModel:
             feed, rows = self.session.feed(inputs, outputs)
             names = tuple(outputs) or self.session.all_outputs
             done = self.batcher.run_now(feed, names, rows, deadline)
-            arrays, timing = done if done is not None else await self.batcher.submit(feed, names, rows, deadline)
+            arrays, timing = done if done is not None else await self.batcher.submit(feed, names, rows, deadline, alone)
         except BaseException:
             stats.fail.add(time.perf_counter_ns() - started)
             raise

@@ -15,7 +15,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .generation import Decoding
 
 ENV_PREFIX = "NNSERVE_"
 
@@ -82,7 +85,11 @@ class Settings:
     max_tokens: int = _setting(2048, "ceiling on the tokens one Generate call may ask for")
     max_samples: int = _setting(256, "ceiling on the images one Generate call may ask for")
     step_batching: bool = _setting(
-        True, "run the decoding steps of concurrent text generations on a recurrent LM as one onnxruntime call"
+        True, "run the decoding steps of a language model's concurrent text generations as one onnxruntime call"
+    )
+    generation_max_batch: int = _setting(64, "text generations whose decoding steps share one onnxruntime call")
+    generation_max_streams: int = _setting(
+        256, "text generations one model runs at once; beyond it RESOURCE_EXHAUSTED at once"
     )
     generation_memory_mb: float = _setting(
         1024.0, "MiB all text generations' caches and states may take together; beyond it RESOURCE_EXHAUSTED"
@@ -118,6 +125,12 @@ class Settings:
         False, "export OpenTelemetry traces over OTLP (OTEL_EXPORTER_OTLP_* variables); needs nnserve-server[otel]"
     )
 
+    def decoding(self) -> Decoding:
+        """How text generations decode, for the servicers."""
+        from .generation import Decoding  # settings import nothing of the server's core at load
+
+        return Decoding(self.step_batching, self.generation_max_batch, self.generation_max_streams)
+
     def __post_init__(self) -> None:
         problems = []
         if not 0 <= self.port <= 65535:
@@ -147,7 +160,10 @@ class Settings:
             problems.append("max batch size must be >= 1")
         if self.max_message_bytes < 1024:
             problems.append("max message bytes must be >= 1024")
-        for name in ("max_image_pixels", "max_text_chars", "max_tokens", "max_samples"):
+        for name in (
+            "max_image_pixels", "max_text_chars", "max_tokens", "max_samples", "generation_max_batch",
+            "generation_max_streams",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1")
         if not self.generation_memory_mb > 0:

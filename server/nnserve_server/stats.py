@@ -114,6 +114,8 @@ class ModelStats:
     batch_size: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))
     generated_tokens: Histogram = field(default_factory=lambda: Histogram(TOKEN_BUCKETS))
     time_to_first_token: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    step_rows: Histogram = field(default_factory=lambda: Histogram(BATCH_BUCKETS))  # streams per decoding step
+    inter_token: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     codec: dict[str, CodecStats] = field(default_factory=dict)  # by RPC
     queue_depth: Callable[[], int] = lambda: 0  # the model's batcher sets it: read at scrape time
     load_seconds: float = 0.0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nnserve_server import generation
+from nnserve_server.batcher import Batcher, BatchPolicy
 from nnserve_server.errors import InvalidInput
 from nnserve_server.generation import Finished, Sampling, TextPiece
 from nnserve_server.model import OnnxModel
@@ -103,3 +104,26 @@ def test_a_long_prompt_fed_in_chunks_gives_the_text_of_one_call(
     monkeypatch.setattr(generation, "PREFILL_CHUNK", 7)  # chunks that cross no boundary of the other runs
     assert _generate(model, prompt, 16) == chunked == whole
     model.close()
+
+
+def test_requests_submitted_alone_never_share_a_run() -> None:
+    """What keeps concurrent long prompts from being scored in one run (their activations grow with
+    the rows, outside the generation budget); the others still share."""
+    runs: list[int] = []
+
+    def run(outputs: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        runs.append(len(feed["x"]))
+        return [feed["x"] * 2]
+
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay_us=0, max_queue_size=16, instances=1, inline_ns=0)
+    batcher = Batcher("alone", run, policy)
+
+    async def submit_all() -> list[np.ndarray]:
+        rows = [np.full((1, 2), i, np.float32) for i in range(6)]
+        futures = [batcher.submit({"x": r}, ("y",), 1, None, alone=i < 3) for i, r in enumerate(rows)]
+        return [(await f)[0][0] for f in futures]
+
+    answers = asyncio.run(submit_all())
+    batcher.close()
+    assert [float(a[0, 0]) for a in answers] == [0, 2, 4, 6, 8, 10]  # each its own rows back
+    assert sorted(runs) == [1, 1, 1, 3], runs  # three alone, and the other three in one run

@@ -185,18 +185,25 @@ def test_generation_counts_tokens_and_time_to_first_token(zoo_server: RunningSer
     model = "chars-lstm"
     labels = {"model": model, "version": "1"}
 
-    def generation_metrics() -> tuple[float, float, float]:
+    def generation_metrics() -> tuple[float, ...]:
         text = zoo_server.metrics()
-        return (
-            sample(text, "nnserve_generated_tokens_count", **labels),
-            sample(text, "nnserve_generated_tokens_sum", **labels),
-            sample(text, "nnserve_time_to_first_token_seconds_count", **labels),
-        )
+        if "nnserve_inter_token_seconds_count" not in text:  # shown once a stream was counted
+            return (*(sample(text, name, **labels) for name in names[:3]), 0.0, 0.0, 0.0)
+        return tuple(sample(text, name, **labels) for name in names)
 
-    streams, tokens, first = generation_metrics()
+    names = (
+        "nnserve_generated_tokens_count", "nnserve_generated_tokens_sum", "nnserve_time_to_first_token_seconds_count",
+        "nnserve_inter_token_seconds_count", "nnserve_generation_step_rows_count", "nnserve_generation_step_rows_sum",
+    )  # fmt: skip
+    streams, tokens, first, gaps, steps, rows = generation_metrics()
     with Client(zoo_server.target) as client:
         events = list(client.generate(model, prompt="The ", max_tokens=12, temperature=0.8, seed=3))
     done = events[-1]
     assert isinstance(done, GenerationDone)
-    assert generation_metrics() == (streams + 1, tokens + done.generated_tokens, first + 1)
-    assert done.generated_tokens > 0
+    assert done.generated_tokens == 12
+    after = generation_metrics()
+    assert after[:3] == (streams + 1, tokens + done.generated_tokens, first + 1)
+    # The first token comes from the prompt's call; each of the other 11 is a decoding step with a gap.
+    assert after[3] == gaps + 11
+    assert after[5] - rows == 11  # one stream: a row in each of its steps (alone, or beside others')
+    assert after[4] - steps <= 11

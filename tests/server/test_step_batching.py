@@ -1,4 +1,4 @@
-"""Continuous batching of decoding steps: concurrent generations on a recurrent LM share one
+"""Continuous batching of decoding steps: concurrent generations of a language model share one
 onnxruntime call per step, and each stream's text is exactly what it would be alone."""
 
 from __future__ import annotations
@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from nnserve_server import generation
-from nnserve_server.generation import Sampling, TextPiece
+from nnserve_server import decoding, generation
+from nnserve_server.errors import Overloaded
+from nnserve_server.generation import Decoding, Sampling, TextPiece
 from nnserve_server.model import OnnxModel
 from nnserve_server.runtime import Runtime
 from nnserve_server.serving_config import serving_config
 from nnserve_server.settings import Settings
+
+PROMPTS = [("The ", 1), ("def ", 2), ("a", 3), ("Return the", 4), ("x = ", 5), ("if", 6)]
 
 
 def _load(folder: Path) -> OnnxModel:
@@ -23,41 +27,134 @@ def _load(folder: Path) -> OnnxModel:
     return OnnxModel(folder.name, "1", folder / "1" / "model.onnx", runtime, config, settings.inline_run_us)
 
 
-async def _text(model: OnnxModel, prompt: str, seed: int) -> str:
-    sampling = Sampling(24, temperature=0.9, top_k=0, top_p=1.0, seed=seed, stop=())
-    return "".join(
-        [e.text async for e in generation.generate_text(model, prompt, sampling) if isinstance(e, TextPiece)]
-    )
+async def _text(
+    model: OnnxModel, prompt: str, seed: int, temperature: float = 0.9, settings: Decoding = generation.DECODING
+) -> str:
+    top_k, top_p = (0, 1.0) if seed % 2 else (5, 0.9)  # half the streams with both cuts
+    sampling = Sampling(24, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=())
+    events = generation.generate_text(model, prompt, sampling, None, settings)
+    return "".join([e.text async for e in events if isinstance(e, TextPiece)])
 
 
-@pytest.mark.parametrize("name", ["chars-lstm", "chars-gru"])
+@pytest.mark.parametrize("name", ["chars-lstm", "chars-gru", "chars-transformer"])
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_concurrent_streams_share_each_step_and_keep_their_own_text(
-    fast_zoo: tuple[Path, list[object]], name: str
+    fast_zoo: tuple[Path, list[object]], name: str, temperature: float
 ) -> None:
     model = _load(fast_zoo[0] / name)
-    prompts = [("The ", 1), ("def ", 2), ("a", 3), ("Return the", 4), ("x = ", 5), ("if", 6)]
-    alone = [asyncio.run(_text(model, p, s)) for p, s in prompts]  # one at a time: nothing to share
+    alone = [asyncio.run(_text(model, p, s, temperature)) for p, s in PROMPTS]  # one at a time: nothing to share
+    assert all(len(text) == 24 for text in alone)
 
     async def together() -> list[str]:
-        return list(await asyncio.gather(*(_text(model, p, s) for p, s in prompts)))
+        return list(await asyncio.gather(*(_text(model, p, s, temperature) for p, s in PROMPTS)))
 
-    steps = generation._step_batcher(model, model.spec)  # type: ignore[arg-type]
-    assert steps is not None
-    before_runs, before_steps = steps.runs, steps.steps
+    tally = generation._groups_of(model).tally  # type: ignore[union-attr]
+    before_runs, before_steps = tally.runs, tally.steps
     shared = asyncio.run(together())
-    runs, stepped = steps.runs - before_runs, steps.steps - before_steps
+    runs, stepped = tally.runs - before_runs, tally.steps - before_steps
     assert shared == alone  # the same text, row by row, as each stream alone (same seeds)
-    # Every decoding step after each prompt went through the batcher (a one-character prompt is a step too).
-    assert stepped == sum(23 + (len(p) == 1) for p, _ in prompts)
+    assert stepped == 23 * len(PROMPTS)  # every token after the prompt's own was a shared step
     assert runs <= stepped / 3, (runs, stepped)  # and they shared calls: six streams, about one call a step
     model.close()
 
 
-def test_the_transformer_steps_alone(fast_zoo: tuple[Path, list[object]]) -> None:
-    """Its cache is filled in place per stream, so there is no batch axis to stack its steps on."""
+def test_without_step_batching_the_text_is_the_same(fast_zoo: tuple[Path, list[object]]) -> None:
     model = _load(fast_zoo[0] / "chars-transformer")
-    assert generation._step_batcher(model, model.spec) is None  # type: ignore[arg-type]
+    unshared = Decoding(share_steps=False)
+
+    async def both() -> tuple[list[str], list[str]]:
+        shared = asyncio.gather(*(_text(model, p, s, 0.0) for p, s in PROMPTS))
+        apart = asyncio.gather(*(_text(model, p, s, 0.0, unshared) for p, s in PROMPTS))
+        return list(await shared), list(await apart)
+
+    shared, apart = asyncio.run(both())
+    assert shared == apart
+    groups = generation._groups_of(model)
+    assert groups is not None
+    assert groups.tally.steps == 2 * 23 * len(PROMPTS)
+    assert groups.tally.runs >= 23 * len(PROMPTS)  # the unshared streams: a call for every step of each
     model.close()
+
+
+def test_a_long_generation_gets_a_group_of_its_own_capacity(fast_zoo: tuple[Path, list[object]]) -> None:
+    """A stream needing many cache positions does not make the short ones attend over its length."""
+    model = _load(fast_zoo[0] / "chars-transformer")
+    long_prompt = "def main():\n    return x " * 24  # 600 characters: the 1024 class; the others the 64 one
+    seen: set[int] = set()
+
+    async def run() -> list[str]:
+        async def watch() -> None:
+            while True:
+                groups = generation._groups_of(model)
+                if groups is not None:
+                    seen.update(capacity for capacity, items in groups.by_capacity.items() if items)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        try:
+            return list(await asyncio.gather(*(_text(model, p, s, 0.0) for p, s in [*PROMPTS, (long_prompt, 7)])))
+        finally:
+            watcher.cancel()
+
+    together = asyncio.run(run())
+    assert together[:-1] == [asyncio.run(_text(model, p, s, 0.0)) for p, s in PROMPTS]
+    assert together[-1] == asyncio.run(_text(model, long_prompt, 7, 0.0))
+    assert {64, 1024} <= seen, seen
+    assert decoding.capacity_class(27) == 64
+    assert decoding.capacity_class(131) == 192
+    assert decoding.capacity_class(600 + 23) == 1024
+    model.close()
+
+
+def test_streams_beyond_the_model_limit_are_refused(fast_zoo: tuple[Path, list[object]]) -> None:
+    model = _load(fast_zoo[0] / "chars-lstm")
+    two = Decoding(max_streams=2)
+
+    async def three() -> list[object]:
+        return list(
+            await asyncio.gather(*(_text(model, p, s, 0.0, two) for p, s in PROMPTS[:3]), return_exceptions=True)
+        )
+
+    outcomes = asyncio.run(three())
+    refused = [o for o in outcomes if isinstance(o, Overloaded)]
+    assert len(refused) == 1, outcomes
+    assert "--generation-max-streams" in str(refused[0])
+    assert asyncio.run(_text(model, "The ", 1, 0.0, two))  # the limit counts running streams only
+    model.close()
+
+
+def test_a_step_holds_at_most_max_batch_streams(fast_zoo: tuple[Path, list[object]]) -> None:
+    model = _load(fast_zoo[0] / "chars-gru")
+    alone = [asyncio.run(_text(model, p, s)) for p, s in PROMPTS]
+
+    async def together() -> list[str]:
+        return list(await asyncio.gather(*(_text(model, p, s, 0.9, Decoding(max_batch=2)) for p, s in PROMPTS)))
+
+    generation._groups.pop(model, None)  # groups are sized when the model's first stream comes
+    assert asyncio.run(together()) == alone
+    groups = generation._groups_of(model)
+    assert groups is not None
+    assert groups.max_batch == 2
+    assert groups.tally.steps == 23 * len(PROMPTS)
+    assert groups.tally.runs >= groups.tally.steps / 2  # three groups of two: three calls a step
+    model.close()
+
+
+def test_sampling_all_rows_at_once_keeps_each_streams_cuts() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((4, 50)).astype(np.float32)
+    settings = [(0.0, 0, 1.0), (1.0, 1, 1.0), (5.0, 3, 1.0), (1.0, 0, 1e-9)]
+    streams = [decoding.Stream(Sampling(10, t, k, p, seed=i, stop=()), None) for i, (t, k, p) in enumerate(settings)]
+    best = logits.argmax(axis=1)
+    top3 = np.argsort(-logits, axis=1)[:, :3]
+    for _ in range(200):
+        chosen = decoding.sample(logits, streams)
+        assert chosen[0] == best[0]  # greedy
+        assert chosen[1] == best[1]  # top_k 1
+        assert chosen[2] in top3[2]  # a hot temperature, still inside its top 3
+        assert chosen[3] == best[3]  # a nucleus smaller than the likeliest token
+    hot = [decoding.Stream(Sampling(10, 5.0, 0, 1.0, seed=1, stop=()), None)]
+    assert len({int(decoding.sample(logits[:1], hot)[0]) for _ in range(300)}) > 20  # no cut: spread wide
 
 
 async def _pieces(model: OnnxModel, prompt: str, seed: int, pause_s: float) -> list[str]:
@@ -91,22 +188,21 @@ def test_decoding_runs_ahead_of_a_stalled_consumer_by_a_bounded_number_of_pieces
     fast_zoo: tuple[Path, list[object]],
 ) -> None:
     model = _load(fast_zoo[0] / "chars-lstm")
-    steps = generation._step_batcher(model, model.spec)  # type: ignore[arg-type]
-    assert steps is not None
 
     async def stalled() -> int:
         sampling = Sampling(500, temperature=0.9, top_k=0, top_p=1.0, seed=1, stop=())
         events = generation.generate_text(model, "The ", sampling)
         await anext(events)  # one piece taken, then the consumer stops reading (but does not leave)
-        before = steps.steps
+        tally = generation._groups_of(model).tally  # type: ignore[union-attr]
+        before = tally.steps
         await asyncio.sleep(0.5)
-        ahead = steps.steps - before
-        await events.aclose()  # it leaves: decoding is cancelled
-        after = steps.steps
+        ahead = tally.steps - before
+        await events.aclose()  # it leaves: decoding stops
+        after = tally.steps
         await asyncio.sleep(0.2)
-        assert steps.steps == after  # no step after the consumer left
+        assert tally.steps == after  # no step after the consumer left
         return ahead
 
     ahead = asyncio.run(stalled())
-    assert 0 < ahead <= generation.RUN_AHEAD + 1, ahead
+    assert 0 < ahead <= decoding.RUN_AHEAD + 1, ahead
     model.close()

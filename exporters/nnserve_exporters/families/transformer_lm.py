@@ -15,6 +15,8 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -116,9 +118,11 @@ class CausalLM(nn.Module):
 class CachedStep(nn.Module):
     """What is exported: a step over key/value buffers that the server keeps and fills in place.
 
-    Inputs: tokens [batch, steps]; `length` [1], how many cache positions are filled; per layer i,
-    `past_keys_i` and `past_values_i` [batch, heads, capacity, head_dim], buffers of which the first
-    `length` positions hold the past. Outputs: logits [batch, steps, vocab] and per layer `keys_i`,
+    Inputs: tokens [batch, steps]; `length` [batch], how many cache positions each row has filled; per
+    layer i, `past_keys_i` and `past_values_i` [batch, heads, capacity, head_dim], buffers of which the
+    first `length[row]` positions of each row hold its past. Rows of different lengths share one call
+    (continuous batching: streams at different points of their text step together), each attending to
+    its own past only. Outputs: logits [batch, steps, vocab] and per layer `keys_i`,
     `values_i` [batch, heads, steps, head_dim]: this call's positions only, for the caller to write
     into the buffers at `length`. Nothing in a step copies the cache, so a token's cost barely grows
     with the prefix (the concatenating cache copied the whole past, in and out, on every token).
@@ -132,10 +136,13 @@ class CachedStep(nn.Module):
         lm = self.lm
         steps, capacity = tokens.shape[1], caches[0].shape[2]
         x = lm.embed(tokens)
-        positions = torch.arange(steps) + length  # of the queries
-        slots = torch.arange(capacity)
-        distance = (positions.unsqueeze(1) - slots.unsqueeze(0)).float()  # [steps, capacity]
-        bias_cached = (-lm.slopes * distance).masked_fill((slots >= length).unsqueeze(0), float("-inf"))
+        filled = length.reshape(-1, 1, 1)  # [batch, 1, 1]: each row's own past
+        positions = torch.arange(steps).reshape(1, steps, 1) + filled  # of the queries, per row
+        slots = torch.arange(capacity).reshape(1, 1, capacity)
+        distance = (positions - slots).float()  # [batch, steps, capacity]
+        bias_cached = (-lm.slopes.unsqueeze(0) * distance.unsqueeze(1)).masked_fill(
+            (slots >= filled).unsqueeze(1), float("-inf")
+        )  # [batch, heads, steps, capacity]
         among = (torch.arange(steps).unsqueeze(1) - torch.arange(steps).unsqueeze(0)).float()
         bias_new = (-lm.slopes * among.clamp(min=0)).masked_fill(among < 0, float("-inf"))
         new: list[torch.Tensor] = []
@@ -175,14 +182,15 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
 
     def sample(batch: int, variant: int) -> tuple[torch.Tensor, ...]:
         generator = torch.Generator().manual_seed(variant)
-        # A prompt into empty buffers; then one step on buffers holding 5 positions and 3 unfilled
-        # slots of noise (which must not count).
+        # A prompt into empty buffers; then one step on buffers whose rows hold 5, 2, 7... positions and
+        # unfilled slots of noise (which must not count).
         length, capacity, steps = ((0, 4, 6), (5, 8, 1))[variant]
         tokens = torch.randint(0, len(corpus.vocabulary), (batch, steps), generator=generator)
         caches = [torch.randn(batch, shape[0], capacity, shape[1], generator=generator) for _ in buffers]
-        return (tokens, torch.tensor([length]), *caches)
+        lengths = torch.tensor([(length + 3 * row) % capacity if length else 0 for row in range(batch)])
+        return (tokens, lengths, *caches)
 
-    example: tuple[torch.Tensor, ...] = (torch.zeros(2, 4, dtype=torch.int64), torch.tensor([3]))
+    example: tuple[torch.Tensor, ...] = (torch.zeros(2, 4, dtype=torch.int64), torch.tensor([3, 3]))
     example += tuple(torch.zeros(2, shape[0], 5, shape[1]) for _ in buffers)
     parity = api.export(
         CachedStep(model),
@@ -199,6 +207,7 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
         output_names=("logits", *buffers.values()),
         dynamic_axes={
             "tokens": {0: "batch", 1: "steps"},
+            "length": {0: "batch"},
             "logits": {0: "batch", 1: "steps"},
             **{name: {0: "batch", 2: "capacity"} for name in buffers},
             **{name: {0: "batch", 2: "steps"} for name in buffers.values()},
@@ -216,4 +225,29 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
         },
         extra={"position_encoding": "alibi"},
     )
+    parity = max(parity, _rows_apart(path, len(corpus.vocabulary)))
     return [api.Exported(NAME, TASK, path, parity)]
+
+
+def _rows_apart(path: Path, vocab: int) -> float:
+    """The exported step with rows of different lengths in one call against each row stepped alone
+    (what the server's continuous batching relies on): the largest difference of the logits and new
+    keys/values. Raises when a row's answer depends on the others'."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    rng = np.random.default_rng(0)
+    rows, capacity = 5, 12
+    feed = {"tokens": rng.integers(0, vocab, (rows, 1)).astype(np.int64), "length": np.array([0, 3, 11, 7, 1])}
+    for name in names[2:]:
+        heads, head_dim = shapes[name][1], shapes[name][3]
+        feed[name] = rng.standard_normal((rows, heads, capacity, head_dim)).astype(np.float32)
+    together = session.run(None, feed)
+    worst = 0.0
+    for row in range(rows):
+        alone = session.run(None, {name: value[row : row + 1] for name, value in feed.items()})
+        for shared, single in zip(together, alone, strict=True):
+            worst = max(worst, float(np.abs(shared[row : row + 1] - single).max()))
+    if worst > 1e-4:
+        raise AssertionError(f"{path}: a row stepped beside others differs from the row alone by {worst:.2e}")
+    return worst

@@ -20,7 +20,7 @@ from nnserve_client._proto import model_config_pb2 as config_pb
 
 from .. import __version__, classification
 from ..errors import InvalidInput, Unsupported
-from ..generation import MemoryBudget
+from ..generation import DECODING, Decoding, MemoryBudget
 from ..guard import StatusGuard
 from ..model import OnnxModel
 from ..repository import ModelRepository
@@ -266,10 +266,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         max_text_chars: int = 2048,
         max_stream_requests: int = 256,
         budget: MemoryBudget | None = None,
-        step_batching: bool = True,
+        decoding: Decoding = DECODING,
     ) -> None:
         self._budget = budget
-        self._step_batching = step_batching
+        self._decoding = decoding
         self._max_stream_requests = max_stream_requests
         self._repository = repository
         self._guard = guard
@@ -340,7 +340,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         asked = streaming.llm_request(
             decode_inputs(request), request.parameters, self._max_tokens, self._max_text_chars
         )
-        return streaming.llm_responses(model, request, asked, streamed, self._budget, self._step_batching)
+        return streaming.llm_responses(model, request, asked, streamed, self._budget, self._decoding)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context

@@ -155,10 +155,10 @@ async def llm_responses(
     asked: LlmRequest,
     streaming: bool,
     budget: generation.MemoryBudget | None = None,
-    share_steps: bool = True,
+    decoding: generation.Decoding = generation.DECODING,
 ) -> AsyncIterator[pb.ModelInferResponse]:
     """The responses to one LLM-convention request: one per piece when streamed, else the whole text."""
-    pieces = generation.generate_text(model, asked.prompt, asked.sampling, budget, share_steps)
+    pieces = generation.generate_text(model, asked.prompt, asked.sampling, budget, decoding)
     if not (streaming and asked.stream):
         text = "".join([event.text async for event in pieces if isinstance(event, generation.TextPiece)])
         yield _text_response(model, request.id, text, final=True)

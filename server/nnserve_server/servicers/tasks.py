@@ -124,9 +124,7 @@ class TasksServicer(pb_grpc.TasksServicer):
                 stop=tuple(request.stop),
             )
             generation.check_sampling(sampling, self._settings.max_tokens)
-            events = generation.generate_text(
-                model, request.prompt, sampling, self._budget, self._settings.step_batching
-            )
+            events = generation.generate_text(model, request.prompt, sampling, self._budget, self._settings.decoding())
         else:
             count = request.num_samples or 1
             if count > self._settings.max_samples:
