@@ -120,6 +120,46 @@ class BareServicer(pb_grpc.GRPCInferenceServiceServicer):
         return model.response(batch)
 
 
+def _blocking(method: Any) -> Any:
+    """The async handler as a plain function: the handlers above never suspend, so one send runs them."""
+
+    def call(self: Any, request: Any, context: Any) -> Any:
+        try:
+            method(self, request, context).send(None)
+        except StopIteration as done:
+            return done.value
+        raise RuntimeError(f"{method.__name__} suspended")
+
+    return call
+
+
+class SyncBareServicer(BareServicer):
+    """The same answers through grpcio's thread-pool server (`--sync`)."""
+
+
+for _name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+              "ModelStatistics", "ModelInfer"):  # fmt: skip
+    setattr(SyncBareServicer, _name, _blocking(getattr(BareServicer, _name)))
+
+
+def run_sync(models: dict[str, _Model], host: str, port: int, reuse_port: bool, threads: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=threads),
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ],
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(SyncBareServicer(models), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    print(f"listening on {host}:{bound}", flush=True)
+    server.wait_for_termination()
+
+
 def load(repository: Path, run: bool = False) -> dict[str, _Model]:
     paths = sorted(repository.glob("*/1/model.onnx"))
     return {p.parent.parent.name: _Model(p.parent.parent.name, p, run) for p in paths}
@@ -148,7 +188,11 @@ def main() -> None:
     parser.add_argument("--reuse-port", action="store_true")
     parser.add_argument("--run-model", action="store_true", help="run the model once per request")
     parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--sync", type=int, default=0, metavar="THREADS", help="grpcio's thread-pool server instead")
     args = parser.parse_args()
+    if args.sync:
+        run_sync(load(args.model_repository, args.run_model), args.host, args.port, args.reuse_port, args.sync)
+        return
     main_coroutine = run(load(args.model_repository, args.run_model), args.host, args.port, args.reuse_port)
     if args.event_loop == "uvloop":
         import uvloop

@@ -388,6 +388,10 @@ def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
     for loop, grpcio, stack in stacks:
         with _server(_bare(classify_repo, "--event-loop", loop), f"bare-{loop}{grpcio}", out, grpcio) as (port, pid):
             bench.pa(mlp, "bare grpc.aio", port, pid, 32, stack=stack)
+    # grpcio's thread-pool server: another thread layout for the same transport (slower here: each call
+    # crosses from the completion-queue thread to a pool thread and back).
+    with _server(_bare(classify_repo, "--sync", "4"), "bare-sync", out) as (port, pid):
+        bench.pa(mlp, "bare grpcio sync server", port, pid, 32, stack="grpcio 1.75.0, 4 threads")
     print(f"{RUN_ONLY} (the bare server plus one onnxruntime run per request, nothing else):", flush=True)
     with _server(_bare(classify_repo, "--run-model", "--event-loop", "uvloop"), "run-only", out) as (port, pid):
         for concurrency in (1, 32):

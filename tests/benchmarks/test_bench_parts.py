@@ -29,7 +29,7 @@ def mlp_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repo
 
 
-@pytest.mark.parametrize("flags", [[], ["--run-model"]])
+@pytest.mark.parametrize("flags", [[], ["--run-model"], ["--sync", "2"]])
 def test_the_bare_server_answers_with_the_sizes_a_real_model_returns(mlp_repository: Path, flags: list[str]) -> None:
     command = [sys.executable, "-m", "benchmarks.bare_server", "--model-repository", str(mlp_repository), *flags]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
