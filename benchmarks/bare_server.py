@@ -142,17 +142,18 @@ for _name in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "Mode
     setattr(SyncBareServicer, _name, _blocking(getattr(BareServicer, _name)))
 
 
+def _options(reuse_port: bool) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+    ]
+
+
 def run_sync(models: dict[str, _Model], host: str, port: int, reuse_port: bool, threads: int) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=threads),
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ],
-    )
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads), options=_options(reuse_port))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(SyncBareServicer(models), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
@@ -166,13 +167,7 @@ def load(repository: Path, run: bool = False) -> dict[str, _Model]:
 
 
 async def run(models: dict[str, _Model], host: str, port: int, reuse_port: bool) -> None:
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ]
-    )
+    server = grpc.aio.server(options=_options(reuse_port))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(BareServicer(models), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
