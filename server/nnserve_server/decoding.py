@@ -348,7 +348,8 @@ class Group:
                 # streams in) before the next one.
                 await asyncio.sleep(0)
         except BaseException as error:  # the group cannot go on (a bug, or shutdown): every stream hears why
-            logger.exception("decoding group of model '%s' stopped", self.model.name)
+            if isinstance(error, Exception):
+                logger.exception("decoding group of model '%s' stopped", self.model.name)
             reason = error if isinstance(error, Exception) else RuntimeError("the server is stopping")
             for stream in [*self.streams, *(j[0] for j in self.joining)]:
                 stream.fail(reason)
