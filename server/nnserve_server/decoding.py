@@ -44,6 +44,12 @@ RUN_AHEAD = 32  # pieces a stream may decode before its consumer takes them; the
 # A stream of a group of n streams wakes its consumer every `_hold(n)` tokens (1 alone), or once its
 # oldest unread piece is this old: fewer, larger messages when the server is busy, within a bounded delay.
 MAX_HOLD_NS = 10_000_000
+
+
+def _hold(streams: int) -> int:
+    return min(8, 1 + (streams - 1) // 3)  # 1 alone, 2 for 4 streams, 6 for 16, 8 from 22
+
+
 MIN_CAPACITY = 64  # cache positions of the smallest capacity class
 
 
@@ -136,8 +142,8 @@ class Stream:
 class Rows(Protocol):
     """The stacked state of a group's rows, in the order of its streams."""
 
-    def feed(self, lo: int, hi: int) -> dict[str, np.ndarray]: ...
-    def advance(self, result: dict[str, np.ndarray], lo: int, hi: int, moving: np.ndarray) -> None: ...
+    def feed(self) -> dict[str, np.ndarray]: ...
+    def advance(self, result: dict[str, np.ndarray], moving: np.ndarray) -> None: ...
     def add(self, joining: Sequence[object]) -> None: ...
     def keep(self, moves: list[tuple[int, int]], count: int) -> None: ...
 
@@ -156,21 +162,16 @@ class States:
         self.arrays: dict[str, np.ndarray] = {}
         self.count = 0
 
-    def feed(self, lo: int, hi: int) -> dict[str, np.ndarray]:
-        if lo == 0 and hi == self.count:
-            return self.arrays
-        return {name: array[_along(self._axes[name], slice(lo, hi))] for name, array in self.arrays.items()}
+    def feed(self) -> dict[str, np.ndarray]:
+        return self.arrays
 
-    def advance(self, result: dict[str, np.ndarray], lo: int, hi: int, moving: np.ndarray) -> None:
+    def advance(self, result: dict[str, np.ndarray], moving: np.ndarray) -> None:
         still = None if moving.all() else np.flatnonzero(~moving)
         for name, output in self._next.items():
-            new, old, axis = result[output], self.arrays[name], self._axes[name]
+            new, axis = result[output], self._axes[name]
             if still is not None:  # rows sitting this step out keep their state
-                new[_along(axis, still)] = old[_along(axis, still + lo)]
-            if lo == 0 and hi == self.count:
-                self.arrays[name] = new
-            else:
-                old[_along(axis, slice(lo, hi))] = new
+                new[_along(axis, still)] = self.arrays[name][_along(axis, still)]
+            self.arrays[name] = new
 
     def add(self, joining: Sequence[object]) -> None:
         states: list[dict[str, np.ndarray]] = joining  # type: ignore[assignment]
@@ -193,34 +194,28 @@ class Caches:
 
     def __init__(self, cache: AppendCache, shapes: dict[str, list[int]]) -> None:
         self._spec = cache
-        self.capacity = next(iter(shapes.values()))[cache.axis]
         self.buffers = {name: np.zeros([0, *shape[1:]], np.float32) for name, shape in shapes.items()}
         self.lengths = np.zeros(0, np.int64)
 
-    def feed(self, lo: int, hi: int) -> dict[str, np.ndarray]:
-        feed: dict[str, np.ndarray] = {self._spec.length_input: self.lengths[lo:hi]}
-        for name, buffer in self.buffers.items():
-            feed[name] = buffer[lo:hi]  # rows are the leading axis: a slice of rows is contiguous
-        return feed
+    def feed(self) -> dict[str, np.ndarray]:
+        return {self._spec.length_input: self.lengths, **self.buffers}
 
-    def advance(self, result: dict[str, np.ndarray], lo: int, hi: int, moving: np.ndarray) -> None:
+    def advance(self, result: dict[str, np.ndarray], moving: np.ndarray) -> None:
         rows = np.flatnonzero(moving)
-        at = self.lengths[rows + lo]
+        at = self.lengths[rows]
         shape = next(iter(self.buffers.values())).shape
         if len(shape) == 4 and self._spec.axis == 2:  # [rows, heads, capacity, head_dim]: one flat index for all
             _, heads, capacity, width = shape
-            flat = ((rows + lo)[:, None, None] * heads + np.arange(heads)[None, :, None]) * capacity
+            flat = (rows[:, None, None] * heads + np.arange(heads)[None, :, None]) * capacity
             flat = (flat + at[:, None, None]) * width + np.arange(width)[None, None, :]  # [rows, heads, width]
-            whole = moving.all()
             for name, output in self._spec.buffers.items():
-                new = result[output]  # [rows, heads, 1, width]
-                self.buffers[name].reshape(-1)[flat] = new[:, :, 0] if whole else new[rows, :, 0]
-        else:
+                self.buffers[name].reshape(-1)[flat] = result[output][rows, :, 0]  # from [rows, heads, 1, width]
+        else:  # any other layout: the same writes, indexed on the cache's axis
             where: list[Any] = [slice(None)] * len(shape)
-            where[0], where[self._spec.axis] = rows + lo, at
+            where[0], where[self._spec.axis] = rows, at
             for name, output in self._spec.buffers.items():
                 self.buffers[name][tuple(where)] = np.take(result[output][rows], 0, axis=self._spec.axis)
-        self.lengths[rows + lo] += 1
+        self.lengths[rows] += 1
 
     def add(self, joining: Sequence[object]) -> None:
         caches: list[Prefilled] = joining  # type: ignore[assignment]
@@ -304,14 +299,12 @@ class Group:
         rows: Rows,
         outputs: list[str],
         vocabulary: Sequence[str],
-        max_batch: int,
         tally: Tally,
     ) -> None:
         self.model = model
         self.rows = rows
         self.outputs = outputs
         self.vocabulary = vocabulary
-        self.max_batch = max_batch
         self.streams: list[Stream] = []
         self.tokens = np.zeros((0, 1), np.int64)
         self.joining: list[tuple[Stream, object, int]] = []
@@ -340,10 +333,7 @@ class Group:
                     self.resume.clear()
                     await self.resume.wait()
                     continue
-                for lo in range(0, len(self.streams), self.max_batch):
-                    hi = min(lo + self.max_batch, len(self.streams))
-                    if moving[lo:hi].any():
-                        await self._step(lo, hi, moving[lo:hi])
+                await self._step(moving)
                 # A step run inline never suspends: let the consumers write what it made (and new
                 # streams in) before the next one.
                 await asyncio.sleep(0)
@@ -361,23 +351,20 @@ class Group:
         finally:
             self.task = None
 
-    async def _step(self, lo: int, hi: int, moving: np.ndarray) -> None:
-        streams = self.streams[lo:hi]
+    async def _step(self, moving: np.ndarray) -> None:
+        streams = self.streams
         try:
-            result, timing = await self.model.infer_timed(
-                {"tokens": self.tokens[lo:hi], **self.rows.feed(lo, hi)}, self.outputs
-            )
+            result, timing = await self.model.infer_timed({"tokens": self.tokens, **self.rows.feed()}, self.outputs)
         except Exception as error:  # the same call for all of them: each stream gets the error
             for stream in streams:
                 stream.fail(error)
             return
         self.tally.runs += 1
-        self.rows.advance(result, lo, hi, moving)
+        self.rows.advance(result, moving)
         stepped = [s for s, moves in zip(streams, moving.tolist(), strict=True) if moves]
         chosen = sample(result["logits"][:, -1][moving], stepped)
-        self.tokens[lo:hi][moving, 0] = chosen
-        model, vocabulary = self.model, self.vocabulary
-        hold = min(8, 1 + (len(self.streams) - 1) // 3)  # 1 alone, 2 for 4 streams, 6 for 16, 8 from 22
+        self.tokens[moving, 0] = chosen
+        model, vocabulary, hold = self.model, self.vocabulary, _hold(len(streams))
         now, gaps, stats = time.perf_counter_ns(), model.stats.inter_token, model.stats
         stats.step_rows.observe(len(stepped))
         for stream, token in zip(stepped, chosen.tolist(), strict=True):
@@ -439,8 +426,7 @@ class Tally:
 
 class Groups:
     """A model's decoding groups: for a recurrent model, and for a Transformer per cache capacity, as
-    many groups of at most `max_batch` rows as its streams fill. Several groups pipeline: one samples
-    and hands out its tokens on the event loop while another's step runs in the pool."""
+    many groups of at most `max_batch` streams as its streams fill (each group one call per step)."""
 
     def __init__(self, model: OnnxModel, spec: ModelSpec, max_batch: int) -> None:
         self.model, self.spec, self.max_batch = model, spec, max_batch
@@ -450,7 +436,7 @@ class Groups:
 
     def alone(self, make: Callable[[], Rows]) -> Group:
         """A group for one stream (--no-step-batching, or a model whose steps cannot share a call)."""
-        return self._new(make, 1)
+        return self._new(make)
 
     def group(self, capacity: int, make: Callable[[], Rows]) -> Group:
         """The group of that capacity with the fewest rows, when it has room; else a new one."""
@@ -459,11 +445,11 @@ class Groups:
         emptiest = min(groups, key=lambda g: len(g.streams) + len(g.joining), default=None)
         if emptiest is not None and len(emptiest.streams) + len(emptiest.joining) < self.max_batch:
             return emptiest
-        group = self._new(make, self.max_batch)
+        group = self._new(make)
         groups.append(group)
         return group
 
-    def _new(self, make: Callable[[], Rows], rows: int) -> Group:
+    def _new(self, make: Callable[[], Rows]) -> Group:
         spec = self.spec
         outputs = ["logits", *spec.state.values(), *(spec.cache.buffers.values() if spec.cache else ())]
-        return Group(self.model, make(), outputs, spec.vocabulary, rows, self.tally)
+        return Group(self.model, make(), outputs, spec.vocabulary, self.tally)

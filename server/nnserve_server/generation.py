@@ -186,19 +186,22 @@ async def generate_text(
     positions = tokens.shape[1] + sampling.max_tokens - 1
     capacity, reserved = 0, sum(a.nbytes for a in state.values())  # a recurrent model: one group
     if spec.cache is not None:
-        size = _bytes(_cache_shapes(model, spec.cache, positions))
+        cache_spec = spec.cache
+
+        def cache_bytes(positions: int) -> int:
+            return sum(4 * math.prod(shape) for shape in _cache_shapes(model, cache_spec, positions).values())
+
+        size = cache_bytes(positions)
         if size > MAX_CACHE_BYTES:
             raise InvalidInput(
                 f"a {tokens.shape[1]}-character prompt and {sampling.max_tokens} tokens need a {size >> 20} MiB "
                 f"cache for model '{model.name}'; at most {MAX_CACHE_BYTES >> 20} MiB: shorten the prompt or "
                 "ask for fewer tokens"
             )
-        capacity = positions
-        if shared and _bytes(_cache_shapes(model, spec.cache, decoding.capacity_class(positions))) <= MAX_CACHE_BYTES:
-            capacity = decoding.capacity_class(positions)
-        reserved = _bytes(_cache_shapes(model, spec.cache, capacity)) + _bytes(  # its row, and its prompt's own
-            _cache_shapes(model, spec.cache, tokens.shape[1])
-        )
+        capacity = decoding.capacity_class(positions) if shared else positions  # the row it takes in its group
+        if cache_bytes(capacity) > MAX_CACHE_BYTES:
+            capacity = positions
+        reserved = cache_bytes(capacity) + cache_bytes(tokens.shape[1])  # its row, and its prompt's own cache
     if budget is not None:
         budget.reserve(reserved, model.name)  # before the cache exists: refused, nothing was allocated
     global _generations
@@ -239,10 +242,6 @@ _groups: weakref.WeakKeyDictionary[OnnxModel, decoding.Groups] = weakref.WeakKey
 def running() -> int:
     """Text generations running in this process (for the streams gauge and the budget's message)."""
     return _generations
-
-
-def _bytes(shapes: dict[str, list[int]]) -> int:
-    return sum(4 * math.prod(shape) for shape in shapes.values())
 
 
 async def _prefill(

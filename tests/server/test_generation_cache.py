@@ -127,3 +127,39 @@ def test_requests_submitted_alone_never_share_a_run() -> None:
     batcher.close()
     assert [float(a[0, 0]) for a in answers] == [0, 2, 4, 6, 8, 10]  # each its own rows back
     assert sorted(runs) == [1, 1, 1, 3], runs  # three alone, and the other three in one run
+
+
+@pytest.mark.parametrize("axis", [2, 1])
+def test_a_step_writes_each_moving_rows_keys_at_its_own_length(axis: int) -> None:
+    """The stacked buffers of a group: [rows, heads, capacity, width] (the exporters' layout, one flat
+    index) and another layout (capacity on axis 1); a row sitting the step out is left as it was."""
+    from nnserve_client.model_spec import AppendCache
+    from nnserve_server.decoding import Caches
+
+    spec = AppendCache({"past": "new"}, "length", axis=axis)
+    row_shape = [1, 2, 8, 3] if axis == 2 else [1, 8, 2, 3]
+    caches = Caches(spec, {"past": row_shape})
+    prompts = []
+    for length in (5, 0, 7):
+        own = generation._Cache(spec, {"past": [1, *row_shape[1:]]})
+        own.length = length
+        own.buffers["past"][:] = np.random.default_rng(length).standard_normal(row_shape)
+        prompts.append(own)
+    caches.add(prompts)
+    before = caches.buffers["past"].copy()
+    new_shape = [3, *row_shape[1:]]
+    new_shape[axis] = 1
+    new = np.random.default_rng(9).standard_normal(new_shape).astype(np.float32)
+    caches.advance({"new": new}, np.array([True, True, False]))
+    after = caches.buffers["past"]
+    assert caches.lengths.tolist() == [6, 1, 7]
+    for row, at in ((0, 5), (1, 0)):
+        written = np.take(after[row], at, axis=axis - 1)
+        np.testing.assert_array_equal(written, np.take(new[row], 0, axis=axis - 1))
+        untouched = np.delete(after[row], at, axis=axis - 1)
+        np.testing.assert_array_equal(untouched, np.delete(before[row], at, axis=axis - 1))
+    np.testing.assert_array_equal(after[2], before[2])  # sat the step out
+    # Joining copied each prompt's filled positions, and nothing past them.
+    filled = np.take(before[0], range(5), axis=axis - 1)
+    np.testing.assert_array_equal(filled, np.take(prompts[0].buffers["past"][0], range(5), axis=axis - 1))
+    assert not np.take(before[0], range(5, 8), axis=axis - 1).any()
