@@ -24,10 +24,10 @@ import grpc.aio
 import numpy as np
 import onnxruntime as ort
 
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from nnserve_client._proto import model_config_pb2 as config_pb
-from nnserve_client.codec import datatype_of
+from nnserve_contract.codec import datatype_of
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_contract.stubs import model_config_pb2 as config_pb
 
 _DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 

@@ -112,8 +112,8 @@ def generate(
     import onnxruntime as ort
 
     from nnserve_client import Client
-    from nnserve_client.model_spec import ModelSpec
     from nnserve_client.types import TextPiece
+    from nnserve_contract.model_spec import ModelSpec
 
     spec = ModelSpec.from_props(ort.InferenceSession(str(model_path)).get_modelmeta().custom_metadata_map)
     if spec is None or not spec.vocabulary:

@@ -40,11 +40,11 @@ from typing import Any
 import grpc
 
 from benchmarks import models, triton_peer
+from nnserve_server.edge import listening
 
 ROOT = Path(__file__).resolve().parent.parent
 SHM_CLIENT = "perf_analyzer shm"
 STREAM_CLIENT = "perf_analyzer stream"  # --streaming: every request on one ModelStreamInfer stream per client
-LISTENING = re.compile(r"listening on [\d.]+:(\d+)")
 
 
 @dataclass
@@ -108,8 +108,8 @@ def _overlay(version: str) -> Path:
 def _served(port: int, model: str) -> int | None:
     """Inferences the server has answered for `model` (KServe ModelStatistics); None where it does not say
     (a --workers server answers for one worker only, so its cells estimate from the throughput)."""
-    from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-    from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+    from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+    from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -137,10 +137,10 @@ def _server(command: list[str], log_name: str, out: Path, grpcio: str = "") -> I
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            match = LISTENING.search(log_path.read_text(errors="replace"))
-            if match:
+            said = listening.find(log_path.read_text(errors="replace"))
+            if said is not None:
                 time.sleep(0.5)
-                yield int(match.group(1)), process.pid
+                yield said.port, process.pid
                 return
             if process.poll() is not None:
                 raise RuntimeError(f"{log_name} exited:\n{log_path.read_text()}")

@@ -29,9 +29,9 @@ from PIL import Image
 
 from nnserve_client import Client, NNServeError
 from nnserve_client.types import TextPiece
+from nnserve_server.edge import listening
 
 ROOT = Path(__file__).resolve().parents[1]
-READY = "nnserve listening on "
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -131,13 +131,15 @@ def main() -> None:
     try:
         for _ in range(600):
             text = log_path.read_text(errors="replace")
-            if READY in text:
+            said = listening.find(text)
+            if said is not None:
                 break
             if server.poll() is not None:
                 sys.exit(f"server exited:\n{text}")
             time.sleep(0.1)
-        port = text.split(READY, 1)[1].split(" ", 1)[0].rsplit(":", 1)[1]
-        soak = Soak(f"127.0.0.1:{port}", seed=0)
+        else:
+            sys.exit(f"the server did not start within 60 s:\n{text}")
+        soak = Soak(f"127.0.0.1:{said.port}", seed=0)
         soak.run(20, args.concurrency)  # warm-up: every path once, arenas grown
         rss_start = _rss(server.pid)
         soak.codes.clear()

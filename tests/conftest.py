@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -19,9 +18,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"listening on [\d.]+:(\d+) .*metrics (?:at http://[\d.]+:(\d+)/metrics|off)")
+from nnserve_server.edge import listening
 
+ROOT = Path(__file__).resolve().parent.parent
 # KServe datatype -> (ONNX element type, numpy dtype) for the echo model.
 ECHO_TYPES = {
     "BOOL": (TensorProto.BOOL, np.bool_),
@@ -83,10 +82,9 @@ def start_command(command: list[str], env: dict[str, str] | None = None) -> Runn
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        match = LISTENING.search(log_path.read_text(errors="replace"))
-        if match:
-            metrics_port = int(match.group(2)) if match.group(2) else None
-            return RunningServer(process, log_path, int(match.group(1)), metrics_port)
+        said = listening.find(log_path.read_text(errors="replace"))
+        if said is not None:
+            return RunningServer(process, log_path, said.port, said.metrics_port)
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
         time.sleep(0.05)

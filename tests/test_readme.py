@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import ROOT
 
-from nnserve_server.metrics import metrics_table
+from nnserve_server.core.metrics import metrics_table
 from nnserve_server.settings import build_parser, flags_table
 
 
@@ -19,4 +19,4 @@ def test_flags_table_matches_the_settings() -> None:
 
 def test_metrics_table_matches_the_metrics() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert metrics_table() in readme, "README metrics table is stale: paste nnserve_server.metrics.metrics_table()"
+    assert metrics_table() in readme, "README metrics table is stale: paste nnserve_server.core.metrics.metrics_table()"

@@ -16,9 +16,10 @@ from typing import Any, Generic, Literal, TypedDict, TypeVar
 
 import numpy as np
 
-from . import codec
-from ._proto import grpc_predict_v2_pb2 as kserve
-from ._proto import tasks_pb2 as tasks
+from nnserve_contract import codec
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as kserve
+from nnserve_contract.stubs import tasks_pb2 as tasks
+
 from .types import (
     Classification,
     Classifications,

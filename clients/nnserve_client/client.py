@@ -14,11 +14,12 @@ import grpc
 import grpc.aio
 import numpy as np
 
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as kserve_grpc
+from nnserve_contract.stubs import tasks_pb2_grpc as tasks_grpc
+
 from . import _calls
 from ._calls import GenerateOptions, SamplingOptions
 from ._channel import channel_target, service_config
-from ._proto import grpc_predict_v2_pb2_grpc as kserve_grpc
-from ._proto import tasks_pb2_grpc as tasks_grpc
 from .errors import from_rpc_error
 from .types import (
     Classifications,

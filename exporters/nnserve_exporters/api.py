@@ -21,7 +21,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from nnserve_client.model_spec import ModelSpec, Preprocessing
+from nnserve_contract.model_spec import ModelSpec, Preprocessing
 
 from . import __version__
 

@@ -6,12 +6,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import event_loop, logs
-from .app import serve
-from .errors import StartupError
-from .healthcheck import main as health_main
-from .settings import Settings, build_parser
-from .workers import supervise
+from nnserve_server import event_loop
+from nnserve_server.core import logs
+from nnserve_server.core.errors import StartupError
+from nnserve_server.edge.app import serve
+from nnserve_server.edge.healthcheck import main as health_main
+from nnserve_server.settings import Settings, build_parser
+from nnserve_server.workers import supervise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from .errors import StartupError
+from nnserve_server.core.errors import StartupError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .generation import Decoding
+    from nnserve_server.core.generation import Decoding
 
 ENV_PREFIX = "NNSERVE_"
 
@@ -127,7 +127,7 @@ class Settings:
 
     def decoding(self) -> Decoding:
         """How text generations decode, for the servicers."""
-        from .generation import Decoding  # settings import nothing of the server's core at load
+        from nnserve_server.core.generation import Decoding  # settings import nothing of the server's core at load
 
         return Decoding(self.step_batching, self.generation_max_batch, self.generation_max_streams)
 

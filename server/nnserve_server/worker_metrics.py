@@ -19,7 +19,7 @@ from prometheus_client import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from .metrics import METRICS
+from nnserve_server.core.metrics import METRICS
 
 log = logging.getLogger(__name__)
 

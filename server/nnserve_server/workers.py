@@ -12,22 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import signal
 import socket
 import sys
 
 from prometheus_client import CollectorRegistry
 
-from .errors import StartupError
-from .metrics import start_metrics_endpoint
-from .settings import Settings
-from .worker_metrics import WorkerMetrics
+from nnserve_server.core.errors import StartupError
+from nnserve_server.core.metrics import MetricsEndpoint
+from nnserve_server.edge import listening
+from nnserve_server.settings import Settings
+from nnserve_server.worker_metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-READY_LINE = "nnserve listening on "
-METRICS_URL = re.compile(r"metrics at (http://\S+/metrics)")
 RESTART_DELAY_S = 1.0
 REFRESH_S = 2.0  # how often the workers' metrics are read besides scrapes: what a SIGKILL may lose
 
@@ -71,27 +69,17 @@ class Supervisor:
         reserved = _reserve_port(settings.host, settings.port)
         port = reserved.getsockname()[1]
         try:
-            metrics_address = "metrics off"
-            http_server = None
-            if settings.metrics_port >= 0:  # bound before the workers load their models: a busy port is said at once
-                registry = CollectorRegistry()
-                registry.register(self.metrics)
-                http_server, _, metrics_port = start_metrics_endpoint(
-                    settings.metrics_host, settings.metrics_port, registry
-                )
-                metrics_address = f"metrics at http://{settings.metrics_host}:{metrics_port}/metrics"
+            registry = CollectorRegistry()
+            registry.register(self.metrics)
+            endpoint = MetricsEndpoint(settings.metrics_host, settings.metrics_port, registry)
             ready = await asyncio.gather(*(self._start(index, port) for index in range(settings.workers)))
             if not all(ready):
                 await self._stop_all()
-                if http_server is not None:
-                    http_server.shutdown()
+                endpoint.shutdown()
                 raise StartupError("a worker exited before it was ready; its log is above")
-            print(
-                f"{READY_LINE}{settings.host}:{port} (gRPC: KServe v2 + nnserve.v1.Tasks); "
-                f"{metrics_address}; {settings.workers} workers (SO_REUSEPORT), pids "
-                + ", ".join(str(p.pid) for p in self._processes.values()),
-                flush=True,
-            )
+            pids = ", ".join(str(p.pid) for p in self._processes.values())
+            details = f"{settings.workers} workers (SO_REUSEPORT), pids {pids}"
+            print(listening.line(settings.host, port, endpoint.address, details), flush=True)
             reserved.close()  # the workers hold the port now
             watchers = [asyncio.create_task(self._watch(index, port)) for index in self._processes]
             watchers.append(asyncio.create_task(self._refresh()))
@@ -103,8 +91,7 @@ class Supervisor:
             codes = await self._stop_all()
             for watcher in watchers:
                 watcher.cancel()
-            if http_server is not None:
-                http_server.shutdown()
+            endpoint.shutdown()
             return 0 if all(code == 0 for code in codes) else 1
         finally:
             reserved.close()
@@ -118,10 +105,10 @@ class Supervisor:
         assert process.stdout is not None
         while line := await process.stdout.readline():
             text = line.decode(errors="replace")
-            if READY_LINE in text:  # a plain line, or the message of a JSON one
-                url = METRICS_URL.search(text)
-                if url is not None:
-                    self.metrics.add(index, url.group(1))
+            said = listening.find(text)  # a plain line, or the message of a JSON one
+            if said is not None:
+                if said.metrics_url is not None:
+                    self.metrics.add(index, said.metrics_url)
                 log.info("worker %d (pid %d) is ready", index, process.pid)
                 self._drains.append(asyncio.create_task(self._drain(process)))
                 return True

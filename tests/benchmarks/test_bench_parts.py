@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from benchmarks import bare_server, models
-from benchmarks.run import LISTENING, PINNED, ROOT, RUN_ONLY, SHM_CLIENT, TRITON, targets
-from nnserve_client import codec
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from benchmarks.run import PINNED, ROOT, RUN_ONLY, SHM_CLIENT, TRITON, targets
+from nnserve_contract import codec
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_exporters import api
+from nnserve_server.edge import listening
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +36,9 @@ def test_the_bare_server_answers_with_the_sizes_a_real_model_returns(mlp_reposit
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert process.stdout is not None
-        match = LISTENING.search(process.stdout.readline())
-        assert match, "the bare server did not say where it listens"
-        with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+        said = listening.find(process.stdout.readline())
+        assert said is not None, "the bare server did not say where it listens"
+        with grpc.insecure_channel(f"127.0.0.1:{said.port}") as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             config = stub.ModelConfig(pb.ModelConfigRequest(name=models.MLP), timeout=10).config
             assert list(config.input[0].dims) == [64]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nnserve_client import codec
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import tasks_pb2 as tasks_pb
+from nnserve_contract import codec
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import tasks_pb2 as tasks_pb
 
 NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import RunningServer
 
-from nnserve_server.metrics import METRICS
+from nnserve_server.core.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "nnserve-dashboard.json"

@@ -21,7 +21,7 @@ from conftest import RunningServer
 from crd_schemas import validate_custom
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nnserve_server.app import FLUSH_S, SERVICE_NAMES
+from nnserve_server.edge.app import FLUSH_S, SERVICE_NAMES
 from nnserve_server.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -24,8 +24,8 @@ def describe(message: Any, prefix: str = "") -> dict[str, dict[str, list[object]
 
 def main(side: str) -> None:
     if side == "ours":
-        from nnserve_client._proto import grpc_predict_v2_pb2 as service
-        from nnserve_client._proto import model_config_pb2 as config
+        from nnserve_contract.stubs import grpc_predict_v2_pb2 as service
+        from nnserve_contract.stubs import model_config_pb2 as config
     else:
         from tritonclient.grpc import model_config_pb2 as config
         from tritonclient.grpc import service_pb2 as service

@@ -27,8 +27,8 @@ from nnserve_client import (
     InvalidArgument,
     TextPiece,
 )
-from nnserve_client._proto import grpc_predict_v2_pb2 as kserve
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as kserve_grpc
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as kserve
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as kserve_grpc
 
 
 def png(pixels: np.ndarray) -> bytes:

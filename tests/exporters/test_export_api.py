@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnserve_client.model_spec import AppendCache, ModelSpec, Preprocessing, SpecError
+from nnserve_contract.model_spec import AppendCache, ModelSpec, Preprocessing, SpecError
 from nnserve_exporters import ParityError, export, verify
 from nnserve_exporters.zoo import build_zoo, table
 

@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 from conftest import RunningServer
 
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from nnserve_client.model_spec import ModelSpec
+from nnserve_contract.model_spec import ModelSpec
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_exporters.zoo import FAMILIES, ZooRow
 
 EXPECTED = {

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import RunningServer
 
-from nnserve_client import codec
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from nnserve_client._proto import tasks_pb2, tasks_pb2_grpc
+from nnserve_contract import codec
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_contract.stubs import tasks_pb2, tasks_pb2_grpc
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -18,13 +18,13 @@ import pytest
 from onnx import TensorProto, helper
 
 from nnserve_client import AsyncClient, Client
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_client.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
-from nnserve_server.model import OnnxModel
-from nnserve_server.runtime import Runtime
-from nnserve_server.servicers.kserve import model_config
-from nnserve_server.serving_config import serving_config
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_server.core.model import OnnxModel
+from nnserve_server.core.runtime import Runtime
+from nnserve_server.core.serving_config import serving_config
+from nnserve_server.edge.servicers.kserve import model_config
 from nnserve_server.settings import Settings
 from tests.conftest import RunningServer, _save, echo_model, slow_model
 

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from conftest import ECHO_TYPES, RunningServer, echo_model
 
-from nnserve_client import codec
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_contract import codec
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 
 NUMERIC = [t for t in ECHO_TYPES if t != "BYTES"]
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnserve_server import generation
-from nnserve_server.batcher import Batcher, BatchPolicy
-from nnserve_server.errors import InvalidInput
-from nnserve_server.generation import Finished, Sampling, TextPiece
-from nnserve_server.model import OnnxModel
-from nnserve_server.runtime import Runtime
-from nnserve_server.serving_config import serving_config
+from nnserve_server.core import generation
+from nnserve_server.core.batcher import Batcher, BatchPolicy
+from nnserve_server.core.errors import InvalidInput
+from nnserve_server.core.generation import Finished, Sampling, TextPiece
+from nnserve_server.core.model import OnnxModel
+from nnserve_server.core.runtime import Runtime
+from nnserve_server.core.serving_config import serving_config
 from nnserve_server.settings import Settings
 
 
@@ -133,8 +133,8 @@ def test_requests_submitted_alone_never_share_a_run() -> None:
 def test_a_step_writes_each_moving_rows_keys_at_its_own_length(axis: int) -> None:
     """The stacked buffers of a group: [rows, heads, capacity, width] (the exporters' layout, one flat
     index) and another layout (capacity on axis 1); a row sitting the step out is left as it was."""
-    from nnserve_client.model_spec import AppendCache
-    from nnserve_server.decoding import Caches
+    from nnserve_contract.model_spec import AppendCache
+    from nnserve_server.core.decoding import Caches
 
     spec = AppendCache({"past": "new"}, "length", axis=axis)
     row_shape = [1, 2, 8, 3] if axis == 2 else [1, 8, 2, 3]

@@ -21,8 +21,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_health_reflection_metrics import NOT_SERVING, SERVING, check, sample
 
 from nnserve_client import AsyncClient, Client, InvalidArgument, NotFound, Unavailable
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 
 
 def test_unload_then_load(own_server: Callable[..., RunningServer]) -> None:

@@ -8,8 +8,8 @@ import sys
 
 IMPORT_THE_SERVER = """
 import json, sys
-import nnserve_server.app, nnserve_server.cli, nnserve_server.generation, nnserve_server.tasks
-import nnserve_server.servicers.kserve, nnserve_server.servicers.tasks, nnserve_client.cli
+import nnserve_server.edge.app, nnserve_server.cli, nnserve_server.core.generation, nnserve_server.core.tasks
+import nnserve_server.edge.servicers.kserve, nnserve_server.edge.servicers.tasks, nnserve_client.cli
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "nnserve_exporters", "transformers"))))
 """
 

@@ -16,9 +16,9 @@ from conftest import RunningServer
 from test_health_reflection_metrics import sample
 
 from nnserve_client import Client, GenerationDone, InvalidArgument, NotFound
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from nnserve_server.request_record import request_id_from
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_server.core.request_record import request_id_from
 
 FNN_V1 = {"model": "digits-fnn", "version": "1"}
 

@@ -15,9 +15,9 @@ from conftest import RunningServer
 from test_health_reflection_metrics import sample
 
 from nnserve_client import Client
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
-from nnserve_server.repository import KEPT, VersionPolicy
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_server.core.repository import KEPT, VersionPolicy
 
 PIXELS = {"input": np.random.default_rng(0).random((1, 64), dtype=np.float32)}
 

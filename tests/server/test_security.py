@@ -23,8 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nnserve_client import Client, Unauthenticated, Unavailable, tls_credentials
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 
 PIXELS = np.zeros((1, 64), np.float32)
 Pem = tuple[bytes, bytes]  # (private key, certificate)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nnserve_server.errors import StartupError
-from nnserve_server.runtime import Runtime, cpu_quota
+from nnserve_server.core.errors import StartupError
+from nnserve_server.core.runtime import Runtime, cpu_quota
 from nnserve_server.settings import Settings
 
 

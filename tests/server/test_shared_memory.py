@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import ECHO_TYPES, RunningServer
 
-from nnserve_client import codec
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_contract import codec
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 
 PIXELS = (np.arange(2 * 64, dtype=np.float32).reshape(2, 64) % 17) / 16
 

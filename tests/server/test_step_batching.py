@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnserve_server import decoding, generation
-from nnserve_server.errors import Overloaded
-from nnserve_server.generation import Decoding, Sampling, TextPiece
-from nnserve_server.model import OnnxModel
-from nnserve_server.runtime import Runtime
-from nnserve_server.serving_config import serving_config
+from nnserve_server.core import decoding, generation
+from nnserve_server.core.errors import Overloaded
+from nnserve_server.core.generation import Decoding, Sampling, TextPiece
+from nnserve_server.core.model import OnnxModel
+from nnserve_server.core.runtime import Runtime
+from nnserve_server.core.serving_config import serving_config
 from nnserve_server.settings import Settings
 
 PROMPTS = [("The ", 1), ("def ", 2), ("a", 3), ("Return the", 4), ("x = ", 5), ("if", 6)]

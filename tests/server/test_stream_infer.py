@@ -11,8 +11,8 @@ import numpy as np
 from conftest import RunningServer
 from test_health_reflection_metrics import sample
 
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 
 PIXELS = (np.arange(64, dtype=np.float32).reshape(1, 64) % 17) / 16
 
@@ -112,7 +112,7 @@ def test_a_client_that_stops_reading_holds_a_bounded_number_of_answers() -> None
     import asyncio
     from collections.abc import AsyncIterator, Awaitable
 
-    from nnserve_server.servicers.streaming import stream_infer
+    from nnserve_server.edge.servicers.streaming import stream_infer
 
     produced = 0
 

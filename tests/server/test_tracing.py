@@ -20,12 +20,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 
 from nnserve_client import AsyncClient, NotFound
-from nnserve_server.app import create_server, set_serving
-from nnserve_server.metrics import ServerMetrics
-from nnserve_server.repository import ModelRepository
-from nnserve_server.runtime import Runtime
+from nnserve_server.core.metrics import ServerMetrics
+from nnserve_server.core.repository import ModelRepository
+from nnserve_server.core.runtime import Runtime
+from nnserve_server.edge.app import create_server, set_serving
+from nnserve_server.edge.tracing import Tracing
 from nnserve_server.settings import Settings
-from nnserve_server.tracing import Tracing
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 CALLER_SPAN = 0xB7AD6B7169203331
@@ -124,7 +124,7 @@ def _end(span: object) -> int:
 
 def test_tracing_off_imports_no_opentelemetry() -> None:
     code = (
-        "import json, sys, nnserve_server.app, nnserve_server.cli; "
+        "import json, sys, nnserve_server.edge.app, nnserve_server.cli; "
         "print(json.dumps([m for m in sys.modules if m.startswith('opentelemetry')]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

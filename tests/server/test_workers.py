@@ -12,9 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from nnserve_client import codec
-from nnserve_client._proto import grpc_predict_v2_pb2 as pb
-from nnserve_client._proto import grpc_predict_v2_pb2_grpc as pb_grpc
+from nnserve_contract import codec
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 from tests.conftest import ECHO_TYPES, RunningServer
 from tests.server.test_health_reflection_metrics import sample
 
@@ -95,7 +95,7 @@ def test_workers_share_the_port_and_their_metrics_add_up(own_server: Callable[..
 def test_worker_metrics_sum_counters_and_combine_gauges_by_mode() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from nnserve_server.metrics import ServerMetrics
+    from nnserve_server.core.metrics import ServerMetrics
     from nnserve_server.worker_metrics import WorkerMetrics, _read
 
     def exposition(requests: int, ready: int, in_flight: int) -> str:

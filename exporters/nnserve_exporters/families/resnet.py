@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnserve_client.model_spec import Preprocessing
+from nnserve_contract.model_spec import Preprocessing
 
 from .. import api, datasets
 from ..training import Trained, fit_digits, shift_augment

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from nnserve_client.model_spec import AppendCache
+from nnserve_contract.model_spec import AppendCache
 
 from .. import api, datasets
 from ..training import Trained, fit_language_model

@@ -1,0 +1,454 @@
+"""Continuous batching of text generation: the streams of a language model decode together.
+
+A stream runs its prompt alone (in chunks, so a long prompt never holds up the streams already
+decoding), samples its first token, then joins a decoding group of its model. A group is one task
+that, at every step, makes one onnxruntime call for all its streams (their last tokens stacked on the
+batch axis, their recurrent states or key/value caches kept stacked between steps, so a step copies no
+stream's past), samples every row at once and hands each stream its character. Streams join and
+leave between steps; a stream whose consumer has `RUN_AHEAD` pieces unread sits steps out (its row is
+computed with the others' and thrown away), so a stalled client holds no more than that.
+
+Rows live in one of two stores:
+- `States` (LSTM, GRU): each recurrent state stacked on its batch axis; a step's state outputs are the
+  next step's inputs as they come back.
+- `Caches` (Transformer): per cache buffer one array [rows, heads, capacity, head_dim] and each row's
+  filled length. The step model takes a length per row and masks each row's unfilled slots, so rows
+  at different points of their text share one call; the new keys and values are written in place.
+  A model takes one group per capacity (`capacity_class`), so one long generation does not make
+  every short one attend over its length.
+The same seed and settings give the same text whether a stream ran alone or beside others: each row
+is computed and sampled on its own (the exporters check the step model for that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from nnserve_contract.model_spec import AppendCache, ModelSpec
+from nnserve_server.core.model import OnnxModel
+from nnserve_server.core.request_record import RequestRecord
+
+logger = logging.getLogger(__name__)
+
+RUN_AHEAD = 32  # pieces a stream may decode before its consumer takes them; then it sits steps out
+# A stream of a group of n streams wakes its consumer every `_hold(n)` tokens (1 alone), or once its
+# oldest unread piece is this old: fewer, larger messages when the server is busy, within a bounded delay.
+MAX_HOLD_NS = 10_000_000
+
+
+def _hold(streams: int) -> int:
+    return min(8, 1 + (streams - 1) // 3)  # 1 alone, 2 for 4 streams, 6 for 16, 8 from 22
+
+
+MIN_CAPACITY = 64  # cache positions of the smallest capacity class
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float  # 0: greedy
+    top_k: int  # 0: no cut
+    top_p: float  # 0 or 1: no cut
+    seed: int | None
+    stop: tuple[str, ...]
+
+
+class Stream:
+    """One text generation in a decoding group: its sampling, its text so far and its pieces to send.
+
+    The group calls `take` with each new character; the consumer (`generation.generate_text`) reads
+    `pieces` and waits on `ready`. Everything runs on the event loop's thread."""
+
+    def __init__(self, sampling: Sampling, record: RequestRecord | None) -> None:
+        self.sampling = sampling
+        self.greedy = sampling.temperature == 0
+        self.rng = np.random.default_rng(sampling.seed)
+        self.record = record
+        self.produced = ""  # the text so far (kept while stop strings may match)
+        self.emitted = 0  # how much of `produced` went to `pieces`
+        self.count = 0  # tokens generated
+        self.pieces: deque[str] = deque()
+        self.held_since = 0  # when the oldest unread piece was made
+        self.last_token_ns = 0  # when its last token came (for nnserve_inter_token_seconds)
+        self.end: str = ""  # length | stop, once it finished
+        self.failure: BaseException | None = None
+        self.left = False  # the consumer went away
+        self.ready = asyncio.Event()
+        self.group: Group | None = None
+
+    @property
+    def done(self) -> bool:
+        return bool(self.end) or self.failure is not None or self.left
+
+    @property
+    def parked(self) -> bool:
+        return len(self.pieces) >= RUN_AHEAD
+
+    def take(self, char: str, hold: int = 1) -> None:
+        """The next character. The consumer is woken once `hold` pieces wait, or the oldest has
+        waited `MAX_HOLD_NS`: a busy group's streams send several tokens a message."""
+        self.count += 1
+        stops = self.sampling.stop
+        if not self.pieces:
+            self.held_since = time.perf_counter_ns()
+        if not stops:
+            self.pieces.append(char)
+        else:
+            produced = self.produced = self.produced + char
+            emitted = self.emitted
+            at = min((i for s in stops if (i := produced.find(s, max(0, emitted - len(s)))) >= 0), default=-1)
+            if at >= 0:
+                if at > emitted:
+                    self.pieces.append(produced[emitted:at])
+                self._finish("stop")
+                return
+            safe = len(produced) - _pending(produced, stops)  # hold back a tail that may grow into a stop
+            if safe > emitted:
+                self.pieces.append(produced[emitted:safe])
+                self.emitted = safe
+        if self.count >= self.sampling.max_tokens:
+            if self.emitted < len(self.produced):
+                self.pieces.append(self.produced[self.emitted :])
+            self._finish("length")
+            return
+        if len(self.pieces) >= hold or time.perf_counter_ns() - self.held_since > MAX_HOLD_NS:
+            self.ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.failure = error
+        self.ready.set()
+
+    def _finish(self, reason: str) -> None:
+        self.end = reason
+        self.ready.set()
+
+    def took_pieces(self) -> None:
+        """The consumer read pieces: a group that waits for its parked streams may step again."""
+        if self.group is not None:
+            self.group.resume.set()
+
+
+class Rows(Protocol):
+    """The stacked state of a group's rows, in the order of its streams."""
+
+    def feed(self) -> dict[str, np.ndarray]: ...
+    def advance(self, result: dict[str, np.ndarray], moving: np.ndarray) -> None: ...
+    def add(self, joining: Sequence[object]) -> None: ...
+    def keep(self, moves: list[tuple[int, int]], count: int) -> None: ...
+
+
+def _along(axis: int, index: Any) -> Any:
+    """An index that picks `index` on `axis` and everything on the axes before it."""
+    return (slice(None),) * axis + (index,)
+
+
+class States:
+    """Recurrent states, each stacked on its batch axis (the model's state outputs, as they come back)."""
+
+    def __init__(self, model: OnnxModel, spec: ModelSpec) -> None:
+        self._next = dict(spec.state)  # state input -> the output that feeds it next step
+        self._axes = {name: model.inputs[name].shape.index(-1) for name in spec.state}
+        self.arrays: dict[str, np.ndarray] = {}
+        self.count = 0
+
+    def feed(self) -> dict[str, np.ndarray]:
+        return self.arrays
+
+    def advance(self, result: dict[str, np.ndarray], moving: np.ndarray) -> None:
+        still = None if moving.all() else np.flatnonzero(~moving)
+        for name, output in self._next.items():
+            new, axis = result[output], self._axes[name]
+            if still is not None:  # rows sitting this step out keep their state
+                new[_along(axis, still)] = self.arrays[name][_along(axis, still)]
+            self.arrays[name] = new
+
+    def add(self, joining: Sequence[object]) -> None:
+        states: list[dict[str, np.ndarray]] = joining  # type: ignore[assignment]
+        for name, axis in self._axes.items():
+            parts = ([self.arrays[name]] if self.count else []) + [state[name] for state in states]
+            self.arrays[name] = np.concatenate(parts, axis=axis)
+        self.count += len(states)
+
+    def keep(self, moves: list[tuple[int, int]], count: int) -> None:
+        for name, axis in self._axes.items():
+            array = self.arrays[name]
+            for source, target in moves:
+                array[_along(axis, target)] = array[_along(axis, source)]
+            self.arrays[name] = np.ascontiguousarray(array[_along(axis, slice(0, count))])
+        self.count = count
+
+
+class Caches:
+    """Key/value buffers [rows, ..., capacity along the cache axis, ...] and each row's filled length."""
+
+    def __init__(self, cache: AppendCache, shapes: dict[str, list[int]]) -> None:
+        self._spec = cache
+        self.buffers = {name: np.zeros([0, *shape[1:]], np.float32) for name, shape in shapes.items()}
+        self.lengths = np.zeros(0, np.int64)
+
+    def feed(self) -> dict[str, np.ndarray]:
+        return {self._spec.length_input: self.lengths, **self.buffers}
+
+    def advance(self, result: dict[str, np.ndarray], moving: np.ndarray) -> None:
+        rows = np.flatnonzero(moving)
+        at = self.lengths[rows]
+        shape = next(iter(self.buffers.values())).shape
+        if len(shape) == 4 and self._spec.axis == 2:  # [rows, heads, capacity, head_dim]: one flat index for all
+            _, heads, capacity, width = shape
+            flat = (rows[:, None, None] * heads + np.arange(heads)[None, :, None]) * capacity
+            flat = (flat + at[:, None, None]) * width + np.arange(width)[None, None, :]  # [rows, heads, width]
+            for name, output in self._spec.buffers.items():
+                self.buffers[name].reshape(-1)[flat] = result[output][rows, :, 0]  # from [rows, heads, 1, width]
+        else:  # any other layout: the same writes, indexed on the cache's axis
+            where: list[Any] = [slice(None)] * len(shape)
+            where[0], where[self._spec.axis] = rows, at
+            for name, output in self._spec.buffers.items():
+                self.buffers[name][tuple(where)] = np.take(result[output][rows], 0, axis=self._spec.axis)
+        self.lengths[rows] += 1
+
+    def add(self, joining: Sequence[object]) -> None:
+        caches: list[Prefilled] = joining  # type: ignore[assignment]
+        count = len(self.lengths)
+        self._resize(count + len(caches))
+        axis = self._spec.axis
+        for row, cache in enumerate(caches, start=count):
+            for name, buffer in self.buffers.items():
+                buffer[row][_along(axis - 1, slice(0, cache.length))] = cache.buffers[name][0][
+                    _along(axis - 1, slice(0, cache.length))
+                ]
+        self.lengths = np.concatenate([self.lengths, [c.length for c in caches]]).astype(np.int64)
+
+    def keep(self, moves: list[tuple[int, int]], count: int) -> None:
+        for source, target in moves:
+            for buffer in self.buffers.values():
+                buffer[target] = buffer[source]
+            self.lengths[target] = self.lengths[source]
+        self._resize(count)
+        self.lengths = self.lengths[:count].copy()
+
+    def _resize(self, rows: int) -> None:
+        # In place (realloc): no step is running, and no view of a buffer outlives a step's feed.
+        for buffer in self.buffers.values():
+            buffer.resize((rows, *buffer.shape[1:]), refcheck=False)
+
+
+class Prefilled(Protocol):
+    """A stream's own cache after its prompt (generation._Cache)."""
+
+    length: int
+    buffers: dict[str, np.ndarray]
+
+
+def capacity_class(positions: int) -> int:
+    """The cache capacity of the group a stream that needs `positions` joins: a multiple of 64 up to
+    512 (every step attends over the whole capacity, so a short stream should not get a long one), then
+    a power of two (fewer, fuller groups for long generations)."""
+    if positions <= 512:
+        return max(MIN_CAPACITY, -(-positions // MIN_CAPACITY) * MIN_CAPACITY)
+    return 1 << (positions - 1).bit_length()
+
+
+def sample(logits: np.ndarray, streams: Sequence[Stream]) -> np.ndarray:
+    """The next token of every row: greedy rows by argmax; the others drawn after their temperature,
+    top-k and top-p cuts, all rows at once, with one uniform draw from each stream's own generator
+    (so a stream's text does not depend on who it ran beside)."""
+    chosen: np.ndarray = logits.argmax(axis=1)
+    drawn = [row for row, stream in enumerate(streams) if not stream.greedy]
+    if not drawn:
+        return chosen
+    rows = [streams[row] for row in drawn]
+    vocab = logits.shape[1]
+    scaled = logits[drawn].astype(np.float64) / np.array([s.sampling.temperature for s in rows])[:, None]
+    order = np.argsort(-scaled, axis=1, kind="stable")
+    ranked = np.take_along_axis(scaled, order, axis=1)
+    weights = np.exp(ranked - ranked[:, :1])
+    rank = np.arange(vocab)[None, :]
+    top_k = np.array([s.sampling.top_k or vocab for s in rows])[:, None]
+    weights[rank >= top_k] = 0
+    weights /= weights.sum(axis=1, keepdims=True)
+    top_p = np.array([s.sampling.top_p for s in rows])
+    nucleus = (top_p > 0) & (top_p < 1)
+    if nucleus.any():  # keep the fewest most likely tokens whose mass reaches top_p
+        keep = (np.cumsum(weights, axis=1) < top_p[:, None]).sum(axis=1) + 1
+        weights[nucleus[:, None] & (rank >= keep[:, None])] = 0
+    cdf = np.cumsum(weights, axis=1)
+    cdf /= cdf[:, -1:]
+    uniform = np.array([s.rng.random() for s in rows])
+    index = np.minimum((cdf <= uniform[:, None]).sum(axis=1), vocab - 1)
+    chosen[drawn] = order[np.arange(len(drawn)), index]
+    return chosen
+
+
+class Group:
+    """Streams of one model (and one cache capacity) that decode together, one call per step."""
+
+    def __init__(
+        self,
+        model: OnnxModel,
+        rows: Rows,
+        outputs: list[str],
+        vocabulary: Sequence[str],
+        tally: Tally,
+    ) -> None:
+        self.model = model
+        self.rows = rows
+        self.outputs = outputs
+        self.vocabulary = vocabulary
+        self.streams: list[Stream] = []
+        self.tokens = np.zeros((0, 1), np.int64)
+        self.joining: list[tuple[Stream, object, int]] = []
+        self.resume = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.tally = tally
+
+    def join(self, stream: Stream, state: object, token: int) -> None:
+        """`stream` steps from the next step on, from `state` (its prompt's) and its first token."""
+        stream.group = self
+        stream.last_token_ns = time.perf_counter_ns()  # its first token, from its prompt
+        self.joining.append((stream, state, token))
+        if self.task is None:  # a context of its own: the group's runs belong to no one request
+            self.resume = asyncio.Event()  # of this event loop (a test may run several, one after another)
+            self.task = asyncio.get_running_loop().create_task(self._run(), context=contextvars.Context())
+        self.resume.set()
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                self._settle()
+                if not self.streams:
+                    return
+                moving = np.array([not (s.parked or s.done) for s in self.streams])
+                if not moving.any():  # every stream waits for its consumer: so does the group
+                    self.resume.clear()
+                    await self.resume.wait()
+                    continue
+                await self._step(moving)
+                # A step run inline never suspends: let the consumers write what it made (and new
+                # streams in) before the next one.
+                await asyncio.sleep(0)
+        except BaseException as error:  # the group cannot go on (a bug, or shutdown): every stream hears why
+            if isinstance(error, Exception):
+                logger.exception("decoding group of model '%s' stopped", self.model.name)
+            reason = error if isinstance(error, Exception) else RuntimeError("the server is stopping")
+            for stream in [*self.streams, *(j[0] for j in self.joining)]:
+                stream.fail(reason)
+            # Its rows stay as they are (a run may still read them in the pool); the group is idle
+            # from here, so `Groups` gives it no stream again.
+            self.streams, self.joining = [], []
+            if not isinstance(error, Exception):
+                raise
+        finally:
+            self.task = None
+
+    async def _step(self, moving: np.ndarray) -> None:
+        streams = self.streams
+        try:
+            result, timing = await self.model.infer_timed({"tokens": self.tokens, **self.rows.feed()}, self.outputs)
+        except Exception as error:  # the same call for all of them: each stream gets the error
+            for stream in streams:
+                stream.fail(error)
+            return
+        self.tally.runs += 1
+        self.rows.advance(result, moving)
+        stepped = [s for s, moves in zip(streams, moving.tolist(), strict=True) if moves]
+        chosen = sample(result["logits"][:, -1][moving], stepped)
+        self.tokens[moving, 0] = chosen
+        model, vocabulary, hold = self.model, self.vocabulary, _hold(len(streams))
+        now, gaps, stats = time.perf_counter_ns(), model.stats.inter_token, model.stats
+        stats.step_rows.observe(len(stepped))
+        for stream, token in zip(stepped, chosen.tolist(), strict=True):
+            if stream.done:  # left while the step ran
+                continue
+            self.tally.steps += 1
+            gaps.observe((now - stream.last_token_ns) / 1e9)
+            stream.last_token_ns = now
+            if stream.record is not None:  # each stream's record counts the shared run (trailers, traces)
+                stream.record.add_run(model.name, model.version, stats, timing, 1)
+            stream.take(vocabulary[token], hold)
+
+    def _settle(self) -> None:
+        """Between steps: drop the rows of streams that are done, add the rows of those that joined."""
+        gone = [row for row, stream in enumerate(self.streams) if stream.done]
+        if gone:
+            moves, count = _compaction(len(self.streams), gone)
+            for source, target in moves:
+                self.streams[target] = self.streams[source]
+                self.tokens[target] = self.tokens[source]
+            del self.streams[count:]
+            self.tokens = self.tokens[:count].copy()
+            self.rows.keep(moves, count)
+        if self.joining:
+            joining, self.joining = self.joining, []
+            self.rows.add([state for _, state, _ in joining])
+            self.streams += [stream for stream, _, _ in joining]
+            self.tokens = np.concatenate([self.tokens, [[token] for _, _, token in joining]]).astype(np.int64)
+
+
+def _compaction(count: int, gone: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """Rows kept past the new end move into the holes the gone rows leave below it (one row copied
+    per stream that left, not the whole store)."""
+    left = count - len(gone)
+    holes = [row for row in gone if row < left]
+    gone_set = set(gone)
+    sources = [row for row in range(left, count) if row not in gone_set]
+    return list(zip(sources, holes, strict=True)), left
+
+
+def _pending(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that is the start of some stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+@dataclass
+class Tally:
+    """A model's decoding calls and the stream steps they carried (tests, the curious)."""
+
+    runs: int = 0
+    steps: int = 0
+
+
+class Groups:
+    """A model's decoding groups: for a recurrent model, and for a Transformer per cache capacity, as
+    many groups of at most `max_batch` streams as its streams fill (each group one call per step)."""
+
+    def __init__(self, model: OnnxModel, spec: ModelSpec, max_batch: int) -> None:
+        self.model, self.spec, self.max_batch = model, spec, max_batch
+        self.by_capacity: dict[int, list[Group]] = {}
+        self.streams = 0  # text generations of the model running, from their prompt to their end
+        self.tally = Tally()
+
+    def alone(self, make: Callable[[], Rows]) -> Group:
+        """A group for one stream (--no-step-batching, or a model whose steps cannot share a call)."""
+        return self._new(make)
+
+    def group(self, capacity: int, make: Callable[[], Rows]) -> Group:
+        """The group of that capacity with the fewest rows, when it has room; else a new one."""
+        groups = self.by_capacity.setdefault(capacity, [])
+        groups[:] = [g for g in groups if g.task is not None or g.joining]  # drop the idle ones
+        emptiest = min(groups, key=lambda g: len(g.streams) + len(g.joining), default=None)
+        if emptiest is not None and len(emptiest.streams) + len(emptiest.joining) < self.max_batch:
+            return emptiest
+        group = self._new(make)
+        groups.append(group)
+        return group
+
+    def _new(self, make: Callable[[], Rows]) -> Group:
+        spec = self.spec
+        outputs = ["logits", *spec.state.values(), *(spec.cache.buffers.values() if spec.cache else ())]
+        return Group(self.model, make(), outputs, spec.vocabulary, self.tally)

@@ -1,0 +1,94 @@
+"""Per-model serving knobs: the settings' defaults, overridden by a Triton-style `config.pbtxt`.
+
+`<repository>/<model>/config.pbtxt` is protobuf text of `inference.ModelConfig`, the file Triton reads,
+so a Triton repository of ONNX models keeps its tuning. The fields nnserve reads:
+
+    max_batch_size: 32                       # rows per request and per dynamic batch (0: the default)
+    dynamic_batching {                       # present: batching on; absent: off, as in Triton
+      max_queue_delay_microseconds: 500
+      default_queue_policy { max_queue_size: 64 }
+    }
+    instance_group [ { count: 2 } ]          # concurrent runs (summed over groups)
+    parameters { key: "intra_op_thread_count" value { string_value: "1" } }   # Triton's onnxruntime key
+
+Any other field is accepted and ignored. A file that does not parse fails the model's load, with the
+parser's message as the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import text_format
+
+from nnserve_contract.stubs import model_config_pb2 as config_pb
+from nnserve_server.settings import Settings
+
+CONFIG_FILE = "config.pbtxt"
+INTRA_OP_KEY = "intra_op_thread_count"
+
+
+class ConfigError(ValueError):
+    """A model's config file is unreadable or asks for something impossible."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    max_batch_size: int
+    dynamic_batching: bool
+    max_queue_delay_us: int
+    max_queue_size: int
+    instances: int
+    intra_op_threads: int
+    threads_chosen: bool = False  # set by settings or the file; else sized here, and a tiny model may use 1
+    # Batching asked for in so many words (the file's dynamic_batching, or a queue delay); else the model
+    # batches only where a load-time measurement says a batch costs less per row (`OnnxModel`).
+    batching_chosen: bool = False
+
+
+def serving_config(model_dir: Path, settings: Settings, cpus: int) -> ServingConfig:
+    """The knobs for the model in `model_dir`: its config file over `settings`; `cpus` sizes the defaults."""
+    # Like Triton's CPU default, two instances: under load two 1-thread runs beat one 2-thread run
+    # (onnxruntime's intra-op scaling is far from linear); each gets half the CPUs.
+    instances = settings.instances or min(2, cpus)
+    threads = settings.intra_op_threads
+    config = ServingConfig(
+        max_batch_size=settings.max_batch_size,
+        dynamic_batching=settings.dynamic_batching,
+        max_queue_delay_us=settings.max_queue_delay_us,
+        max_queue_size=settings.max_queue_size,
+        instances=instances,
+        intra_op_threads=threads or max(1, cpus // instances),
+        threads_chosen=bool(threads),
+        batching_chosen=settings.dynamic_batching and settings.max_queue_delay_us > 0,
+    )
+    path = model_dir / CONFIG_FILE
+    if not path.is_file():
+        return config
+    try:
+        parsed = text_format.Parse(path.read_text(), config_pb.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} does not parse as a ModelConfig: {error}") from None
+    batching = parsed.HasField("dynamic_batching")
+    queue = parsed.dynamic_batching.default_queue_policy
+    count = sum(group.count for group in parsed.instance_group)
+    if parsed.max_batch_size < 0 or count < 0:
+        raise ConfigError(f"{path}: max_batch_size and instance counts must be >= 0")
+    if count:
+        instances = count
+    raw_threads = parsed.parameters[INTRA_OP_KEY].string_value if INTRA_OP_KEY in parsed.parameters else ""
+    try:
+        file_threads = int(raw_threads) if raw_threads else 0
+    except ValueError:
+        raise ConfigError(f"{path}: {INTRA_OP_KEY} is {raw_threads!r}, not a whole number") from None
+    return ServingConfig(
+        max_batch_size=parsed.max_batch_size or config.max_batch_size,
+        dynamic_batching=batching,
+        max_queue_delay_us=parsed.dynamic_batching.max_queue_delay_microseconds if batching else 0,
+        max_queue_size=queue.max_queue_size or config.max_queue_size,
+        instances=instances,
+        intra_op_threads=file_threads or threads or max(1, cpus // instances),
+        threads_chosen=bool(file_threads or threads),
+        batching_chosen=batching,
+    )

@@ -1,0 +1,236 @@
+"""Assembles the server: repository, servicers, health, reflection, metrics; runs it until a signal.
+
+`create_server` builds and binds (port 0 picks a free port, which it returns) without starting, so
+tests and `serve` share it. `serve` adds the life cycle: load, start, wait for SIGTERM or SIGINT,
+go NOT_SERVING, let in-flight requests finish within the grace period, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from nnserve_contract.stubs import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from nnserve_server.core import generation, logs
+from nnserve_server.core.errors import StartupError
+from nnserve_server.core.generation import MemoryBudget
+from nnserve_server.core.metrics import MetricsEndpoint, ServerMetrics
+from nnserve_server.core.repository import ModelRepository
+from nnserve_server.core.runtime import Runtime
+from nnserve_server.core.shared_memory import SharedMemoryRegions
+from nnserve_server.edge import listening
+from nnserve_server.edge.guard import InFlight, StatusGuard
+from nnserve_server.edge.security import BearerTokenAuth, read_token, server_credentials
+from nnserve_server.edge.servicers.kserve import KServeServicer, ServerState
+from nnserve_server.edge.servicers.tasks import TasksServicer
+from nnserve_server.edge.tracing import Tracing
+from nnserve_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+    tasks_pb2.DESCRIPTOR.services_by_name["Tasks"].full_name,
+)
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+FLUSH_S = 0.5  # after the last request: time for its response to leave before the server stops
+
+
+@dataclass
+class Server:
+    grpc_server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    state: ServerState
+    in_flight: InFlight
+    shared_memory: SharedMemoryRegions | None
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new calls, let the requests in flight finish (up to `grace_s`), then stop.
+
+        Long-lived streams (health Watch, reflection) would hold grpc's own grace period open
+        to its end, so they are cut as soon as the requests are done. True if all finished.
+        """
+        stopping = asyncio.ensure_future(self.grpc_server.stop(grace_s))
+        finished = await self.in_flight.wait_idle(grace_s)
+        # The last handlers have returned, but their responses may still be on their way out:
+        # give grpc a moment to finish on its own before cutting what is left (Watch streams).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(stopping), FLUSH_S)
+        await self.grpc_server.stop(0)
+        await stopping
+        return finished
+
+
+def _connection_age(settings: Settings) -> list[tuple[str, int]]:
+    if not settings.max_connection_age_s:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+    ]
+
+
+def _shared_memory(settings: Settings, token: str | None) -> SharedMemoryRegions | None:
+    if not settings.shared_memory:
+        return None
+    if token and not settings.shared_memory_with_auth:
+        # A caller with the token could map any shared-memory object of the server's user (other clients'
+        # regions included) and have outputs written into it: a separate decision, not a default.
+        log.info("system shared memory is off: the server has an auth token (--shared-memory-with-auth to allow)")
+        return None
+    return SharedMemoryRegions()
+
+
+def create_server(
+    settings: Settings, repository: ModelRepository, metrics: ServerMetrics, tracing: Tracing | None = None
+) -> Server:
+    """Build the gRPC server with every service registered, bound but not started."""
+    guard = StatusGuard(
+        metrics,
+        repository.knows,
+        access_log_sample=settings.access_log_sample,
+        access_log_failures=settings.access_log_failures,
+        tracing=tracing,
+        max_in_flight=settings.max_in_flight,
+    )
+    token = read_token(settings)
+    server = grpc.aio.server(
+        interceptors=[BearerTokenAuth(token)] if token else None,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+            *_connection_age(settings),
+        ],
+    )
+    state = ServerState()
+    shared_memory = _shared_memory(settings, token)
+    budget = MemoryBudget(int(settings.generation_memory_mb * 2**20))  # one for both APIs' generations
+    metrics.stats.generation = lambda: (generation.running(), budget.used)
+    guard.register(
+        server,
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+        KServeServicer(
+            repository,
+            state,
+            settings.repository_control,
+            shared_memory,
+            guard,
+            max_tokens=settings.max_tokens,
+            max_text_chars=settings.max_text_chars,
+            max_stream_requests=settings.max_stream_requests,
+            budget=budget,
+            decoding=settings.decoding(),
+        ),
+    )
+    guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings, budget))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if settings.reflection:
+        names = (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    try:
+        port = (
+            server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        )
+    except RuntimeError:  # grpcio raises "Failed to bind to address" where older releases returned 0
+        port = 0
+    if port == 0:
+        raise StartupError(f"cannot bind the gRPC port {settings.host}:{settings.port}; is it in use?")
+
+    async def model_health(name: str, ready: bool) -> None:
+        await health_servicer.set(name, SERVING if ready and state.ready else NOT_SERVING)
+
+    repository.on_state_change(model_health)
+    repository.on_state_change(metrics.model_state_changed)
+    return Server(server, port, health_servicer, state, guard.in_flight, shared_memory)
+
+
+async def set_serving(server: Server, repository: ModelRepository, serving: bool) -> None:
+    """Flip overall, per-service and per-model health together."""
+    server.state.ready = serving
+    if not serving:
+        await server.health.enter_graceful_shutdown()  # every name NOT_SERVING, and it stays so
+        return
+    for name in ("", *SERVICE_NAMES):
+        await server.health.set(name, SERVING)
+    for name in repository.names():
+        await server.health.set(name, SERVING if repository.is_ready(name) else NOT_SERVING)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+async def serve(settings: Settings) -> None:
+    runtime = Runtime.from_settings(settings)
+    registry = CollectorRegistry()
+    metrics = ServerMetrics(registry)
+    for provider in runtime.missing_providers:
+        metrics.provider_fallbacks.labels(provider).inc()
+    for provider in runtime.providers:
+        metrics.provider.labels(provider).set(1)
+    if not settings.model_repository.is_dir() and not settings.poll_interval_s:
+        raise StartupError(
+            f"the model repository {settings.model_repository} does not exist: build one (make zoo, or "
+            f"nnserve-export zoo --out {settings.model_repository}), point --model-repository at one, or give "
+            "--poll-interval-s to wait for it"
+        )
+    repository = ModelRepository(settings.model_repository, runtime, settings, metrics)
+    tracing = Tracing.from_settings(settings.tracing)
+    server = create_server(settings, repository, metrics, tracing)  # binds the gRPC port: refused now if busy
+    endpoint = MetricsEndpoint(settings.metrics_host, settings.metrics_port, registry)
+    await repository.load_all()
+    await server.grpc_server.start()
+    await set_serving(server, repository, True)
+    ready = [n for n in repository.names() if repository.is_ready(n)]
+    training = sorted(repository.training())
+    banner = listening.line(
+        settings.host,
+        server.port,
+        endpoint.address,
+        f"{_count(len(ready), 'model')} ready: {', '.join(ready) or 'none'}"
+        + (f"; {len(training)} training: {', '.join(training)}" if training else ""),
+    )
+    logs.announce(banner, settings.log_format)
+    logs.announce(f"try: nnserve-client --target {settings.host}:{server.port} models", settings.log_format)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    polling = None
+    if settings.poll_interval_s > 0:
+        polling = asyncio.create_task(repository.poll(settings.poll_interval_s, stop))
+    await stop.wait()
+    if polling is not None:
+        await polling
+
+    log.info(
+        "shutting down: NOT_SERVING, draining %d requests for up to %.1f s",
+        server.in_flight.count,
+        settings.grace_period_s,
+    )
+    await set_serving(server, repository, False)
+    if not await server.drain(settings.grace_period_s):
+        log.warning("grace period over: requests still in flight were cancelled")
+    await repository.close()
+    if server.shared_memory is not None:
+        server.shared_memory.close()
+    if tracing is not None:
+        tracing.shutdown()
+    endpoint.shutdown()
+    log.info("stopped")

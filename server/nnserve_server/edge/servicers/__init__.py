@@ -1,0 +1,1 @@
+"""The servicers: protobuf in, numpy to one call into the core, protobuf out."""

@@ -1,1 +1,0 @@
-"""The gRPC edge: protobuf in and out, numpy towards the core."""
