@@ -11,16 +11,40 @@ import argparse
 import dataclasses
 import functools
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from nnserve_server.core.generation import Decoding
+from typing import Any
 
 ENV_PREFIX = "NNSERVE_"
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which of the versions on disk are served: all, the latest N, or named ones (Triton's policies)."""
+
+    latest: int = 0
+    specific: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        kind, _, value = text.partition(":")
+        if kind == "all" and not value:
+            return cls()
+        if kind == "latest" and value.isdigit() and int(value) > 0:
+            return cls(latest=int(value))
+        names = tuple(v.strip() for v in value.split(",") if v.strip())
+        if kind == "specific" and names:
+            return cls(specific=names)
+        raise ValueError(f"version policy {text!r}: use all, latest:N or specific:V1,V2")
+
+    def choose(self, versions: list[str]) -> list[str]:
+        """`versions` in ascending order; returns the ones to serve, in the same order."""
+        if self.latest:
+            return versions[-self.latest :]
+        if self.specific:
+            return [v for v in versions if v in self.specific]
+        return versions
 
 
 def _setting(default: Any, help: str) -> Any:
@@ -125,20 +149,16 @@ class Settings:
         False, "export OpenTelemetry traces over OTLP (OTEL_EXPORTER_OTLP_* variables); needs nnserve-server[otel]"
     )
 
-    def decoding(self) -> Decoding:
-        """How text generations decode, for the servicers."""
-        from nnserve_server.core.generation import Decoding  # settings import nothing of the server's core at load
-
-        return Decoding(self.step_batching, self.generation_max_batch, self.generation_max_streams)
-
     def __post_init__(self) -> None:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not in 0..65535")
         if not -1 <= self.metrics_port <= 65535:
             problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
-        if not re.fullmatch(r"all|latest:[1-9][0-9]*|specific:[^,]+(,[^,]+)*", self.version_policy):
-            problems.append(f"version policy {self.version_policy!r}: use all, latest:N or specific:V1,V2")
+        try:
+            VersionPolicy.parse(self.version_policy)
+        except ValueError as error:
+            problems.append(str(error))
         if self.poll_interval_s < 0:
             problems.append("poll interval must be >= 0")
         if self.cpus < 0:

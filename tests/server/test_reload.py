@@ -17,7 +17,8 @@ from test_health_reflection_metrics import sample
 from nnserve_client import Client
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
 from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
-from nnserve_server.core.repository import KEPT, VersionPolicy
+from nnserve_server.core.repository import KEPT
+from nnserve_server.settings import VersionPolicy
 
 PIXELS = {"input": np.random.default_rng(0).random((1, 64), dtype=np.float32)}
 
@@ -133,6 +134,6 @@ def test_version_policies() -> None:
     assert VersionPolicy.parse("all").choose(versions) == versions
     assert VersionPolicy.parse("latest:2").choose(versions) == ["2", "10"]
     assert VersionPolicy.parse("specific:1,10").choose(versions) == ["1", "10"]
-    for bad in ("latest:0", "latest", "newest:1", "specific:"):
+    for bad in ("latest:0", "latest", "newest:1", "specific:", "specific:,"):
         with pytest.raises(ValueError, match="version policy"):
             VersionPolicy.parse(bad)

@@ -26,8 +26,9 @@ from nnserve_server.core.decoding import Sampling as Sampling  # the servicers t
 from nnserve_server.core.errors import InvalidInput, Overloaded
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.request_record import CURRENT
-from nnserve_server.core.tasks import require_task
+from nnserve_server.core.tasks import Limits, require_task
 from nnserve_server.core.text import CharacterCodec
+from nnserve_server.settings import Settings
 
 MAX_CACHE_BYTES = 256 << 20  # one stream's key/value buffers
 
@@ -151,6 +152,10 @@ class Decoding:
     max_batch: int = 64  # streams in one decoding call; more make more groups (calls) per step
     max_streams: int = 256  # text generations of one model at once; beyond: RESOURCE_EXHAUSTED
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Decoding:
+        return cls(settings.step_batching, settings.generation_max_batch, settings.generation_max_streams)
+
 
 DECODING = Decoding()
 
@@ -161,7 +166,14 @@ async def generate_text(
     sampling: Sampling,
     budget: MemoryBudget | None = None,
     decoding_settings: Decoding = DECODING,
+    *,
+    limits: Limits | None = None,
 ) -> AsyncIterator[TextPiece | Finished]:
+    """The text `model` writes after `prompt`; with `limits`, the prompt and sampling are checked against them."""
+    if limits is not None:
+        if len(prompt) > limits.max_text_chars:
+            raise InvalidInput(f"the prompt has {len(prompt)} characters; at most {limits.max_text_chars}")
+        check_sampling(sampling, limits.max_tokens)
     spec = require_task(model, "generate")
     if not spec.vocabulary or not (spec.state or spec.cache):
         raise InvalidInput(
@@ -309,8 +321,10 @@ async def _events(stream: decoding.Stream, prompt_tokens: int) -> AsyncIterator[
 
 
 async def generate_images(
-    model: OnnxModel, count: int, seed: int | None, latent: np.ndarray | None, label: int | None
+    model: OnnxModel, count: int, seed: int | None, latent: np.ndarray | None, label: int | None, limits: Limits
 ) -> AsyncIterator[Picture | Finished]:
+    if count > limits.max_samples:
+        raise InvalidInput(f"num_samples is {count}; this server allows at most {limits.max_samples}")
     spec = require_task(model, "generate")
     if spec.vocabulary:
         raise InvalidInput(f"model '{model.name}' generates text: send a prompt")

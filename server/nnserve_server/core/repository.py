@@ -22,7 +22,7 @@ from nnserve_server.core.metrics import ServerMetrics
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.runtime import Runtime
 from nnserve_server.core.serving_config import CONFIG_FILE, serving_config
-from nnserve_server.settings import Settings
+from nnserve_server.settings import Settings, VersionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +52,6 @@ class VersionEntry:
     reason: str = ""
     model: OnnxModel | None = None
     signature: Signature | None = None  # of the files it was loaded from
-
-
-@dataclass(frozen=True)
-class VersionPolicy:
-    """Which of the versions on disk are served: all, the latest N, or named ones (Triton's policies)."""
-
-    latest: int = 0
-    specific: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str) -> VersionPolicy:
-        kind, _, value = text.partition(":")
-        if kind == "all" and not value:
-            return cls()
-        if kind == "latest" and value.isdigit() and int(value) > 0:
-            return cls(latest=int(value))
-        if kind == "specific" and value:
-            return cls(specific=tuple(v.strip() for v in value.split(",") if v.strip()))
-        raise ValueError(f"version policy {text!r}: use all, latest:N or specific:V1,V2")
-
-    def choose(self, versions: list[str]) -> list[str]:
-        """`versions` in ascending order; returns the ones to serve, in the same order."""
-        if self.latest:
-            return versions[-self.latest :]
-        if self.specific:
-            return [v for v in versions if v in self.specific]
-        return versions
 
 
 def _signature(model_dir: Path, version: str) -> Signature:

@@ -6,6 +6,7 @@ Everything a task needs to know about a model comes from the `ModelSpec` in its 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import numpy as np
 
@@ -15,8 +16,41 @@ from nnserve_server.core import images
 from nnserve_server.core.errors import InvalidInput
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.text import check_texts, word_pieces
+from nnserve_server.settings import Settings
 
 DEFAULT_TOP_K = 5
+MAX_TOP_K = 1000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one task request may ask for, checked before anything is allocated (from the settings)."""
+
+    max_image_pixels: int
+    max_text_chars: int
+    max_tokens: int
+    max_samples: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(settings.max_image_pixels, settings.max_text_chars, settings.max_tokens, settings.max_samples)
+
+
+@dataclass(frozen=True)
+class EncodedImages:
+    """PNG or JPEG files, one item each."""
+
+    items: list[bytes]
+
+
+@dataclass(frozen=True)
+class Texts:
+    items: list[str]
+
+
+# What a Classify or Encode request carries, decoded from the wire: a tensor in natural units, encoded
+# images or texts; None when it carries nothing.
+Given: TypeAlias = "np.ndarray | EncodedImages | Texts | None"
 
 
 def tasks_of(model: OnnxModel) -> list[str]:
@@ -37,6 +71,17 @@ def require_task(model: OnnxModel, task: str) -> ModelSpec:
         does = " and ".join(f"'{t}'" for t in tasks_of(model))
         raise InvalidInput(f"model '{model.name}' does the task {does}, not '{task}'")
     return spec
+
+
+def inputs_of(model: OnnxModel, spec: ModelSpec, given: Given, limits: Limits, rpc: str) -> dict[str, np.ndarray]:
+    """The model's inputs from whichever of tensor, images or texts the request carries."""
+    if isinstance(given, np.ndarray):
+        return tensor_inputs(model, spec, given)
+    if isinstance(given, EncodedImages):
+        return image_inputs(model, spec, given.items, limits.max_image_pixels)
+    if isinstance(given, Texts):
+        return text_inputs(model, spec, given.items, limits.max_text_chars)
+    raise InvalidInput(f"{rpc}Request carries no input: set tensor, images or texts")
 
 
 def preprocess(batch: np.ndarray, prep: Preprocessing, layout: str) -> np.ndarray:
@@ -172,9 +217,12 @@ def text_inputs(model: OnnxModel, spec: ModelSpec, texts: list[str], max_chars: 
 
 
 async def classify(
-    model: OnnxModel, inputs: dict[str, np.ndarray], top_k: int, deadline: float | None = None
+    model: OnnxModel, given: Given, top_k: int, limits: Limits, deadline: float | None = None
 ) -> Ranking:
+    if top_k > MAX_TOP_K:
+        raise InvalidInput(f"top_k is {top_k}; at most {MAX_TOP_K}")
     spec = require_task(model, "classify")
+    inputs = inputs_of(model, spec, given, limits, "Classify")
     first_output = next(iter(model.outputs))
     (scores,) = (await model.infer(inputs, [first_output], deadline)).values()
     if scores.ndim != 2:
@@ -192,11 +240,11 @@ class Vectors:
 
 
 async def encode(
-    model: OnnxModel, inputs: dict[str, np.ndarray], normalize: bool, deadline: float | None = None
+    model: OnnxModel, given: Given, normalize: bool, limits: Limits, deadline: float | None = None
 ) -> Vectors:
     """The model's vectors: the first output of an encode model, or a classifier's `features`."""
     spec = require_task(model, "encode")
-    results = await model.infer(inputs, (), deadline)
+    results = await model.infer(inputs_of(model, spec, given, limits, "Encode"), (), deadline)
     name = next(iter(model.outputs)) if spec.task == "encode" else "features"
     vectors = {n: v.astype(np.float32) for n, v in results.items() if v.ndim == 2}
     main = vectors.pop(name)
@@ -212,12 +260,32 @@ class Mask:
     pixel_counts: np.ndarray  # per class
 
 
-async def segment(model: OnnxModel, image: np.ndarray, max_pixels: int, deadline: float | None = None) -> Mask:
-    """`image` [channels, height, width] in natural units: padded to the stride, segmented, cropped back."""
+def segment_image(model: OnnxModel, spec: ModelSpec, given: bytes | np.ndarray | None, max_pixels: int) -> np.ndarray:
+    """The image to segment, [channels, height, width] in natural units: an encoded file decoded, or a tensor
+    of [height, width] or [channels, height, width]."""
+    if isinstance(given, bytes):
+        shape = image_shape(model)
+        channels = shape[2] if shape is not None else 1
+        return images.decode(given, channels=channels, size=(), max_pixels=max_pixels, top=full_scale(spec))
+    if isinstance(given, np.ndarray):
+        if given.dtype.kind not in "biuf":
+            raise InvalidInput(f"the tensor must be numeric; got {given.dtype}")
+        image = given.astype(np.float32)[np.newaxis] if given.ndim == 2 else given.astype(np.float32)
+        if image.ndim != 3:
+            raise InvalidInput(f"the tensor has shape {list(given.shape)}; send [height, width] or [1, height, width]")
+        return image
+    raise InvalidInput("SegmentRequest carries no input: set image or tensor")
+
+
+async def segment(
+    model: OnnxModel, given: bytes | np.ndarray | None, limits: Limits, deadline: float | None = None
+) -> Mask:
+    """An image (encoded, or a tensor in natural units) padded to the stride, segmented, cropped back."""
     spec = require_task(model, "segment")
+    image = segment_image(model, spec, given, limits.max_image_pixels)
     channels, height, width = image.shape
-    if height * width > max_pixels:
-        raise InvalidInput(f"image is {width}x{height} pixels; at most {max_pixels} are segmented")
+    if height * width > limits.max_image_pixels:
+        raise InvalidInput(f"image is {width}x{height} pixels; at most {limits.max_image_pixels} are segmented")
     if height == 0 or width == 0:
         raise InvalidInput("the image is empty")
     stride = int(spec.extra.get("stride", "1"))

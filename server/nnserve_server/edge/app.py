@@ -22,11 +22,12 @@ from prometheus_client import CollectorRegistry
 from nnserve_contract.stubs import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from nnserve_server.core import generation, logs
 from nnserve_server.core.errors import StartupError
-from nnserve_server.core.generation import MemoryBudget
+from nnserve_server.core.generation import Decoding, MemoryBudget
 from nnserve_server.core.metrics import MetricsEndpoint, ServerMetrics
 from nnserve_server.core.repository import ModelRepository
 from nnserve_server.core.runtime import Runtime
 from nnserve_server.core.shared_memory import SharedMemoryRegions
+from nnserve_server.core.tasks import Limits
 from nnserve_server.edge import listening
 from nnserve_server.edge.guard import InFlight, StatusGuard
 from nnserve_server.edge.security import BearerTokenAuth, read_token, server_credentials
@@ -127,11 +128,10 @@ def create_server(
             settings.repository_control,
             shared_memory,
             guard,
-            max_tokens=settings.max_tokens,
-            max_text_chars=settings.max_text_chars,
+            limits=Limits.from_settings(settings),
             max_stream_requests=settings.max_stream_requests,
             budget=budget,
-            decoding=settings.decoding(),
+            decoding=Decoding.from_settings(settings),
         ),
     )
     guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings, budget))

@@ -27,9 +27,11 @@ from nnserve_server.core.serving_config import INTRA_OP_KEY
 from nnserve_server.core.session import MAX_REMEMBERED_SIGNATURES
 from nnserve_server.core.shared_memory import Region, SharedMemoryRegions
 from nnserve_server.core.stats import Duration
+from nnserve_server.core.tasks import Limits
 from nnserve_server.edge.guard import StatusGuard
 from nnserve_server.edge.servicers import plain, streaming
 from nnserve_server.edge.servicers.deadline import deadline_of
+from nnserve_server.settings import Settings
 
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
@@ -262,8 +264,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         repository_control: bool = True,
         shared_memory: SharedMemoryRegions | None = None,
         guard: StatusGuard | None = None,
-        max_tokens: int = 2048,
-        max_text_chars: int = 2048,
+        limits: Limits | None = None,
         max_stream_requests: int = 256,
         budget: MemoryBudget | None = None,
         decoding: Decoding = DECODING,
@@ -273,8 +274,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._max_stream_requests = max_stream_requests
         self._repository = repository
         self._guard = guard
-        self._max_tokens = max_tokens
-        self._max_text_chars = max_text_chars
+        self._limits = limits if limits is not None else Limits.from_settings(Settings())
         self._state = state
         self._repository_control = repository_control
         self._shared_memory = shared_memory
@@ -337,10 +337,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _llm_responses(
         self, model: OnnxModel, request: pb.ModelInferRequest, streamed: bool
     ) -> AsyncIterator[pb.ModelInferResponse]:
-        asked = streaming.llm_request(
-            decode_inputs(request), request.parameters, self._max_tokens, self._max_text_chars
-        )
-        return streaming.llm_responses(model, request, asked, streamed, self._budget, self._decoding)
+        asked = streaming.llm_request(decode_inputs(request), request.parameters)
+        return streaming.llm_responses(model, request, asked, streamed, self._limits, self._budget, self._decoding)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context

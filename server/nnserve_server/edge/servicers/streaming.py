@@ -30,6 +30,7 @@ from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
 from nnserve_server.core import generation
 from nnserve_server.core.errors import InvalidInput, Overloaded
 from nnserve_server.core.model import OnnxModel
+from nnserve_server.core.tasks import Limits
 
 TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
 FINAL = "triton_final_response"
@@ -75,7 +76,7 @@ def is_llm_request(model: OnnxModel, request: pb.ModelInferRequest) -> bool:
     return is_text_lm(model) and any(t.name == TEXT_INPUT for t in request.inputs[:])
 
 
-def llm_request(inputs: Mapping[str, np.ndarray], parameters: Any, max_tokens: int, max_chars: int) -> LlmRequest:
+def llm_request(inputs: Mapping[str, np.ndarray], parameters: Any) -> LlmRequest:
     """The prompt and sampling of an LLM-convention request (its inputs decoded as any request's, and its
     request parameters); every input and parameter is checked, and one this server does not know is
     refused (never ignored)."""
@@ -103,8 +104,6 @@ def llm_request(inputs: Mapping[str, np.ndarray], parameters: Any, max_tokens: i
     prompt = _text(values[TEXT_INPUT], TEXT_INPUT)
     if not prompt:
         raise InvalidInput(f"'{TEXT_INPUT}' is empty; give at least one character")
-    if len(prompt) > max_chars:
-        raise InvalidInput(f"'{TEXT_INPUT}' has {len(prompt)} characters; at most {max_chars}")
     converted: dict[str, Any] = {}
     for key, kind in _SAMPLING.items():
         if key in values:
@@ -124,7 +123,6 @@ def llm_request(inputs: Mapping[str, np.ndarray], parameters: Any, max_tokens: i
         seed=converted.get("seed"),
         stop=tuple(values.get("stop", ())),
     )
-    generation.check_sampling(sampling, max_tokens)
     return LlmRequest(prompt, sampling, bool(values.get("stream", False)), bool(values.get(EMPTY_FINAL, False)))
 
 
@@ -153,11 +151,12 @@ async def llm_responses(
     request: pb.ModelInferRequest,
     asked: LlmRequest,
     streaming: bool,
+    limits: Limits,
     budget: generation.MemoryBudget | None = None,
     decoding: generation.Decoding = generation.DECODING,
 ) -> AsyncIterator[pb.ModelInferResponse]:
     """The responses to one LLM-convention request: one per piece when streamed, else the whole text."""
-    pieces = generation.generate_text(model, asked.prompt, asked.sampling, budget, decoding)
+    pieces = generation.generate_text(model, asked.prompt, asked.sampling, budget, decoding, limits=limits)
     if not (streaming and asked.stream):
         text = "".join([event.text async for event in pieces if isinstance(event, generation.TextPiece)])
         yield _text_response(model, request.id, text, final=True)
