@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nnserve_contract.model_spec import ModelSpec
 from nnserve_exporters import api
 from nnserve_exporters.families.resnet import BasicBlock
 
@@ -56,12 +57,14 @@ def build(out: Path, force: bool = False) -> dict[str, Path]:
             api.export(
                 model,
                 example,
-                task="classify",
+                ModelSpec(
+                    task="classify",
+                    family="benchmark",
+                    input_layout=layout,
+                    labels=tuple(f"class-{i}" for i in range(classes)),
+                    description=description,
+                ),
                 out=path,
-                family="benchmark",
-                input_layout=layout,
-                labels=[f"class-{i}" for i in range(classes)],
-                description=description,
                 output_names=("logits",),
             )
         paths[name] = path

@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 PREFIX = "nnserve."
 TASKS = ("classify", "generate", "encode", "segment")
 OUTPUT_KINDS = ("logits", "probabilities", "values")
+# How a model's (first) input is laid out, and so what the task API turns into it:
+#   features  [n, f]              numbers; with an image_size, an image flattened row by row
+#   NCHW      [n, c, h, w]        images
+#   sequence  [n, steps, f]       numbers per step; with an image_size, an image one row per step
+#   tokens    [n, steps] int64    token ids: characters (vocabulary) or word pieces (tokenizer)
+#   latent    [n, d]              a generator's latent vector (GAN, VAE decoder)
+INPUT_LAYOUTS = ("features", "NCHW", "sequence", "tokens", "latent")
 
 
 class SpecError(ValueError):
@@ -71,12 +78,10 @@ class AppendCache:
 @dataclass(frozen=True)
 class ModelSpec:
     task: str
-    family: str
+    family: str = "custom"  # the architecture: fnn, cnn, rnn, lstm, gru, gan, vae, transformer, resnet, unet
     labels: tuple[str, ...] = ()
     output_kind: str = "logits"
-    # features (N, F) | NCHW images | sequence (N, steps, F) | tokens. A features or sequence model with an
-    # image_size reads images too: flattened row by row, or one step per row.
-    input_layout: str = "features"
+    input_layout: str = "features"  # one of INPUT_LAYOUTS
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     quality: Mapping[str, float] = field(default_factory=dict)
     training_data: str = ""
@@ -96,6 +101,10 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise SpecError(f"{PREFIX}task is {self.task!r}; expected one of {', '.join(TASKS)}")
+        if self.input_layout not in INPUT_LAYOUTS:
+            raise SpecError(
+                f"{PREFIX}input_layout is {self.input_layout!r}; expected one of {', '.join(INPUT_LAYOUTS)}"
+            )
         if self.output_kind not in OUTPUT_KINDS:
             raise SpecError(f"{PREFIX}output_kind is {self.output_kind!r}; expected one of {', '.join(OUTPUT_KINDS)}")
         if self.task == "classify" and not self.labels:

@@ -8,20 +8,20 @@ names the output and the size of the error.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
-from nnserve_contract.model_spec import ModelSpec, Preprocessing
+from nnserve_contract.model_spec import ModelSpec
 
 from . import __version__
 
@@ -50,45 +50,24 @@ Sampler = Callable[[int, int], Inputs]  # (batch, variant) -> fresh inputs; vari
 def export(
     model: torch.nn.Module,
     example: torch.Tensor | Inputs,
+    spec: ModelSpec,
     *,
-    task: str,
     out: str | os.PathLike[str],
-    family: str = "custom",
-    labels: Sequence[str] = (),
-    output_kind: str = "logits",
-    input_layout: str = "features",
-    preprocessing: Preprocessing | None = None,
-    quality: Mapping[str, float] | None = None,
-    training_data: str = "",
-    description: str = "",
     input_names: Sequence[str] = ("input",),
     output_names: Sequence[str] = ("output",),
     dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     sample: Sampler | None = None,
-    **spec_fields: Any,
 ) -> float:
-    """Export `model` (eval mode) to `out` with its `ModelSpec` in the metadata; returns the parity error.
+    """Export `model` (eval mode) to `out` with `spec` in its metadata; returns the parity error.
 
     `example` is one input (or a tuple, one per `input_names`) the model accepts. By default axis 0
     of every input and output is a dynamic batch axis; pass `dynamic_axes` for anything else (a
     sequence axis, recurrent state whose batch axis is 1). Parity is checked on `sample(batch,
     variant)` for batches 1 and 7 and variants 0 and 1 (default: random tensors shaped like `example`
-    but for the batch). `spec_fields` go to `ModelSpec` (outputs, state, vocabulary, tokenizer, ...).
+    but for the batch). The file records this exporter's version in `spec.exporter_version`.
     """
     examples = example if isinstance(example, tuple) else (example,)
-    spec = ModelSpec(
-        task=task,
-        family=family,
-        labels=tuple(labels),
-        output_kind=output_kind,
-        input_layout=input_layout,
-        preprocessing=preprocessing or Preprocessing(),
-        quality=dict(quality or {}),
-        training_data=training_data,
-        description=description,
-        exporter_version=__version__,
-        **spec_fields,
-    )
+    spec = dataclasses.replace(spec, exporter_version=__version__)
     model = model.eval()
     axes = dynamic_axes or {name: {0: "batch"} for name in (*input_names, *output_names)}
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():

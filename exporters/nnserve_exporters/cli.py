@@ -29,7 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     zoo.add_argument("--out", type=Path, default=Path("models"), help="model repository to create (default: models)")
     zoo.add_argument("--fast", action="store_true", help="tiny models in seconds, for tests (no quality bars)")
     zoo.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
-    zoo.add_argument("--only", nargs="+", choices=sorted(FAMILIES), help="build only these families")
+    zoo.add_argument(
+        "--only",
+        nargs="+",
+        choices=sorted(FAMILIES),
+        type=lambda name: name.replace("-", "_"),  # transformer-lm reads as the module's name, transformer_lm
+        help="build only these families",
+    )
     zoo.add_argument("--jobs", type=int, default=2, help="families trained at once, one thread each (default: 2)")
     zoo.add_argument(
         "--incremental",

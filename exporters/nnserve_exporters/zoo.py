@@ -16,28 +16,18 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import torch
 from torch import nn
 
-from .api import Exported
+from .cards import quality_text, write_card
 from .families import cnn, fnn, gan, gru, lstm, minilm, resnet, rnn, transformer_lm, unet, vae
+from .family import Family
 
 # Build order matters: a family's NEEDS (the CNN that judges generated digits) come first.
-FAMILIES: dict[str, ModuleType] = {
-    "fnn": fnn,
-    "cnn": cnn,
-    "resnet": resnet,
-    "rnn": rnn,
-    "lstm": lstm,
-    "gru": gru,
-    "transformer-lm": transformer_lm,
-    "minilm": minilm,
-    "unet": unet,
-    "gan": gan,
-    "vae": vae,
-}
+_LISTED: tuple[Family, ...] = (fnn, cnn, resnet, rnn, lstm, gru, transformer_lm, minilm, unet, gan, vae)
+# Keyed by the module's name, a family's one name (`--only transformer_lm`).
+FAMILIES: dict[str, Family] = {family.__name__.rsplit(".", 1)[1]: family for family in _LISTED}  # type: ignore[attr-defined]
 
 
 class QualityError(RuntimeError):
@@ -59,24 +49,24 @@ class ZooRow:
 # still training, and the order of the work (quickest first, so a first model answers within seconds).
 EXPECTED_S = {
     "fnn": 6, "rnn": 9, "minilm": 14, "resnet": 25, "cnn": 28, "lstm": 28, "vae": 30, "gru": 30,
-    "transformer-lm": 115, "unet": 100, "gan": 90,
+    "transformer_lm": 115, "unet": 100, "gan": 90,
 }  # fmt: skip
 # The order the jobs take the work: the quickest family first (a first model answers within seconds),
 # then the longest one on its own job while the other job takes the small ones, the rest longest first.
-WORK_ORDER = ["fnn", "transformer-lm", "rnn", "minilm", "resnet", "cnn", "lstm", "vae", "gru", "gan", "unet"]
+WORK_ORDER = ["fnn", "transformer_lm", "rnn", "minilm", "resnet", "cnn", "lstm", "vae", "gru", "gan", "unet"]
 TRAINING_FILE = ".training.json"  # what a server reads to say "being trained, ready in about N s"
 TORCH_DIR = ".torch"  # trained PyTorch weights a later family needs (the CNN that judges digits)
 
 
 def build_family(
-    family: ModuleType, out: Path, fast: bool, trained_models: dict[str, nn.Module]
+    family: Family, out: Path, fast: bool, trained_models: dict[str, nn.Module]
 ) -> tuple[list[ZooRow], nn.Module]:
     torch.manual_seed(0)  # the initial weights too: the same zoo every time
     model = family.build(fast=fast)
     trained = family.train(model, fast=fast, zoo=trained_models)
     rows = []
     for exported in family.export(model, out, trained.quality):
-        _write_card(family, exported, trained.quality, fast)
+        write_card(family, exported, trained.quality, fast)
         size = exported.path.stat().st_size
         rows.append(
             ZooRow(
@@ -99,18 +89,18 @@ def _build_in_worker(key: str, staging: Path, fast: bool) -> list[ZooRow]:
     torch.set_num_threads(1)
     family = FAMILIES[key]
     needed: dict[str, nn.Module] = {}
-    for dependency in getattr(family, "NEEDS", ()):
+    for dependency in family.NEEDS:
         model = FAMILIES[dependency].build(fast=fast)
         model.load_state_dict(torch.load(staging / TORCH_DIR / f"{dependency}.pt", weights_only=True))
-        needed[FAMILIES[dependency].FAMILY] = model.eval()
+        needed[dependency] = model.eval()
     rows, model = build_family(family, staging / key, fast, needed)
-    if any(key in getattr(other, "NEEDS", ()) for other in FAMILIES.values()):
+    if any(key in other.NEEDS for other in FAMILIES.values()):
         (staging / TORCH_DIR).mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), staging / TORCH_DIR / f"{key}.pt")
     return rows
 
 
-def misses(family: ModuleType, quality: dict[str, float]) -> list[str]:
+def misses(family: Family, quality: dict[str, float]) -> list[str]:
     return [
         f"{family.FAMILY}: {metric} {quality.get(metric, float('nan')):.4f} < {bar}"
         for metric, bar in family.QUALITY_BAR.items()
@@ -124,7 +114,7 @@ def chosen_families(only: list[str] | None) -> list[str]:
         raise ValueError(f"unknown families {unknown}; choose from {sorted(FAMILIES)}")
     wanted = set(only or FAMILIES)
     for key in list(wanted):
-        wanted |= set(getattr(FAMILIES[key], "NEEDS", ()))
+        wanted |= set(FAMILIES[key].NEEDS)
     return [key for key in FAMILIES if key in wanted]
 
 
@@ -189,7 +179,7 @@ def build_zoo(
 
 
 def _installed(key: str, out: Path) -> bool:
-    names = getattr(FAMILIES[key], "MODEL_NAMES", (FAMILIES[key].NAME,))
+    names = FAMILIES[key].MODEL_NAMES
     return all((out / name / "1" / "model.onnx").is_file() for name in names)
 
 
@@ -205,9 +195,7 @@ def _expected_finish(chosen: list[str], jobs: int, fast: bool) -> dict[str, floa
 
 
 def _write_training(out: Path, pending: dict[str, float]) -> None:
-    models = {
-        name: at for key, at in pending.items() for name in getattr(FAMILIES[key], "MODEL_NAMES", (FAMILIES[key].NAME,))
-    }
+    models = {name: at for key, at in pending.items() for name in FAMILIES[key].MODEL_NAMES}
     temporary = out / (TRAINING_FILE + ".new")
     temporary.write_text(json.dumps({"models": models}))
     temporary.replace(out / TRAINING_FILE)
@@ -234,7 +222,7 @@ def _run_jobs(
 
     def submit_ready() -> None:
         for key in list(waiting):
-            needs = set(getattr(FAMILIES[key], "NEEDS", ())) & set(chosen)
+            needs = set(FAMILIES[key].NEEDS) & set(chosen)
             if needs <= done_keys and len(submitted) < max(jobs, 1):
                 waiting.remove(key)
                 print(f"[{key}] training{' (fast)' if fast else ''}", flush=True)
@@ -250,7 +238,7 @@ def _run_jobs(
                 missed = [] if fast else misses(FAMILIES[key], built[0].quality)
                 elapsed = time.perf_counter() - started
                 verdict = "; MISSED ITS BAR, left out" if missed else ""
-                print(f"[{key}] {_quality(built[0].quality)} ({elapsed:.0f}s elapsed){verdict}", flush=True)
+                print(f"[{key}] {quality_text(built[0].quality)} ({elapsed:.0f}s elapsed){verdict}", flush=True)
                 failures += missed
                 done_keys.add(key)
                 if install is not None:
@@ -278,33 +266,9 @@ def table(rows: list[ZooRow]) -> str:
     for r in rows:
         lines.append(
             f"{r.name:<19} {r.family:<11} {r.task:<9} {r.parity_error:>8.1e} {r.size_bytes / 1024:>8.0f}KB "
-            f"{r.train_seconds:>6.1f}s  {_quality(r.quality)}"
+            f"{r.train_seconds:>6.1f}s  {quality_text(r.quality)}"
         )
     return "\n".join(lines)
-
-
-def _quality(quality: dict[str, float]) -> str:
-    # Six decimals near 1, where four would print a cosine of 0.99996 as 1.0000.
-    return ", ".join(f"{k} {v:.6f}" if abs(1 - v) < 1e-3 else f"{k} {v:.4f}" for k, v in quality.items())
-
-
-def _write_card(family: ModuleType, exported: Exported, quality: dict[str, float], fast: bool) -> None:
-    doc = (family.__doc__ or "").strip()
-    call = {
-        "classify": f"client.classify('{exported.name}', batch)",
-        "generate": f"client.infer('{exported.name}', inputs)  # the task API's Generate comes with issue 4",
-        "encode": f"client.infer('{exported.name}', inputs)",
-        "segment": f"client.infer('{exported.name}', inputs)",
-    }[exported.task]
-    (exported.path.parent.parent / "model_card.md").write_text(
-        f"# {exported.name}\n\n{doc}\n\n"
-        f"- family: {family.FAMILY}\n- task: {exported.task}\n"
-        f"- held-out quality: {_quality(quality)}{' (fast mode: tiny model, no bar)' if fast else ''}\n"
-        f"- bar: {_quality(family.QUALITY_BAR)}\n"
-        f"- onnxruntime vs PyTorch, largest relative error: {exported.parity_error:.1e}\n\n"
-        "Call it:\n\n```python\nfrom nnserve_client import Client\n"
-        f"client = Client('127.0.0.1:8001')\n{call}\n```\n"
-    )
 
 
 def main_zoo(

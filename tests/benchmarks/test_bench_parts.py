@@ -16,6 +16,7 @@ import torch
 from benchmarks import bare_server, models
 from benchmarks.run import PINNED, ROOT, RUN_ONLY, SHM_CLIENT, TRITON, targets
 from nnserve_contract import codec
+from nnserve_contract.model_spec import ModelSpec
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
 from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_exporters import api
@@ -25,8 +26,16 @@ from nnserve_server.edge import listening
 @pytest.fixture(scope="module")
 def mlp_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("bench") / "models"
-    api.export(models.mlp().eval(), torch.rand(2, 64), task="classify", out=repo / models.MLP / "1" / "model.onnx",
-               labels=[str(i) for i in range(10)], output_names=("logits",))  # fmt: skip
+    api.export(
+        models.mlp().eval(),
+        torch.rand(2, 64),
+        ModelSpec(
+            task="classify",
+            labels=tuple(str(i) for i in range(10)),
+        ),
+        out=repo / models.MLP / "1" / "model.onnx",
+        output_names=("logits",),
+    )
     return repo
 
 

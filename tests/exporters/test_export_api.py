@@ -24,10 +24,19 @@ def small_classifier(seed: int) -> nn.Module:
 def test_export_writes_metadata_and_a_dynamic_batch(tmp_path: Path) -> None:
     path = tmp_path / "m" / "1" / "model.onnx"
     error = export(
-        small_classifier(0), torch.zeros(2, 4), task="classify", out=path, family="fnn", labels=["a", "b", "c"],
-        preprocessing=Preprocessing(scale=0.5, mean=(1.0,), std=(2.0,)), quality={"accuracy": 0.9},
-        training_data="made up", description="three classes",
-    )  # fmt: skip
+        small_classifier(0),
+        torch.zeros(2, 4),
+        ModelSpec(
+            task="classify",
+            family="fnn",
+            labels=("a", "b", "c"),
+            preprocessing=Preprocessing(scale=0.5, mean=(1.0,), std=(2.0,)),
+            quality={"accuracy": 0.9},
+            training_data="made up",
+            description="three classes",
+        ),
+        out=path,
+    )
     assert error < 1e-4
     props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     spec = ModelSpec.from_props(props)
@@ -44,14 +53,29 @@ def test_export_writes_metadata_and_a_dynamic_batch(tmp_path: Path) -> None:
 
 def test_parity_failure_names_the_output_and_the_error(tmp_path: Path) -> None:
     path = tmp_path / "model.onnx"
-    export(small_classifier(0), torch.zeros(2, 4), task="classify", out=path, labels=["a", "b", "c"])
+    export(
+        small_classifier(0),
+        torch.zeros(2, 4),
+        ModelSpec(
+            task="classify",
+            labels=("a", "b", "c"),
+        ),
+        out=path,
+    )
     with pytest.raises(ParityError, match=r"output 'output' differs from PyTorch at batch 1 .*: relative error"):
         verify(small_classifier(1), path, torch.zeros(2, 4))  # different weights than the file
 
 
 def test_a_classifier_needs_labels(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="labels"):
-        export(small_classifier(0), torch.zeros(2, 4), task="classify", out=tmp_path / "m.onnx")
+        export(
+            small_classifier(0),
+            torch.zeros(2, 4),
+            ModelSpec(
+                task="classify",
+            ),
+            out=tmp_path / "m.onnx",
+        )
 
 
 def test_unknown_task_is_refused() -> None:

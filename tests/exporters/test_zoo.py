@@ -77,7 +77,8 @@ def test_metadata_describes_each_model(fast_zoo: tuple[Path, list[ZooRow]]) -> N
 
 
 def _family_key(row: ZooRow) -> str:
-    return {"sentence-minilm": "minilm", "chars-transformer": "transformer-lm"}.get(row.name, row.family)
+    (key,) = [key for key, family in FAMILIES.items() if row.name in family.MODEL_NAMES]
+    return key
 
 
 @pytest.mark.parametrize("name", ["chars-lstm", "chars-gru"])

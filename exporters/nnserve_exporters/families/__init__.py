@@ -1,2 +1,1 @@
-"""One module per model family, each with the same few names: build, train, export, and constants
-NAME, FAMILY, TASK, QUALITY_BAR."""
+"""One module per model family, each a `Family` (family.py): build, train, export, and its constants."""

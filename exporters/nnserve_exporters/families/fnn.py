@@ -8,14 +8,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnserve_contract.model_spec import Preprocessing
+from nnserve_contract.model_spec import ModelSpec, Preprocessing
 
 from .. import api, datasets
 from ..training import Trained, fit_digits
 
 NAME = "digits-fnn"
+MODEL_NAMES = (NAME,)
 FAMILY = "fnn"
 TASK = "classify"
+NEEDS: tuple[str, ...] = ()
 QUALITY_BAR = {"accuracy": 0.96}
 
 
@@ -41,16 +43,18 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
     parity = api.export(
         model,
         torch.full((2, 64), 0.5),
-        task=TASK,
+        ModelSpec(
+            task=TASK,
+            family=FAMILY,
+            labels=datasets.DIGIT_LABELS,
+            preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
+            image_size=(8, 8),
+            quality=quality,
+            training_data=datasets.DIGITS_SOURCE,
+            description="Feed-forward network (64-256-256-10, ReLU, dropout 0.2) classifying 8x8 handwritten digits",
+            outputs={"logits": "class scores over the labels (softmax for probabilities)"},
+        ),
         out=path,
-        family=FAMILY,
-        labels=datasets.DIGIT_LABELS,
-        preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
-        image_size=(8, 8),  # the task API takes a digit image: flattened row by row
-        quality=quality,
-        training_data=datasets.DIGITS_SOURCE,
-        description="Feed-forward network (64-256-256-10, ReLU, dropout 0.2) classifying 8x8 handwritten digits",
         output_names=("logits",),
-        outputs={"logits": "class scores over the labels (softmax for probabilities)"},
     )
     return [api.Exported(NAME, TASK, path, parity)]

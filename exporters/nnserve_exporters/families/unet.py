@@ -10,12 +10,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from nnserve_contract.model_spec import ModelSpec
+
 from .. import api, datasets
 from ..training import Progress, Trained, minibatches
 
 NAME = "shapes-unet"
+MODEL_NAMES = (NAME,)
 FAMILY = "unet"
 TASK = "segment"
+NEEDS: tuple[str, ...] = ()
 QUALITY_BAR = {"mean_iou": 0.90}
 STRIDE = 8  # three 2x poolings: height and width must be multiples of this
 
@@ -104,19 +108,23 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
     parity = api.export(
         model,
         torch.full((2, 1, 32, 32), 0.5),
-        task=TASK,
+        ModelSpec(
+            task=TASK,
+            family=FAMILY,
+            labels=datasets.SHAPE_LABELS,
+            input_layout="NCHW",
+            image_size=(32, 32),
+            quality=quality,
+            training_data=datasets.SHAPES_SOURCE,
+            description=f"U-Net (16-32-64-128 channels) on grey images; height and width any multiple of {STRIDE}",
+            outputs={
+                "logits": "per-pixel class scores [batch, classes, height, width]; argmax over classes is the mask"
+            },
+            extra={"stride": str(STRIDE)},
+        ),
         out=path,
-        family=FAMILY,
-        labels=datasets.SHAPE_LABELS,
-        input_layout="NCHW",
-        image_size=(32, 32),
-        quality=quality,
-        training_data=datasets.SHAPES_SOURCE,
-        description=f"U-Net (16-32-64-128 channels) on grey images; height and width any multiple of {STRIDE}",
         output_names=("logits",),
         dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}},
         sample=_sample,
-        outputs={"logits": "per-pixel class scores [batch, classes, height, width]; argmax over classes is the mask"},
-        extra={"stride": str(STRIDE)},
     )
     return [api.Exported(NAME, TASK, path, parity)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -9,11 +10,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnserve_contract.model_spec import Preprocessing
+from nnserve_contract.model_spec import ModelSpec, Preprocessing
 
 from .. import api, datasets
+from ..judge import judge, sample_quality
 from ..training import Progress, Trained, minibatches
-from .judge import judge, sample_quality
 
 NAME = "digits-vae"
 MODEL_NAMES = (NAME, NAME + "-encoder")  # the models this family installs
@@ -105,39 +106,44 @@ def train(model: nn.Module, *, fast: bool, zoo: Mapping[str, nn.Module]) -> Trai
 
 def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.Exported]:
     assert isinstance(model, VAE)
-    common = {
-        "family": FAMILY,
-        "quality": quality,
-        "training_data": datasets.DIGITS_SOURCE,
-        "image_size": (8, 8),
-        "output_kind": "values",
-        "extra": {"latent_dim": str(LATENT), "latent_distribution": "standard normal", "beta": str(BETA)},
-    }
+    common = ModelSpec(
+        task="encode",
+        family=FAMILY,
+        quality=quality,
+        training_data=datasets.DIGITS_SOURCE,
+        image_size=(8, 8),
+        output_kind="values",
+        extra={"latent_dim": str(LATENT), "latent_distribution": "standard normal", "beta": str(BETA)},
+    )
     encoder_path = out / (NAME + "-encoder") / "1" / "model.onnx"
     encoder_parity = api.export(
         Encoder(model),
         torch.full((2, 1, 8, 8), 0.5),
-        task="encode",
+        dataclasses.replace(
+            common,
+            task="encode",
+            input_layout="NCHW",
+            preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
+            description=f"VAE encoder: an 8x8 digit to the mean and log-variance of its {LATENT}-d latent",
+            outputs={"mean": f"{LATENT}-d latent mean", "log_variance": f"{LATENT}-d latent log-variance"},
+        ),
         out=encoder_path,
-        input_layout="NCHW",
-        preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
-        description=f"VAE encoder: an 8x8 digit to the mean and log-variance of its {LATENT}-d latent",
         output_names=("mean", "log_variance"),
-        outputs={"mean": f"{LATENT}-d latent mean", "log_variance": f"{LATENT}-d latent log-variance"},
-        **common,  # type: ignore[arg-type]
     )
     decoder_path = out / NAME / "1" / "model.onnx"
     decoder_parity = api.export(
         Decoder(model),
         torch.zeros(2, LATENT),
-        task="generate",
+        dataclasses.replace(
+            common,
+            task="generate",
+            input_layout="latent",
+            description=f"VAE decoder: a {LATENT}-d latent (standard normal to sample) to an 8x8 digit",
+            outputs={"image": "8x8 grey digit, intensities 0..1 (multiply by 16 for the digits' 0..16 scale)"},
+        ),
         out=decoder_path,
-        input_layout="latent",
-        description=f"VAE decoder: a {LATENT}-d latent (standard normal to sample) to an 8x8 digit",
         input_names=("z",),
         output_names=("image",),
-        outputs={"image": "8x8 grey digit, intensities 0..1 (multiply by 16 for the digits' 0..16 scale)"},
-        **common,  # type: ignore[arg-type]
     )
     return [
         api.Exported(NAME + "-encoder", "encode", encoder_path, encoder_parity),

@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import api, datasets
+from nnserve_contract.model_spec import ModelSpec
+
+from . import api, datasets
+from .training import Trained, fit_language_model
 
 
 class RecurrentCharLM(nn.Module):
@@ -55,12 +58,29 @@ def sampler(model: nn.Module, vocab: int, state_shapes: Sequence[Sequence[int]])
     return sample
 
 
+def build(cell: str, fast: bool) -> RecurrentCharLM:
+    """The LSTM's or the GRU's model: one layer over 32-d character embeddings (tiny when `fast`)."""
+    vocab = len(datasets.text_corpus().vocabulary)
+    return RecurrentCharLM(cell, vocab, 16, 32, 1) if fast else RecurrentCharLM(cell, vocab, 32, 192, 1)
+
+
+def train(model: nn.Module, steps: int, label: str) -> Trained:
+    return fit_language_model(
+        model, datasets.text_corpus(), steps=steps, seq_len=64, batch_size=32, lr=4e-3, seed=0, label=label
+    )
+
+
 def export_recurrent(
-    model: RecurrentCharLM, name: str, family: str, out: Path, quality: dict[str, float], description: str
+    model: nn.Module, name: str, family: str, out: Path, quality: dict[str, float]
 ) -> list[api.Exported]:
+    assert isinstance(model, RecurrentCharLM)
+    states = state_names(model)
+    description = (
+        f"{model.layers}-layer {model.cell.upper()} ({model.hidden} units) over characters; "
+        f"state {', '.join(states)} in and out"
+    )
     corpus = datasets.text_corpus()
     path = out / name / "1" / "model.onnx"
-    states = state_names(model)
     state_shape = [model.layers, -1, model.hidden]
     axes: dict[str, dict[int, str]] = {"tokens": {0: "batch", 1: "steps"}, "logits": {0: "batch", 1: "steps"}}
     for state in states:
@@ -69,22 +89,24 @@ def export_recurrent(
     parity = api.export(
         model,
         (torch.zeros(2, 3, dtype=torch.int64), *model.initial_state(2)),
-        task="generate",
+        ModelSpec(
+            task="generate",
+            family=family,
+            output_kind="logits",
+            input_layout="tokens",
+            quality=quality,
+            training_data=datasets.TEXT_SOURCE,
+            description=description,
+            vocabulary=corpus.vocabulary,
+            state={s: s + "_out" for s in states},
+            outputs={"logits": "next-character logits over the vocabulary, for each input step"}
+            | {s + "_out": f"recurrent state '{s}' after the last step: feed it back as '{s}'" for s in states},
+            extra={"initial_state": "zeros", "tokenizer": "characters: token id = index in the vocabulary"},
+        ),
         out=path,
-        family=family,
-        output_kind="logits",
-        input_layout="tokens",
-        quality=quality,
-        training_data=datasets.TEXT_SOURCE,
-        description=description,
         input_names=("tokens", *states),
         output_names=("logits", *(s + "_out" for s in states)),
         dynamic_axes=axes,
         sample=sampler(model, len(corpus.vocabulary), [state_shape] * len(states)),
-        vocabulary=corpus.vocabulary,
-        state={s: s + "_out" for s in states},
-        outputs={"logits": "next-character logits over the vocabulary, for each input step"}
-        | {s + "_out": f"recurrent state '{s}' after the last step: feed it back as '{s}'" for s in states},
-        extra={"initial_state": "zeros", "tokenizer": "characters: token id = index in the vocabulary"},
     )
     return [api.Exported(name, "generate", path, parity)]
