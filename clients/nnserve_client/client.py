@@ -63,6 +63,17 @@ def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, An
     ]
 
 
+def _open(transport: Any, target: str | Sequence[str], credentials: Any, options: list[tuple[str, Any]]) -> Any:
+    """A channel from `transport` (grpc for Client, grpc.aio for AsyncClient)."""
+    if credentials is None:
+        return transport.insecure_channel(channel_target(target), options=options)
+    return transport.secure_channel(channel_target(target), credentials, options=options)
+
+
+def _stubs(channel: Any) -> dict[str, Any]:
+    return {"kserve": kserve_grpc.GRPCInferenceServiceStub(channel), "tasks": tasks_grpc.TasksStub(channel)}
+
+
 class _Settings:
     def __init__(self, timeout: float, metadata: Sequence[tuple[str, str]]) -> None:
         if timeout <= 0:
@@ -96,16 +107,8 @@ class Client:
         addresses); `retries`: attempts on another replica after UNAVAILABLE or a server-sent CANCELLED (0: none);
         `token`: sent as `authorization: Bearer <token>` (servers started with --auth-token-file)."""
         self._settings = _Settings(timeout, _with_token(metadata, token))
-        options = _channel_options(max_message_bytes, retries)
-        target = channel_target(target)
-        if credentials is None:
-            self._channel = grpc.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.secure_channel(target, credentials, options=options)
-        self._stubs: dict[str, Any] = {
-            "kserve": kserve_grpc.GRPCInferenceServiceStub(self._channel),
-            "tasks": tasks_grpc.TasksStub(self._channel),
-        }
+        self._channel = _open(grpc, target, credentials, _channel_options(max_message_bytes, retries))
+        self._stubs = _stubs(self._channel)
 
     def _invoke(self, call: _calls.Call[T], timeout: float | None) -> T:
         method = getattr(self._stubs[call.service], call.method)
@@ -246,16 +249,8 @@ class AsyncClient:
         addresses); `retries`: attempts on another replica after UNAVAILABLE or a server-sent CANCELLED (0: none);
         `token`: sent as `authorization: Bearer <token>` (servers started with --auth-token-file)."""
         self._settings = _Settings(timeout, _with_token(metadata, token))
-        options = _channel_options(max_message_bytes, retries)
-        target = channel_target(target)
-        if credentials is None:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            self._channel = grpc.aio.secure_channel(target, credentials, options=options)
-        self._stubs: dict[str, Any] = {
-            "kserve": kserve_grpc.GRPCInferenceServiceStub(self._channel),
-            "tasks": tasks_grpc.TasksStub(self._channel),
-        }
+        self._channel = _open(grpc.aio, target, credentials, _channel_options(max_message_bytes, retries))
+        self._stubs = _stubs(self._channel)
 
     async def _invoke(self, call: _calls.Call[T], timeout: float | None) -> T:
         method = getattr(self._stubs[call.service], call.method)

@@ -24,7 +24,7 @@ from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.runtime import Runtime
 from nnserve_server.core.serving_config import serving_config
-from nnserve_server.edge.servicers.kserve import model_config
+from nnserve_server.edge.servicers.model_views import model_config
 from nnserve_server.settings import Settings
 from tests.conftest import RunningServer, _save, echo_model, slow_model
 

@@ -12,9 +12,10 @@ import pytest
 from nnserve_server.core import generation
 from nnserve_server.core.batcher import Batcher, BatchPolicy
 from nnserve_server.core.errors import InvalidInput
-from nnserve_server.core.generation import Finished, Sampling, TextPiece
+from nnserve_server.core.generation import Finished, TextPiece
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.runtime import Runtime
+from nnserve_server.core.sampling import Sampling
 from nnserve_server.core.serving_config import serving_config
 from nnserve_server.settings import Settings
 

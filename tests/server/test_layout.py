@@ -103,3 +103,10 @@ def test_the_server_has_its_two_parts_and_the_process_beside_them() -> None:
     assert top == {
         "__init__.py", "core", "edge", "settings.py", "cli.py", "workers.py", "worker_metrics.py", "event_loop.py",
     }  # fmt: skip
+
+
+def test_the_sdk_and_the_exporters_never_import_the_server() -> None:
+    for top in ("clients/nnserve_client", "exporters/nnserve_exporters"):
+        for path in _modules(ROOT / top):
+            server = {n for n in _imports(path) if n.startswith("nnserve_server")}
+            assert not server, f"{path.relative_to(ROOT)} imports {sorted(server)}"

@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnserve_server.core import decoding, generation
+from nnserve_server.core import decoding, generation, sampling
 from nnserve_server.core.errors import Overloaded
-from nnserve_server.core.generation import Decoding, Sampling, TextPiece
+from nnserve_server.core.generation import Decoding, TextPiece
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.runtime import Runtime
+from nnserve_server.core.sampling import Sampling
 from nnserve_server.core.serving_config import serving_config
 from nnserve_server.settings import Settings
 
@@ -148,13 +149,13 @@ def test_sampling_all_rows_at_once_keeps_each_streams_cuts() -> None:
     best = logits.argmax(axis=1)
     top3 = np.argsort(-logits, axis=1)[:, :3]
     for _ in range(200):
-        chosen = decoding.sample(logits, streams)
+        chosen = sampling.sample(logits, streams)
         assert chosen[0] == best[0]  # greedy
         assert chosen[1] == best[1]  # top_k 1
         assert chosen[2] in top3[2]  # a hot temperature, still inside its top 3
         assert chosen[3] == best[3]  # a nucleus smaller than the likeliest token
     hot = [decoding.Stream(Sampling(10, 5.0, 0, 1.0, seed=1, stop=()), None)]
-    assert len({int(decoding.sample(logits[:1], hot)[0]) for _ in range(300)}) > 20  # no cut: spread wide
+    assert len({int(sampling.sample(logits[:1], hot)[0]) for _ in range(300)}) > 20  # no cut: spread wide
 
 
 async def _pieces(model: OnnxModel, prompt: str, seed: int, pause_s: float) -> list[str]:

@@ -36,6 +36,7 @@ import numpy as np
 from nnserve_contract.model_spec import AppendCache, ModelSpec
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.request_record import RequestRecord
+from nnserve_server.core.sampling import Sampling, sample
 
 logger = logging.getLogger(__name__)
 
@@ -50,16 +51,6 @@ def _hold(streams: int) -> int:
 
 
 MIN_CAPACITY = 64  # cache positions of the smallest capacity class
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float  # 0: greedy
-    top_k: int  # 0: no cut
-    top_p: float  # 0 or 1: no cut
-    seed: int | None
-    stop: tuple[str, ...]
 
 
 class Stream:
@@ -256,37 +247,6 @@ def capacity_class(positions: int) -> int:
     if positions <= 512:
         return max(MIN_CAPACITY, -(-positions // MIN_CAPACITY) * MIN_CAPACITY)
     return 1 << (positions - 1).bit_length()
-
-
-def sample(logits: np.ndarray, streams: Sequence[Stream]) -> np.ndarray:
-    """The next token of every row: greedy rows by argmax; the others drawn after their temperature,
-    top-k and top-p cuts, all rows at once, with one uniform draw from each stream's own generator
-    (so a stream's text does not depend on who it ran beside)."""
-    chosen: np.ndarray = logits.argmax(axis=1)
-    drawn = [row for row, stream in enumerate(streams) if not stream.greedy]
-    if not drawn:
-        return chosen
-    rows = [streams[row] for row in drawn]
-    vocab = logits.shape[1]
-    scaled = logits[drawn].astype(np.float64) / np.array([s.sampling.temperature for s in rows])[:, None]
-    order = np.argsort(-scaled, axis=1, kind="stable")
-    ranked = np.take_along_axis(scaled, order, axis=1)
-    weights = np.exp(ranked - ranked[:, :1])
-    rank = np.arange(vocab)[None, :]
-    top_k = np.array([s.sampling.top_k or vocab for s in rows])[:, None]
-    weights[rank >= top_k] = 0
-    weights /= weights.sum(axis=1, keepdims=True)
-    top_p = np.array([s.sampling.top_p for s in rows])
-    nucleus = (top_p > 0) & (top_p < 1)
-    if nucleus.any():  # keep the fewest most likely tokens whose mass reaches top_p
-        keep = (np.cumsum(weights, axis=1) < top_p[:, None]).sum(axis=1) + 1
-        weights[nucleus[:, None] & (rank >= keep[:, None])] = 0
-    cdf = np.cumsum(weights, axis=1)
-    cdf /= cdf[:, -1:]
-    uniform = np.array([s.rng.random() for s in rows])
-    index = np.minimum((cdf <= uniform[:, None]).sum(axis=1), vocab - 1)
-    chosen[drawn] = order[np.arange(len(drawn)), index]
-    return chosen
 
 
 class Group:

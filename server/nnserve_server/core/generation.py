@@ -22,10 +22,10 @@ import numpy as np
 
 from nnserve_contract.model_spec import AppendCache, ModelSpec
 from nnserve_server.core import decoding, images
-from nnserve_server.core.decoding import Sampling as Sampling  # the servicers take it from here
 from nnserve_server.core.errors import InvalidInput, Overloaded
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.request_record import CURRENT
+from nnserve_server.core.sampling import Sampling, check_sampling, sample
 from nnserve_server.core.tasks import Limits, require_task
 from nnserve_server.core.text import CharacterCodec
 from nnserve_server.settings import Settings
@@ -51,17 +51,6 @@ class Picture:
     index: int
     pixels: np.ndarray  # uint8 [height, width]
     label: str
-
-
-def check_sampling(sampling: Sampling, ceiling: int) -> None:
-    if sampling.max_tokens > ceiling:
-        raise InvalidInput(f"max_tokens is {sampling.max_tokens}; this server allows at most {ceiling}")
-    if not sampling.temperature >= 0:
-        raise InvalidInput(f"temperature is {sampling.temperature}; it must be >= 0 (0: greedy)")
-    if not 0 <= sampling.top_p <= 1:
-        raise InvalidInput(f"top_p is {sampling.top_p}; it must be within 0..1")
-    if any(not s for s in sampling.stop):
-        raise InvalidInput("stop strings must not be empty")
 
 
 def _initial_state(model: OnnxModel, spec: ModelSpec) -> dict[str, np.ndarray]:
@@ -224,7 +213,7 @@ async def generate_text(
         if spec.cache is not None:
             cache = _Cache(spec.cache, _cache_shapes(model, spec.cache, tokens.shape[1]))
         logits, state = await _prefill(model, spec, tokens, state, cache)
-        (token,) = decoding.sample(logits, [stream]).tolist()
+        (token,) = sample(logits, [stream]).tolist()
         stream.take(spec.vocabulary[token])
         if not stream.done:
             rows = _rows(model, spec, capacity)

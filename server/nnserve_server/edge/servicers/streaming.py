@@ -30,6 +30,7 @@ from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
 from nnserve_server.core import generation
 from nnserve_server.core.errors import InvalidInput, Overloaded
 from nnserve_server.core.model import OnnxModel
+from nnserve_server.core.sampling import Sampling
 from nnserve_server.core.tasks import Limits
 
 TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
@@ -45,7 +46,7 @@ _KNOWN_PARAMETERS = {*_SAMPLING, "stop", "stream", EMPTY_FINAL}
 @dataclass(frozen=True)
 class LlmRequest:
     prompt: str
-    sampling: generation.Sampling
+    sampling: Sampling
     stream: bool
     empty_final: bool
 
@@ -115,7 +116,7 @@ def llm_request(inputs: Mapping[str, np.ndarray], parameters: Any) -> LlmRequest
         raise InvalidInput(f"max_tokens is {converted['max_tokens']}; ask for at least 1")
     if converted.get("top_k", 0) < 0:
         raise InvalidInput(f"top_k is {converted['top_k']}; it must be >= 0 (0: all tokens)")
-    sampling = generation.Sampling(
+    sampling = Sampling(
         max_tokens=converted.get("max_tokens", DEFAULT_MAX_TOKENS),
         temperature=converted.get("temperature", 1.0),
         top_k=converted.get("top_k", 0),

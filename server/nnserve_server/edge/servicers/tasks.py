@@ -12,6 +12,7 @@ from nnserve_server.core import generation, images, tasks
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.repository import ModelRepository
 from nnserve_server.core.request_record import CURRENT
+from nnserve_server.core.sampling import Sampling
 from nnserve_server.edge.servicers.deadline import deadline_of
 from nnserve_server.settings import Settings
 
@@ -30,8 +31,8 @@ def _given(request: pb.ClassifyRequest | pb.EncodeRequest) -> tasks.Given:
     return None
 
 
-def _sampling(request: pb.GenerateRequest) -> generation.Sampling:
-    return generation.Sampling(
+def _sampling(request: pb.GenerateRequest) -> Sampling:
+    return Sampling(
         max_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
         temperature=request.temperature,
         top_k=request.top_k,
