@@ -79,10 +79,9 @@ def language_models(out: Path, force: bool = False) -> dict[str, Path]:
     paths = {}
     for family in (lstm, transformer_lm):
         path = out / family.NAME / "1" / "model.onnx"
-        # Rebuilt when the family's code changed since (its export format may have).
-        source = hashlib.sha256(
-            Path(str(family.__file__)).read_bytes() + Path(str(api.__file__)).read_bytes()
-        ).hexdigest()
+        # Rebuilt when the exporters' code changed since (a family's export format may have).
+        exporters = Path(str(api.__file__)).parent
+        source = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(exporters.rglob("*.py")))).hexdigest()
         stamp = path.with_name("source.sha256")
         if force or not path.is_file() or not stamp.is_file() or stamp.read_text() != source:
             torch.manual_seed(0)

@@ -263,7 +263,7 @@ class Bench:
     def streams(self, model: str, port: int, concurrency: int, batching: bool) -> dict[str, Any]:
         command = [
             sys.executable, "-m", "benchmarks.load", "streams", "--target", f"127.0.0.1:{port}", "--model", model,
-            "--concurrency", str(concurrency), "--tokens", "128",
+            "--concurrency", str(concurrency), "--tokens", "128", "--repeats", "5",
         ]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=900)
         if done.returncode != 0:
@@ -358,9 +358,13 @@ def _triton(bench: Bench, paths: dict[str, Path], out: Path, label: str, levels:
         print(f"Triton could not be run ({str(error)[:300]}); its rows are skipped", flush=True)
 
 
-def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
+def run(out: Path, seconds: float, quick: bool, generation_only: bool = False) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     repository = ROOT / ".cache" / "bench-models"
+    if generation_only:
+        paths = models.language_models(repository)
+        generation, concurrent = _generation(Bench(out, seconds, None), repository, paths, out)
+        return {"cells": [], "generation": generation, "streams": concurrent}
     paths = models.build(repository) | models.language_models(repository)
     bench = Bench(out, seconds, _perf_analyzer())
     mlp, resnet = models.MLP, models.RESNET
@@ -442,6 +446,14 @@ def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
         bench.pa(resnet, "nnserve batching (again)", port, pid, 4, shared_memory=True)
     _triton(bench, paths, out, f"{TRITON} (again)", (1,))
 
+    generation, concurrent = _generation(bench, repository, paths, out)
+    return {"cells": [asdict(c) for c in bench.cells], "generation": generation, "streams": concurrent}
+
+
+def _generation(
+    bench: Bench, repository: Path, paths: dict[str, Path], out: Path
+) -> tuple[dict[str, dict[int, Any]], list[dict[str, Any]]]:
+    """The language models' section: tokens after a short and a long prompt; concurrent streams."""
     print("language models (tokens after a 16- and a 512-character prompt):", flush=True)
     lm_repo = out / "lm-repository"
     shutil.rmtree(lm_repo, ignore_errors=True)
@@ -460,7 +472,7 @@ def run(out: Path, seconds: float, quick: bool) -> dict[str, Any]:
                 for streams in (1, 4, 16, 64):
                     concurrent.append(bench.streams(name, port, streams, batching))
 
-    return {"cells": [asdict(c) for c in bench.cells], "generation": generation, "streams": concurrent}
+    return generation, concurrent
 
 
 def _best(
@@ -607,9 +619,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench")
     parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per cell")
     parser.add_argument("--quick", action="store_true", help="concurrency 1 and 32 only")
+    parser.add_argument(
+        "--generation-only", action="store_true", help="the language models' section alone (no peers to install)"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
-    results = run(args.out, args.seconds, args.quick)
+    results = run(args.out, args.seconds, args.quick, args.generation_only)
     results["targets"] = [{"target": n, "met": ok, "measured": v} for n, ok, v in targets(results)]
     results["elapsed_s"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(results, indent=2))

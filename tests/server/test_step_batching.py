@@ -4,6 +4,9 @@ onnxruntime call per step, and each stream's text is exactly what it would be al
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +185,53 @@ def test_busy_streams_get_several_tokens_a_piece_and_a_lone_stream_one(fast_zoo:
     assert ["".join(p) for p in shared] == ["".join(p) for p in alone]  # the same text
     # Decoding ran ahead while each consumer paused: the pieces that piled up left together.
     assert sum(len(p) for p in shared) < sum(len(p) for p in alone) / 2, [len(p) for p in shared]
+    model.close()
+
+
+def test_a_consumer_that_just_wrote_waits_for_its_hold_before_writing_again(
+    fast_zoo: tuple[Path, list[object]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four busy streams hold two tokens a piece: a consumer back from a write finds one new token and
+    waits for the next, rather than writing one token at a time as fast as it can."""
+    monkeypatch.setattr(decoding, "MAX_HOLD_NS", 10**10)  # no piece leaves for its age in this test
+    model = _load(fast_zoo[0] / "chars-lstm")
+    prompts = [("The ", 1), ("def ", 2), ("ab", 3), ("x = ", 4)]
+
+    async def together() -> list[list[str]]:
+        return list(await asyncio.gather(*(_pieces(model, p, s, 0.0) for p, s in prompts)))
+
+    for pieces in asyncio.run(together()):
+        assert len("".join(pieces)) == 24
+        short = [piece for piece in pieces[1:-1] if len(piece) < decoding._hold(len(prompts))]
+        assert len(short) <= 2, pieces  # while the others join, a stream may be alone for a step or two
+    model.close()
+
+
+def test_decoding_runs_on_the_event_loop_thread(fast_zoo: tuple[Path, list[object]]) -> None:
+    """A step's caller has nothing to do until it returns: it runs on the loop's thread, not the pool's
+    (a hop there and back cost the Transformer's 16-stream steps about a quarter of their time)."""
+    model = _load(fast_zoo[0] / "chars-transformer")
+    threads: list[tuple[int, bool]] = []
+    run = model.batcher.run_fn
+
+    def recorded(outputs: Sequence[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        threads.append((feed["tokens"].shape[1], threading.current_thread() is threading.main_thread()))
+        return run(outputs, feed)
+
+    model.batcher.run_fn = recorded
+    model.batcher.policy = dataclasses.replace(model.batcher.policy, inline_ns=0)  # never inline by itself
+
+    async def together() -> list[str]:
+        return list(await asyncio.gather(*(_text(model, p, s, 0.0) for p, s in PROMPTS if len(p) > 1)))
+
+    asyncio.run(together())
+    steps = [on_loop for width, on_loop in threads if width == 1]
+    prompts = [on_loop for width, on_loop in threads if width > 1]
+    assert len(steps) >= 23
+    # On the loop whenever nothing else waits for the model (a prompt queued behind a step goes first).
+    assert sum(steps) >= len(steps) - len(prompts), steps
+    assert prompts
+    assert not any(prompts)  # the prompts (alone, in chunks) still go to the pool
     model.close()
 
 

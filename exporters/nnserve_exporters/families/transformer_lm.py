@@ -71,7 +71,10 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.norm1(x)).split(width, dim=2)
         q, k, v = (t.reshape(batch, steps, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         scale = 1 / math.sqrt(self.head_dim)
-        cached_scores = (q @ cache_k.transpose(-1, -2)) * scale + bias_cached  # [batch, heads, steps, capacity]
+        # The cache times the query, not the query times the transposed cache: a transposed operand as big
+        # as the cache made onnxruntime's matmul three times slower than the same product with the
+        # values (163 against 58 us a layer at 16 rows and 192 positions).
+        cached_scores = (cache_k @ q.transpose(-1, -2)).transpose(-1, -2) * scale + bias_cached  # [b, h, steps, cap]
         new_scores = (q @ k.transpose(-1, -2)) * scale + bias_new  # [batch, heads, steps, steps]
         weights = torch.cat([cached_scores, new_scores], dim=-1).softmax(dim=-1)
         capacity = cache_k.shape[2]

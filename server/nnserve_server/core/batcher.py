@@ -123,7 +123,9 @@ class Batcher:
         20 us run (py-spy sampling the process showed it) moves the MLP to the pool, where runs timed
         by the wall clock include their wait for the GIL and keep it there. Capping the samples kept
         it on the loop, but also kept the Transformer LM's steps there, where 64 streams waited 2.6 s
-        for a first token (133-199 ms in the pool): the decision needs more than one number."""
+        for a first token (133-199 ms in the pool): the decision needs more than one number. (That was
+        before decoding groups; their steps now ask for the loop themselves, `run_now(on_loop=True)`,
+        and the prompts still follow this average.)"""
         estimate = self._run_ns
         self._run_ns = run_ns if estimate == math.inf else estimate + (run_ns - estimate) * 0.1
 
@@ -138,10 +140,13 @@ class Batcher:
         self.run_fn(outputs, feed)
         self._run_ns = float(time.perf_counter_ns() - started)
 
-    def runs_now(self) -> bool:
-        """Would a request run at once, on the loop thread? An inline model, nothing queued, an
-        instance free, and no delay to wait for others: what the queue would do anyway."""
-        return not (self._queue or self._busy >= self.policy.instances or self._closed or self._waits) and self.inline
+    def runs_now(self, on_loop: bool = False) -> bool:
+        """Would a request run at once, on the loop thread? An inline model (or `on_loop`: the caller
+        asks for the loop thread whatever a run costs), nothing queued, an instance free, and no
+        delay to wait for others: what the queue would do anyway."""
+        if self._queue or self._busy >= self.policy.instances or self._closed or self._waits:
+            return False
+        return on_loop or self.inline
 
     def run_inline(self, outputs: Sequence[str], inputs: dict[str, np.ndarray]) -> tuple[list[np.ndarray], int]:
         """One run on the loop thread (after `runs_now`), with its time in ns; feeds the inline decision."""
@@ -156,12 +161,17 @@ class Batcher:
         return arrays, run_ns
 
     def run_now(
-        self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...], rows: int, deadline: float | None
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: tuple[str, ...],
+        rows: int,
+        deadline: float | None,
+        on_loop: bool = False,
     ) -> tuple[list[np.ndarray], Timing] | None:
         """Run one request at once when `runs_now` (saves the future, the dispatch callback and the two
         loop turns), counted as a run of its own. None: `submit` it instead."""
         arrived = time.perf_counter_ns()
-        if not self.runs_now():
+        if not self.runs_now(on_loop):
             return None
         if deadline is not None and asyncio.get_running_loop().time() >= deadline:
             return None  # the queue answers it DeadlineExceeded without computing it

@@ -6,7 +6,11 @@ that, at every step, makes one onnxruntime call for all its streams (their last 
 batch axis, their recurrent states or key/value caches kept stacked between steps, so a step copies no
 stream's past), samples every row at once and hands each stream its character. Streams join and
 leave between steps; a stream whose consumer has `RUN_AHEAD` pieces unread sits steps out (its row is
-computed with the others' and thrown away), so a stalled client holds no more than that.
+computed with the others' and thrown away), so a stalled client holds no more than that. A step runs
+on the event loop's thread whenever nothing else waits for the model: the group has nothing to do
+until it returns, and a hop to the pool and back cost a 16-stream Transformer step about a quarter
+of its time (the consumers write between steps; `Stream.due` keeps them from writing a token or two
+at a time while a busy group runs).
 
 Rows live in one of two stores:
 - `States` (LSTM, GRU): each recurrent state stacked on its batch axis; a step's state outputs are the
@@ -69,6 +73,7 @@ class Stream:
         self.count = 0  # tokens generated
         self.pieces: deque[str] = deque()
         self.held_since = 0  # when the oldest unread piece was made
+        self.hold = 1  # pieces its consumer lets pile up before it writes (`_hold` of its group's size)
         self.last_token_ns = 0  # when its last token came (for nnserve_inter_token_seconds)
         self.end: str = ""  # length | stop, once it finished
         self.failure: BaseException | None = None
@@ -88,6 +93,7 @@ class Stream:
         """The next character. The consumer is woken once `hold` pieces wait, or the oldest has
         waited `MAX_HOLD_NS`: a busy group's streams send several tokens a message."""
         self.count += 1
+        self.hold = hold
         stops = self.sampling.stop
         if not self.pieces:
             self.held_since = time.perf_counter_ns()
@@ -113,6 +119,16 @@ class Stream:
             return
         if len(self.pieces) >= hold or time.perf_counter_ns() - self.held_since > MAX_HOLD_NS:
             self.ready.set()
+
+    def due(self) -> bool:
+        """Should the consumer write now? When `hold` pieces wait, the oldest has waited `MAX_HOLD_NS`, or
+        the stream ended. (A consumer that wrote while more tokens came must not write those at once:
+        back-to-back writes of one or two tokens each cost a busy group more than the tokens.)"""
+        return (
+            len(self.pieces) >= self.hold
+            or self.done
+            or (bool(self.pieces) and time.perf_counter_ns() - self.held_since > MAX_HOLD_NS)
+        )
 
     def fail(self, error: BaseException) -> None:
         if not self.done:
@@ -313,7 +329,8 @@ class Group:
     async def _step(self, moving: np.ndarray) -> None:
         streams = self.streams
         try:
-            result, timing = await self.model.infer_timed({"tokens": self.tokens, **self.rows.feed()}, self.outputs)
+            feed = {"tokens": self.tokens, **self.rows.feed()}
+            result, timing = await self.model.infer_timed(feed, self.outputs, alone=True, on_loop=True)
         except Exception as error:  # the same call for all of them: each stream gets the error
             for stream in streams:
                 stream.fail(error)

@@ -289,7 +289,7 @@ def _groups_of(model: OnnxModel) -> decoding.Groups | None:
 async def _events(stream: decoding.Stream, prompt_tokens: int) -> AsyncIterator[TextPiece | Finished]:
     pieces = stream.pieces
     while True:
-        if pieces:
+        if pieces and stream.due():
             parked = stream.parked
             if _generations > 1 and len(pieces) > 1:  # others run too: what piled up leaves at once
                 text = "".join(pieces)

@@ -170,14 +170,18 @@ class OnnxModel:
         outputs: Sequence[str] = (),
         deadline: float | None = None,
         alone: bool = False,
+        on_loop: bool = False,
     ) -> tuple[dict[str, np.ndarray], Timing]:
-        """As `infer`, with where the time went. `deadline` is on the event loop's clock (loop.time())."""
+        """As `infer`, with where the time went. `deadline` is on the event loop's clock (loop.time()).
+        `on_loop`: run on the event loop's thread when nothing waits for the model, however long a run
+        takes (a decoding step: its caller has nothing else to do meanwhile, and a hop to the pool
+        and back costs more than it saves)."""
         started, record = _arrived()
         stats = self.stats
         try:
             feed, rows = self.session.feed(inputs, outputs)
             names = tuple(outputs) or self.session.all_outputs
-            done = self.batcher.run_now(feed, names, rows, deadline)
+            done = self.batcher.run_now(feed, names, rows, deadline, on_loop)
             arrays, timing = done if done is not None else await self.batcher.submit(feed, names, rows, deadline, alone)
         except BaseException:
             stats.fail.add(time.perf_counter_ns() - started)
