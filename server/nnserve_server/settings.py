@@ -111,9 +111,13 @@ class Settings:
     step_batching: bool = _setting(
         True, "run the decoding steps of a language model's concurrent text generations as one onnxruntime call"
     )
-    generation_max_batch: int = _setting(64, "text generations whose decoding steps share one onnxruntime call")
+    generation_max_batch: int = _setting(
+        64, "text generations whose decoding steps share one onnxruntime call (per model: generation_max_batch)"
+    )
     generation_max_streams: int = _setting(
-        256, "text generations one model runs at once; beyond it RESOURCE_EXHAUSTED at once"
+        256,
+        "text generations one model runs at once; beyond it RESOURCE_EXHAUSTED at once (per model: "
+        "generation_max_streams)",
     )
     generation_memory_mb: float = _setting(
         1024.0, "MiB all text generations' caches and states may take together; beyond it RESOURCE_EXHAUSTED"

@@ -68,7 +68,9 @@ def batching_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (repo / "echo" / "config.pbtxt").write_text(batched + "instance_group [ { count: 1 } ]\n")
     _lookup(repo / "lookup" / "1" / "model.onnx")
     (repo / "lookup" / "config.pbtxt").write_text(batched)
-    (repo / "widths" / "config.pbtxt").write_text(batched)
+    (repo / "widths" / "config.pbtxt").write_text(
+        batched + 'parameters { key: "generation_max_streams" value { string_value: "12" } }\n'
+    )
     (repo / "slow" / "config.pbtxt").write_text(
         "instance_group [ { count: 1 } ]\n"
         "dynamic_batching { default_queue_policy { max_queue_size: 2 } }\n"
@@ -76,6 +78,14 @@ def batching_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     _width_echo(repo / "broken-config" / "1" / "model.onnx")
     (repo / "broken-config" / "config.pbtxt").write_text("max_batch_size: lots\n")
+    _width_echo(repo / "misspelt-knob" / "1" / "model.onnx")
+    (repo / "misspelt-knob" / "config.pbtxt").write_text(
+        'parameters { key: "generation_max_batches" value { string_value: "8" } }\n'
+    )
+    _width_echo(repo / "zero-streams" / "1" / "model.onnx")
+    (repo / "zero-streams" / "config.pbtxt").write_text(
+        'parameters { key: "generation_max_streams" value { string_value: "0" } }\n'
+    )
     return repo
 
 
@@ -211,6 +221,10 @@ def test_an_unreadable_config_file_fails_that_model_only(batching_server: Runnin
     assert states["broken-config"][0] == "UNAVAILABLE"
     assert "config.pbtxt" in states["broken-config"][1]
     assert "max_batch_size" in states["broken-config"][1]
+    assert states["misspelt-knob"][0] == "UNAVAILABLE"  # a knob it does not know is refused, not ignored
+    assert "generation_max_batches" in states["misspelt-knob"][1]
+    assert states["zero-streams"][0] == "UNAVAILABLE"
+    assert "generation_max_streams is 0; it must be >= 1" in states["zero-streams"][1]
     assert states["widths"][0] == "READY"
 
 
@@ -224,6 +238,10 @@ def test_model_config_reports_the_batching_knobs(batching_server: RunningServer)
     assert slow.dynamic_batching.default_queue_policy.max_queue_size == 2
     assert slow.instance_group[0].count == 1
     assert slow.parameters["intra_op_thread_count"].string_value == "1"
+    assert "generation_max_streams" not in slow.parameters  # not set: the server's flag holds
+    with grpc.insecure_channel(batching_server.target) as channel:
+        widths = pb_grpc.GRPCInferenceServiceStub(channel).ModelConfig(pb.ModelConfigRequest(name="widths"), timeout=10)
+    assert widths.config.parameters["generation_max_streams"].string_value == "12"
 
 
 def test_batching_can_be_turned_off(own_server: Callable[..., RunningServer], batching_repository: Path) -> None:

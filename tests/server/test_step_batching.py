@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,6 +125,29 @@ def test_streams_beyond_the_model_limit_are_refused(fast_zoo: tuple[Path, list[o
     assert len(refused) == 1, outcomes
     assert "--generation-max-streams" in str(refused[0])
     assert asyncio.run(_text(model, "The ", 1, 0.0, two))  # the limit counts running streams only
+    model.close()
+
+
+def test_a_models_config_sets_its_own_generation_limits(fast_zoo: tuple[Path, list[object]], tmp_path: Path) -> None:
+    folder = tmp_path / "chars-lstm"
+    shutil.copytree(fast_zoo[0] / "chars-lstm", folder)
+    (folder / "config.pbtxt").write_text(
+        'parameters { key: "generation_max_batch" value { string_value: "2" } }\n'
+        'parameters { key: "generation_max_streams" value { string_value: "4" } }\n'
+    )
+    model = _load(folder)  # the server-wide defaults (64 a call, 256 at once) give way to the file's
+
+    async def five() -> list[object]:
+        return list(await asyncio.gather(*(_text(model, p, s, 0.0) for p, s in PROMPTS[:5]), return_exceptions=True))
+
+    outcomes = asyncio.run(five())
+    refused = [o for o in outcomes if isinstance(o, Overloaded)]
+    assert len(refused) == 1, outcomes
+    assert "generation_max_streams in its config.pbtxt" in str(refused[0])
+    groups = generation._groups_of(model)
+    assert groups is not None
+    assert groups.max_batch == 2
+    assert groups.tally.runs >= groups.tally.steps / 2  # two streams a call at most: two calls a step
     model.close()
 
 

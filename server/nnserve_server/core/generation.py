@@ -174,13 +174,21 @@ async def generate_text(
     tokens = CharacterCodec(spec.vocabulary).encode(prompt)[np.newaxis]
     state = _initial_state(model, spec)
     shared = decoding_settings.share_steps and _batchable(model, spec)
+    config = model.config  # the model's config.pbtxt may set its own limits over the server's
     groups = _groups.get(model)
     if groups is None:
-        groups = _groups[model] = decoding.Groups(model, spec, decoding_settings.max_batch)
-    if groups.streams >= decoding_settings.max_streams:
+        max_batch = config.generation_max_batch or decoding_settings.max_batch
+        groups = _groups[model] = decoding.Groups(model, spec, max_batch)
+    max_streams = config.generation_max_streams or decoding_settings.max_streams
+    if groups.streams >= max_streams:
+        knob = (
+            "generation_max_streams in its config.pbtxt"
+            if config.generation_max_streams
+            else "--generation-max-streams"
+        )
         raise Overloaded(
             f"model '{model.name}' is generating {groups.streams} texts, as many as this server runs at once "
-            "(--generation-max-streams); retry later"
+            f"({knob}); retry later"
         )
     # The last token sampled is never fed back: the cache holds the prompt and max_tokens - 1.
     positions = tokens.shape[1] + sampling.max_tokens - 1

@@ -10,9 +10,14 @@ so a Triton repository of ONNX models keeps its tuning. The fields nnserve reads
     }
     instance_group [ { count: 2 } ]          # concurrent runs (summed over groups)
     parameters { key: "intra_op_thread_count" value { string_value: "1" } }   # Triton's onnxruntime key
+    parameters { key: "generation_max_batch" value { string_value: "16" } }   # streams per decoding call
+    parameters { key: "generation_max_streams" value { string_value: "64" } } # generations at once
 
-Any other field is accepted and ignored. A file that does not parse fails the model's load, with the
-parser's message as the reason.
+(The two generation keys are this model's --generation-max-batch and --generation-max-streams.) Any
+other field is accepted and ignored: Triton's fields beyond these tune Triton's own backends, and a
+Triton repository must still load. A `generation_*` key other than those two is refused, so a
+misspelt knob of ours does not pass for a set one. A file that does not parse fails the model's
+load, with the parser's message as the reason.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from nnserve_server.settings import Settings
 
 CONFIG_FILE = "config.pbtxt"
 INTRA_OP_KEY = "intra_op_thread_count"
+GENERATION_MAX_BATCH_KEY = "generation_max_batch"
+GENERATION_MAX_STREAMS_KEY = "generation_max_streams"
+KNOWN_PARAMETERS = (INTRA_OP_KEY, GENERATION_MAX_BATCH_KEY, GENERATION_MAX_STREAMS_KEY)
 
 
 class ConfigError(ValueError):
@@ -45,6 +53,9 @@ class ServingConfig:
     # Batching asked for in so many words (the file's dynamic_batching, or a queue delay); else the model
     # batches only where a load-time measurement says a batch costs less per row (`OnnxModel`).
     batching_chosen: bool = False
+    # This model's own --generation-max-batch and --generation-max-streams; 0: the server's.
+    generation_max_batch: int = 0
+    generation_max_streams: int = 0
 
 
 def serving_config(model_dir: Path, settings: Settings, cpus: int) -> ServingConfig:
@@ -77,11 +88,12 @@ def serving_config(model_dir: Path, settings: Settings, cpus: int) -> ServingCon
         raise ConfigError(f"{path}: max_batch_size and instance counts must be >= 0")
     if count:
         instances = count
-    raw_threads = parsed.parameters[INTRA_OP_KEY].string_value if INTRA_OP_KEY in parsed.parameters else ""
-    try:
-        file_threads = int(raw_threads) if raw_threads else 0
-    except ValueError:
-        raise ConfigError(f"{path}: {INTRA_OP_KEY} is {raw_threads!r}, not a whole number") from None
+    unknown = sorted(k for k in parsed.parameters if k.startswith("generation_") and k not in KNOWN_PARAMETERS)
+    if unknown:
+        raise ConfigError(
+            f"{path}: parameters {unknown} are not known here; this server reads {list(KNOWN_PARAMETERS)}"
+        )
+    file_threads = _whole(path, parsed, INTRA_OP_KEY)
     return ServingConfig(
         max_batch_size=parsed.max_batch_size or config.max_batch_size,
         dynamic_batching=batching,
@@ -91,4 +103,20 @@ def serving_config(model_dir: Path, settings: Settings, cpus: int) -> ServingCon
         intra_op_threads=file_threads or threads or max(1, cpus // instances),
         threads_chosen=bool(file_threads or threads),
         batching_chosen=batching,
+        generation_max_batch=_whole(path, parsed, GENERATION_MAX_BATCH_KEY),
+        generation_max_streams=_whole(path, parsed, GENERATION_MAX_STREAMS_KEY),
     )
+
+
+def _whole(path: Path, parsed: config_pb.ModelConfig, key: str) -> int:
+    """The parameter `key` as a whole number >= 1; 0 when the file does not set it."""
+    raw = parsed.parameters[key].string_value if key in parsed.parameters else ""
+    if not raw:
+        return 0
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{path}: {key} is {raw!r}, not a whole number") from None
+    if value < 1:
+        raise ConfigError(f"{path}: {key} is {value}; it must be >= 1")
+    return value

@@ -8,7 +8,7 @@ from typing import Any
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
 from nnserve_contract.stubs import model_config_pb2 as config_pb
 from nnserve_server.core.model import OnnxModel
-from nnserve_server.core.serving_config import INTRA_OP_KEY
+from nnserve_server.core.serving_config import GENERATION_MAX_BATCH_KEY, GENERATION_MAX_STREAMS_KEY, INTRA_OP_KEY
 from nnserve_server.core.stats import Duration
 from nnserve_server.edge.servicers import streaming
 
@@ -57,6 +57,12 @@ def model_config(model: OnnxModel) -> config_pb.ModelConfig:
         ],
         parameters={INTRA_OP_KEY: config_pb.ModelParameter(string_value=str(model.config.intra_op_threads))},
     )
+    for key, value in (
+        (GENERATION_MAX_BATCH_KEY, model.config.generation_max_batch),
+        (GENERATION_MAX_STREAMS_KEY, model.config.generation_max_streams),
+    ):
+        if value:  # set in the model's config.pbtxt (else the server's flags hold)
+            config.parameters[key].string_value = str(value)
     if streaming.is_text_lm(model):  # as Triton describes its LLM models: text in, text out, streamed responses
         for name, datatype, shape in streaming.LLM_INPUTS:
             config.input.add(name=name, data_type=_config_type(datatype), dims=shape, optional=name != "text_input")
