@@ -5,12 +5,17 @@ Splits are deterministic (fixed seeds), so quality figures are reproducible.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from nnserve_contract.model_spec import ModelSpec, Preprocessing
 
 DIGIT_LABELS = tuple(str(d) for d in range(10))
 DIGIT_SCALE = 1 / 16  # pixel intensities 0..16 -> 0..1
@@ -111,3 +116,20 @@ def text_corpus() -> Corpus:
     tokens = np.array([ids[c] for c in text], dtype=np.int64)
     cut = int(len(tokens) * 0.9)
     return Corpus(tokens[:cut], tokens[cut:], vocabulary)
+
+
+def digit_classifier(family: str, quality: Mapping[str, float], description: str, **fields: Any) -> ModelSpec:
+    """The spec of a classifier of the digits: their labels, scale, image size and source; `fields` add to
+    or replace these (the input layout, what each output means)."""
+    spec = ModelSpec(
+        task="classify",
+        family=family,
+        labels=DIGIT_LABELS,
+        preprocessing=Preprocessing(scale=DIGIT_SCALE),
+        image_size=(8, 8),
+        quality=dict(quality),
+        training_data=DIGITS_SOURCE,
+        description=description,
+        outputs={"logits": "class scores over the labels"},
+    )
+    return dataclasses.replace(spec, **fields)

@@ -8,8 +8,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnserve_contract.model_spec import ModelSpec, Preprocessing
-
 from .. import api, datasets
 from ..training import Trained, fit_digits
 
@@ -43,15 +41,10 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
     parity = api.export(
         model,
         torch.full((2, 64), 0.5),
-        ModelSpec(
-            task=TASK,
-            family=FAMILY,
-            labels=datasets.DIGIT_LABELS,
-            preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
-            image_size=(8, 8),
-            quality=quality,
-            training_data=datasets.DIGITS_SOURCE,
-            description="Feed-forward network (64-256-256-10, ReLU, dropout 0.2) classifying 8x8 handwritten digits",
+        datasets.digit_classifier(
+            FAMILY,
+            quality,
+            "Feed-forward network (64-256-256-10, ReLU, dropout 0.2) classifying 8x8 handwritten digits",
             outputs={"logits": "class scores over the labels (softmax for probabilities)"},
         ),
         out=path,

@@ -8,8 +8,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnserve_contract.model_spec import ModelSpec, Preprocessing
-
 from .. import api, datasets
 from ..training import Trained, fit_digits, shift_augment
 
@@ -74,17 +72,11 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
     parity = api.export(
         model,
         torch.full((2, 1, 8, 8), 0.5),
-        ModelSpec(
-            task=TASK,
-            family=FAMILY,
-            labels=datasets.DIGIT_LABELS,
+        datasets.digit_classifier(
+            FAMILY,
+            quality,
+            "ResNet: a stem and three stages of two basic blocks (16-32-64 channels) on 8x8 digits",
             input_layout="NCHW",
-            preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
-            image_size=(8, 8),
-            quality=quality,
-            training_data=datasets.DIGITS_SOURCE,
-            description="ResNet: a stem and three stages of two basic blocks (16-32-64 channels) on 8x8 digits",
-            outputs={"logits": "class scores over the labels"},
         ),
         out=path,
         output_names=("logits",),

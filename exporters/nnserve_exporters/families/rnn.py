@@ -8,8 +8,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnserve_contract.model_spec import ModelSpec, Preprocessing
-
 from .. import api, datasets
 from ..training import Trained, fit_digits
 
@@ -50,17 +48,12 @@ def export(model: nn.Module, out: Path, quality: dict[str, float]) -> list[api.E
     parity = api.export(
         model,
         torch.full((2, 8, 8), 0.5),
-        ModelSpec(
-            task=TASK,
-            family=FAMILY,
-            labels=datasets.DIGIT_LABELS,
+        datasets.digit_classifier(
+            FAMILY,
+            quality,
+            "Two-layer tanh RNN (128 units) over the rows of an 8x8 digit, classified from the last step",
             input_layout="sequence",
-            preprocessing=Preprocessing(scale=datasets.DIGIT_SCALE),
-            image_size=(8, 8),
-            quality=quality,
             training_data=datasets.DIGITS_SOURCE + "; each image read as 8 rows of 8 pixels",
-            description="Two-layer tanh RNN (128 units) over the rows of an 8x8 digit, classified from the last step",
-            outputs={"logits": "class scores over the labels"},
         ),
         out=path,
         output_names=("logits",),
