@@ -52,8 +52,10 @@ def _sync(target: str, seen: dict[str, object]) -> None:
 
     # A language model, streamed: one response per piece, the last flagged final.
     for request_id, empty in (("llm", False), ("llm-empty", True)):
-        parameters = {"enable_empty_final_response": True} if empty else None
-        client.async_stream_infer("chars-lstm", _llm("The ", True), request_id=request_id, parameters=parameters)
+        # tritonclient's own flag (it sends Triton's triton_enable_empty_final_response)
+        client.async_stream_infer(
+            "chars-lstm", _llm("The ", True), request_id=request_id, enable_empty_final_response=empty
+        )
         pieces, finals = [], []
         while True:
             result, error = answers.get(timeout=60)

@@ -135,4 +135,18 @@ def test_what_the_general_path_refuses_is_refused_after_a_plan_exists(
         stub.ModelInfer(missing)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+    # Request-level options this server does not have (tritonclient's priority=, timeout=, sequence_id=).
+    for key in ("priority", "timeout", "sequence_id"):
+        asked = _digits(2)
+        asked.parameters[key].int64_param = 5
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(asked)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"the request has the parameter '{key}', which this server does not support" in (
+            refused.value.details() or ""
+        )
+    flagged = _digits(2)  # tritonclient's flag for decoupled models: a plain model's answer is final anyway
+    flagged.parameters["triton_enable_empty_final_response"].bool_param = True
+    assert stub.ModelInfer(flagged) == expected
+
     assert stub.ModelInfer(good) == expected  # and the lane still answers

@@ -34,6 +34,8 @@ from nnserve_server.settings import Settings
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
 SHARED_MEMORY_EXTENSION = "system_shared_memory"
+# A plain model's one response is its final one: tritonclient's flag for decoupled models changes nothing.
+PLAIN_REQUEST_PARAMETERS = (streaming.TRITON_EMPTY_FINAL, streaming.EMPTY_FINAL)
 REGION, OFFSET, BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
 SHARED_MEMORY = (REGION, OFFSET, BYTE_SIZE)
 SHARED_MEMORY_OFF = (
@@ -305,6 +307,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline: float | None,
         regions: Mapping[str, Region] | None,
     ) -> pb.ModelInferResponse:
+        if request.parameters:  # priority, timeout, sequences...: refused, never ignored
+            _refuse_parameters("the request", request.parameters, PLAIN_REQUEST_PARAMETERS)
         inputs = decode_inputs(request) if regions is None else decode_shared_inputs(request, regions)
         names, classes = requested_outputs(request)
         results, _ = await model.infer_timed(inputs, names, deadline)

@@ -96,7 +96,7 @@ def _plain(request: pb.ModelInferRequest) -> bool:
 def answer(model: OnnxModel, request: pb.ModelInferRequest) -> bytes | None:
     """The serialized answer to a plain request of a remembered shape, run at once; None: not here."""
     plans: dict[Signature, Plan] | None = model.edge_cache.get(Plan)  # type: ignore[assignment]
-    if not plans:
+    if not plans or request.parameters:  # request parameters: the general path refuses them
         return None
     key = signature(request)
     plan = plans.get(key) if key is not None else None

@@ -36,11 +36,14 @@ from nnserve_server.core.tasks import Limits
 TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
 FINAL = "triton_final_response"
 EMPTY_FINAL = "enable_empty_final_response"
+# What tritonclient's `async_stream_infer(..., enable_empty_final_response=True)` sends (Triton's name);
+# `enable_empty_final_response` as a plain request parameter says the same.
+TRITON_EMPTY_FINAL = "triton_enable_empty_final_response"
 DEFAULT_MAX_TOKENS = 64
 MAX_QUEUED_RESPONSES = 64  # answers of one stream waiting to be written (see `stream_infer`)
 _SAMPLING = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
 _KNOWN_INPUTS = {TEXT_INPUT, "stream", "stop", *_SAMPLING}
-_KNOWN_PARAMETERS = {*_SAMPLING, "stop", "stream", EMPTY_FINAL}
+_KNOWN_PARAMETERS = {*_SAMPLING, "stop", "stream", EMPTY_FINAL, TRITON_EMPTY_FINAL}
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,8 @@ def llm_request(inputs: Mapping[str, np.ndarray], parameters: Any) -> LlmRequest
         seed=converted.get("seed"),
         stop=tuple(values.get("stop", ())),
     )
-    return LlmRequest(prompt, sampling, bool(values.get("stream", False)), bool(values.get(EMPTY_FINAL, False)))
+    empty_final = bool(values.get(EMPTY_FINAL, False) or values.get(TRITON_EMPTY_FINAL, False))
+    return LlmRequest(prompt, sampling, bool(values.get("stream", False)), empty_final)
 
 
 def _text(value: Any, name: str) -> str:
