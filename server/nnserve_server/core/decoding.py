@@ -117,7 +117,7 @@ class Stream:
                 self.pieces.append(self.produced[self.emitted :])
             self._finish("length")
             return
-        if len(self.pieces) >= hold or time.perf_counter_ns() - self.held_since > MAX_HOLD_NS:
+        if self.due():
             self.ready.set()
 
     def due(self) -> bool:

@@ -125,10 +125,10 @@ def create_server(
         KServeServicer(
             repository,
             state,
+            Limits.from_settings(settings),
             settings.repository_control,
             shared_memory,
             guard,
-            limits=Limits.from_settings(settings),
             max_stream_requests=settings.max_stream_requests,
             budget=budget,
             decoding=Decoding.from_settings(settings),

@@ -29,7 +29,6 @@ from nnserve_server.edge.guard import StatusGuard
 from nnserve_server.edge.servicers import plain, streaming
 from nnserve_server.edge.servicers.deadline import deadline_of
 from nnserve_server.edge.servicers.model_views import PLATFORM, model_config, model_statistics
-from nnserve_server.settings import Settings
 
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
@@ -195,10 +194,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self,
         repository: ModelRepository,
         state: ServerState,
+        limits: Limits,
         repository_control: bool = True,
         shared_memory: SharedMemoryRegions | None = None,
         guard: StatusGuard | None = None,
-        limits: Limits | None = None,
         max_stream_requests: int = 256,
         budget: MemoryBudget | None = None,
         decoding: Decoding = DECODING,
@@ -208,7 +207,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._max_stream_requests = max_stream_requests
         self._repository = repository
         self._guard = guard
-        self._limits = limits if limits is not None else Limits.from_settings(Settings())
+        self._limits = limits
         self._state = state
         self._repository_control = repository_control
         self._shared_memory = shared_memory
