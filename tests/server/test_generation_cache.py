@@ -164,3 +164,39 @@ def test_a_step_writes_each_moving_rows_keys_at_its_own_length(axis: int) -> Non
     filled = np.take(before[0], range(5), axis=axis - 1)
     np.testing.assert_array_equal(filled, np.take(prompts[0].buffers["past"][0], range(5), axis=axis - 1))
     assert not np.take(before[0], range(5, 8), axis=axis - 1).any()
+
+
+def test_a_groups_buffers_grow_with_its_longest_row_and_shrink_once_it_left() -> None:
+    """The room a step attends over follows the longest row, `ROOM` positions at a time, up to the
+    capacity the streams reserved; what the rows filled survives every change of room."""
+    from nnserve_contract.model_spec import AppendCache
+    from nnserve_server.core.decoding import ROOM, Caches
+
+    spec = AppendCache({"past": "new"}, "length", axis=2)
+    capacity = 4 * ROOM
+    caches = Caches(spec, {"past": [1, 2, capacity, 3]})
+    rng = np.random.default_rng(0)
+    prompts = []
+    for length in (3, ROOM + 5):
+        own = generation._Cache(spec, {"past": [1, 2, length, 3]})
+        own.buffers["past"][:] = rng.standard_normal(own.buffers["past"].shape)
+        own.length = length
+        prompts.append(own)
+    caches.add(prompts)
+    assert caches.room == 2 * ROOM  # room for the longer prompt's next slot, not the capacity
+    expected = [list(np.moveaxis(p.buffers["past"][0], 1, 0)) for p in prompts]  # per row: [heads, width] a position
+    while caches.lengths[1] < 3 * ROOM + 1:
+        assert caches.feed()["past"].shape[2] == caches.room > caches.lengths.max()
+        new = rng.standard_normal((2, 2, 1, 3)).astype(np.float32)
+        caches.advance({"new": new}, np.array([True, True]))
+        for row in (0, 1):
+            expected[row].append(new[row, :, 0])
+    caches.feed()
+    assert caches.room == capacity  # grew twice, never past the capacity
+    for row in (0, 1):
+        filled = caches.buffers["past"][row][:, : caches.lengths[row]]
+        np.testing.assert_array_equal(filled, np.stack(expected[row], axis=1))
+    caches.keep([], 1)  # the longer row (the last) leaves; the short one stays
+    assert caches.lengths.tolist() == [2 * ROOM - 1]
+    assert caches.room == 2 * ROOM  # two ROOMs below the capacity: shrunk, with its row intact
+    np.testing.assert_array_equal(caches.buffers["past"][0][:, : caches.lengths[0]], np.stack(expected[0], axis=1))

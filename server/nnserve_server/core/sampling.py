@@ -25,7 +25,9 @@ class Drawer(Protocol):
     """A stream as `sample` sees it: its settings and its own generator."""
 
     sampling: Sampling
-    rng: np.random.Generator
+
+    @property
+    def rng(self) -> np.random.Generator: ...
 
     @property
     def greedy(self) -> bool: ...

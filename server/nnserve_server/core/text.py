@@ -26,6 +26,12 @@ class CharacterCodec:
         return self.vocabulary[token]
 
 
+@functools.lru_cache(maxsize=64)
+def character_codec(vocabulary: tuple[str, ...]) -> CharacterCodec:
+    """One codec per vocabulary, made once (not per request)."""
+    return CharacterCodec(vocabulary)
+
+
 @functools.lru_cache(maxsize=16)
 def _tokenizer(definition: str) -> Tokenizer:
     tokenizer = Tokenizer.from_str(definition)
