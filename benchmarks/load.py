@@ -146,11 +146,18 @@ def generate(
     return result
 
 
-def streams(target: str, model: str, concurrency: int, tokens: int, repeats: int = 1) -> dict[str, Any]:
+def streams(
+    target: str, model: str, concurrency: int, tokens: int, repeats: int = 1, versus: int = 0
+) -> dict[str, Any]:
     """`concurrency` greedy generations of `tokens` at once (after one to warm up): aggregate tokens/s,
     time to first token (p50, p99), the median gap between a stream's tokens, and errors by code.
     With `repeats`, the burst runs that many times and the run of median tokens/s is reported (one
     burst of 16 x 128 tokens lasts a fifth of a second: a noisy moment of the machine moves it by 20%).
+
+    With `versus` (e.g. 1), each burst is followed by one of `versus` streams, and the ratios of the
+    two (tokens/s, gap between tokens) are taken pair by pair: `pairs` holds each pair's, `versus` the
+    other side's median run. Two bursts seconds apart measured a 20-40% swing of this shared machine
+    as if it were the server's; a pair is a fifth of a second apart.
 
     A busy server sends several tokens in one piece: tokens are counted by the characters of the
     pieces (one per token for these character LMs), and a piece of k tokens after a gap g counts as
@@ -168,22 +175,39 @@ def streams(target: str, model: str, concurrency: int, tokens: int, repeats: int
                         arrivals.append((time.perf_counter(), len(event.text)))
                 return started, arrivals
 
-            await one()
-            runs = []
-            for _ in range(repeats):
+            async def burst(count: int) -> dict[str, Any]:
                 began, cpu = time.perf_counter(), time.process_time()
-                outcomes = await asyncio.gather(*(one() for _ in range(concurrency)), return_exceptions=True)
-                runs.append(summary(outcomes, time.perf_counter() - began, time.process_time() - cpu))
-            runs.sort(key=lambda run: float(run["tokens_per_s"]))
-            errors: Counter[str] = Counter()
-            for run in runs:
-                errors.update(run["errors"])
-            # The median run's rates; the worst first-token p99 and every error, of all the runs.
-            worst_first = max(float(run["first_token_p99_ms"]) for run in runs)
-            median = runs[len(runs) // 2]
-            return {**median, "first_token_p99_ms": worst_first, "errors": dict(errors), "repeats": repeats}
+                outcomes = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+                return summary(count, outcomes, time.perf_counter() - began, time.process_time() - cpu)
 
-    def summary(outcomes: list[Any], wall: float, cpu: float) -> dict[str, Any]:
+            await one()
+            runs, others, pairs = [], [], []
+            for _ in range(repeats):
+                runs.append(await burst(concurrency))
+                if versus:
+                    others.append(await burst(versus))
+                    pairs.append(
+                        {
+                            "tokens_per_s": runs[-1]["tokens_per_s"] / others[-1]["tokens_per_s"],
+                            "inter_token_p50": runs[-1]["inter_token_p50_ms"] / others[-1]["inter_token_p50_ms"],
+                        }
+                    )
+            result = {**median_of(runs), "repeats": repeats}
+            if versus:
+                result["versus"] = median_of(others)
+                result["pairs"] = pairs
+            return result
+
+    def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        """The median run's rates; the worst first-token p99 and every error, of all the runs."""
+        runs = sorted(runs, key=lambda run: float(run["tokens_per_s"]))
+        errors: Counter[str] = Counter()
+        for run in runs:
+            errors.update(run["errors"])
+        worst_first = max(float(run["first_token_p99_ms"]) for run in runs)
+        return {**runs[len(runs) // 2], "first_token_p99_ms": worst_first, "errors": dict(errors)}
+
+    def summary(concurrency: int, outcomes: list[Any], wall: float, cpu: float) -> dict[str, Any]:
         errors: Counter[str] = Counter()
         firsts, gaps, pieces, generated = [], [], 0, 0
         for outcome in outcomes:
@@ -226,11 +250,12 @@ def main() -> None:
     parser.add_argument("--prefixes", default="16,512", help="prompt lengths in characters, comma-separated")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--versus", type=int, default=0, help="streams: pair each burst with one of this many streams")
     args = parser.parse_args()
     if args.mode == "sdk":
         result = asyncio.run(sdk(args.target, args.model, args.model_path, args.concurrency, args.seconds, args.warmup))
     elif args.mode == "streams":
-        result = streams(args.target, args.model, args.concurrency, args.tokens, args.repeats)
+        result = streams(args.target, args.model, args.concurrency, args.tokens, args.repeats, args.versus)
     elif args.mode == "raw":
         result = raw(args.model_path, args.concurrency, args.seconds, args.threads, args.batch)
     else:
