@@ -27,7 +27,7 @@ from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.request_record import CURRENT
 from nnserve_server.core.sampling import Sampling, check_sampling, sample
 from nnserve_server.core.tasks import Limits, require_task
-from nnserve_server.core.text import CharacterCodec
+from nnserve_server.core.text import character_codec
 from nnserve_server.settings import Settings
 
 MAX_CACHE_BYTES = 256 << 20  # one stream's key/value buffers
@@ -171,7 +171,7 @@ async def generate_text(
         )
     if not prompt:
         raise InvalidInput("the prompt is empty; give at least one character")
-    tokens = CharacterCodec(spec.vocabulary).encode(prompt)[np.newaxis]
+    tokens = character_codec(spec.vocabulary).encode(prompt)[np.newaxis]
     state = _initial_state(model, spec)
     shared = decoding_settings.share_steps and _batchable(model, spec)
     config = model.config  # the model's config.pbtxt may set its own limits over the server's
