@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from nnserve_server import event_loop
+from nnserve_server import allocator, event_loop
 from nnserve_server.core import logs
 from nnserve_server.core.errors import StartupError
 from nnserve_server.edge.app import serve
@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nnserve: {error}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    allocator.retain_freed_memory(settings.allocator_retain_mb << 20)
     try:
         if settings.workers > 1:
             return supervise(settings, args[1:])

@@ -93,6 +93,11 @@ class Settings:
         200, "a model whose runs average under this runs on the event loop thread (cheaper than a thread hop); 0: never"
     )
     workers: int = _setting(1, "server processes sharing the port (SO_REUSEPORT), each with its own sessions")
+    allocator_retain_mb: int = _setting(
+        64,
+        "MiB of freed memory glibc keeps for reuse instead of unmapping it (0: its own default); fresh pages "
+        "cost a page fault each",
+    )
     event_loop: str = _setting(
         "auto", "asyncio, uvloop (faster per call; a server dependency), or auto: uvloop when installed"
     )
@@ -190,6 +195,8 @@ class Settings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1")
+        if self.allocator_retain_mb < 0:
+            problems.append("allocator retain must be >= 0 MiB")
         if not self.generation_memory_mb > 0:
             problems.append("generation memory must be > 0 MiB")
         if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:

@@ -4,7 +4,7 @@
 - nnserve_server/settings.py: nothing of nnserve's.
 - nnserve_server/core/: the core, settings and the contract; no gRPC (grpc, the *_grpc stubs) and no edge.
 - nnserve_server/edge/: the core, the edge, settings and the contract.
-- the process (cli, workers, ...): anything.
+- the process (cli, workers, event_loop, allocator, ...): anything.
 - outside the SDK, nothing imports the SDK's private modules (nnserve_client._*).
 """
 
@@ -102,6 +102,7 @@ def test_the_server_has_its_two_parts_and_the_process_beside_them() -> None:
     top = {p.name for p in SERVER.iterdir() if p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__")}
     assert top == {
         "__init__.py", "core", "edge", "settings.py", "cli.py", "workers.py", "worker_metrics.py", "event_loop.py",
+        "allocator.py",
     }  # fmt: skip
 
 
