@@ -235,7 +235,6 @@ class Caches:
             empty[cache.axis] = 0
             self.buffers[name] = np.zeros(empty, np.float32)
         self.lengths = np.zeros(0, np.int64)
-        self._flat: np.ndarray | None = None  # [rows, heads, width] offsets of slot 0 (the exporters' layout)
 
     def feed(self) -> dict[str, np.ndarray]:
         if len(self.lengths) and int(self.lengths.max()) >= self.room:  # a row's next slot is past the room
@@ -243,30 +242,23 @@ class Caches:
         return {self._spec.length_input: self.lengths, **self.buffers}
 
     def advance(self, result: dict[str, np.ndarray], moving: np.ndarray) -> None:
-        shape = next(iter(self.buffers.values())).shape
-        everyone = bool(moving.all())
-        rows = None if everyone else np.flatnonzero(moving)
-        if len(shape) == 4 and self._spec.axis == 2:  # [rows, heads, room, width]: one flat index for all
-            if self._flat is None:
-                count, heads, room, width = shape
-                row_heads = (np.arange(count)[:, None] * heads + np.arange(heads)[None, :]) * room
-                self._flat = row_heads[:, :, None] * width + np.arange(width)[None, None, :]
-            flat = self._flat + (self.lengths * shape[3])[:, None, None]
-            if rows is not None:
-                flat = flat[rows]
-            for name, output in self._spec.buffers.items():
-                new = result[output][:, :, 0]  # from [rows, heads, 1, width]
-                self.buffers[name].reshape(-1)[flat] = new if rows is None else new[rows]
-        else:  # any other layout: the same writes, indexed on the cache's axis
-            picked = np.arange(len(self.lengths)) if rows is None else rows
-            where: list[Any] = [slice(None)] * len(shape)
-            where[0], where[self._spec.axis] = picked, self.lengths[picked]
-            for name, output in self._spec.buffers.items():
-                self.buffers[name][tuple(where)] = np.take(result[output][picked], 0, axis=self._spec.axis)
-        if rows is None:
-            self.lengths += 1
-        else:
-            self.lengths[rows] += 1
+        rows = None if moving.all() else np.flatnonzero(moving)
+        picked = np.arange(len(self.lengths)) if rows is None else rows
+        # Each moving row's slot at its length, the axes between whole: with the exporters' [rows, heads,
+        # room, width], [rows, heads] index pairs of `width` floats each (a flat index of every float cost
+        # more). The row and slot indexes broadcast against the axes between them.
+        axis, shape = self._spec.axis, next(iter(self.buffers.values())).shape
+        between = [1] * (axis - 1)
+        where: list[Any] = [slice(None)] * len(shape)
+        where[0] = picked.reshape(-1, *between)
+        where[axis] = self.lengths[picked].reshape(-1, *between)
+        for inner in range(1, axis):
+            where[inner] = np.arange(shape[inner]).reshape([-1 if a == inner else 1 for a in range(1, axis)])
+        index = tuple(where)
+        for name, output in self._spec.buffers.items():
+            new = np.take(result[output], 0, axis=axis)  # this step's one position
+            self.buffers[name][index] = new if rows is None else new[rows]
+        self.lengths[picked] += 1
 
     def add(self, joining: Sequence[object]) -> None:
         caches: list[Prefilled] = joining  # type: ignore[assignment]
@@ -294,7 +286,6 @@ class Caches:
         return min(self.capacity, -(-positions // ROOM) * ROOM)
 
     def _reshape(self, rows: int, room: int) -> None:
-        self._flat = None
         if room == self.room:  # in place (realloc): no step is running, and no view of a buffer outlives a step's feed
             for buffer in self.buffers.values():
                 buffer.resize((rows, *buffer.shape[1:]), refcheck=False)
