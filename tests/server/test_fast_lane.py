@@ -150,3 +150,36 @@ def test_what_the_general_path_refuses_is_refused_after_a_plan_exists(
     assert stub.ModelInfer(flagged) == expected
 
     assert stub.ModelInfer(good) == expected  # and the lane still answers
+
+
+def test_the_decoupled_flag_perf_analyzer_always_sends_keeps_the_lane(repository: Path) -> None:
+    """perf_analyzer sends `triton_enable_empty_final_response` with every ModelInfer: the lane answers
+    such a request (it refused them all, and the general path cost perf_analyzer 15% of its rate); any
+    other request parameter still leaves it to the general path, which refuses it."""
+    from nnserve_server.core.model import OnnxModel
+    from nnserve_server.core.runtime import Runtime
+    from nnserve_server.core.serving_config import serving_config
+    from nnserve_server.edge.servicers import plain
+    from nnserve_server.settings import Settings
+
+    folder = repository / "digits-fnn"
+    settings = Settings()
+    runtime = Runtime.from_settings(settings)
+    config = serving_config(folder, settings, 2)
+    model = OnnxModel("digits-fnn", "1", folder / "1" / "model.onnx", runtime, config, settings.inline_run_us)
+    try:
+        request = _digits(2)
+        inputs = {"input": np.frombuffer(request.raw_input_contents[0], np.float32).reshape(2, 64)}
+        names = list(model.outputs)
+        plain.remember(model, request, inputs, dict(zip(names, model.session.run(names, inputs), strict=True)))
+        expected = plain.answer(model, request)
+        assert expected is not None  # the plan exists
+        flagged = _digits(2)
+        flagged.parameters["triton_enable_empty_final_response"].bool_param = True
+        assert plain.answer(model, flagged) == expected
+        asked = _digits(2)
+        asked.parameters["triton_enable_empty_final_response"].bool_param = True
+        asked.parameters["priority"].int64_param = 5
+        assert plain.answer(model, asked) is None
+    finally:
+        model.close()

@@ -8,7 +8,7 @@ models in Triton's LLM convention are in `streaming.py`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from typing import Any, TypeAlias
 
 import numpy as np
@@ -33,8 +33,6 @@ from nnserve_server.edge.servicers.model_views import PLATFORM, model_config, mo
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
 SHARED_MEMORY_EXTENSION = "system_shared_memory"
-# A plain model's one response is its final one: tritonclient's flag for decoupled models changes nothing.
-PLAIN_REQUEST_PARAMETERS = (streaming.TRITON_EMPTY_FINAL, streaming.EMPTY_FINAL)
 REGION, OFFSET, BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
 SHARED_MEMORY = (REGION, OFFSET, BYTE_SIZE)
 SHARED_MEMORY_OFF = (
@@ -175,7 +173,7 @@ def _write_shared_outputs(
     return contents
 
 
-def _refuse_parameters(what: str, parameters: Any, known: tuple[str, ...]) -> None:
+def _refuse_parameters(what: str, parameters: Any, known: Collection[str]) -> None:
     for key in parameters:
         if key not in known:
             if key in SHARED_MEMORY:
@@ -307,7 +305,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         regions: Mapping[str, Region] | None,
     ) -> pb.ModelInferResponse:
         if request.parameters:  # priority, timeout, sequences...: refused, never ignored
-            _refuse_parameters("the request", request.parameters, PLAIN_REQUEST_PARAMETERS)
+            _refuse_parameters("the request", request.parameters, plain.ANSWERED_PARAMETERS)
         inputs = decode_inputs(request) if regions is None else decode_shared_inputs(request, regions)
         names, classes = requested_outputs(request)
         results, _ = await model.infer_timed(inputs, names, deadline)
