@@ -43,6 +43,7 @@ def test_settings_are_frozen() -> None:
         (["--max-queue-size", "0"], "max queue size"),
         (["--log-level", "LOUD"], "log level"),
         (["--max-message-bytes", "10"], "max message bytes"),
+        (["--allocator-retain-mb", "-1"], "allocator retain"),
     ],
 )
 def test_invalid_values_are_refused_with_a_reason(argv: list[str], message: str) -> None:
