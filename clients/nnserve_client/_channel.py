@@ -57,6 +57,17 @@ def channel_target(target: str | Sequence[str]) -> str:
     return "ipv6:" + ",".join(f"[{_as_ipv6(host)}]:{port}" for host, port in addresses)
 
 
+def channel_authority(target: str | Sequence[str]) -> str | None:
+    """The :authority for a channel over several addresses: the first one. Left to gRPC, it is the whole
+    list ("10.0.0.1:8001,10.0.0.2:8001"), which no HTTP/2 server need accept: a comma is not allowed in
+    an authority, and servers built on Rust's h2 (nnserve's native transport) reset every such call with
+    PROTOCOL_ERROR. None for one target (gRPC's own default)."""
+    if isinstance(target, str) or len(target) < 2:
+        return None
+    host, port = _resolve(target[0])[0]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _resolve(target: str) -> list[tuple[str, int]]:
     host, _, port = target.rpartition(":")
     host = host.strip("[]")

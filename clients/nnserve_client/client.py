@@ -19,7 +19,7 @@ from nnserve_contract.stubs import tasks_pb2_grpc as tasks_grpc
 
 from . import _calls
 from ._calls import GenerateOptions, SamplingOptions
-from ._channel import channel_target, service_config
+from ._channel import channel_authority, channel_target, service_config
 from .errors import from_rpc_error
 from .types import (
     Classifications,
@@ -65,6 +65,9 @@ def _channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, An
 
 def _open(transport: Any, target: str | Sequence[str], credentials: Any, options: list[tuple[str, Any]]) -> Any:
     """A channel from `transport` (grpc for Client, grpc.aio for AsyncClient)."""
+    authority = channel_authority(target)
+    if authority is not None:
+        options = [*options, ("grpc.default_authority", authority)]
     if credentials is None:
         return transport.insecure_channel(channel_target(target), options=options)
     return transport.secure_channel(channel_target(target), credentials, options=options)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from nnserve_client._channel import channel_target, service_config
+from nnserve_client._channel import channel_authority, channel_target, service_config
 
 
 def test_several_targets_become_one_round_robin_target() -> None:
@@ -18,6 +18,15 @@ def test_several_targets_become_one_round_robin_target() -> None:
         channel_target(["dns:///nnserve:8001", "127.0.0.1:1"])
     with pytest.raises(ValueError, match="at least one"):
         channel_target([])
+
+
+def test_several_targets_name_the_first_as_their_authority() -> None:
+    """gRPC would send the whole list ("a:1,b:2"), which h2-based servers (the native transport) reset
+    with PROTOCOL_ERROR; tests/e2e/test_load_spreading.py fails without this."""
+    assert channel_authority("127.0.0.1:8001") is None
+    assert channel_authority(["127.0.0.1:8001"]) is None
+    assert channel_authority(["127.0.0.2:1", "127.0.0.1:2"]) == "127.0.0.2:1"
+    assert channel_authority(["[::1]:1", "127.0.0.1:2"]) == "[::1]:1"
 
 
 def test_retries_cover_a_stopping_servers_statuses_and_are_bounded() -> None:
