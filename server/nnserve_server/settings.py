@@ -101,6 +101,11 @@ class Settings:
     event_loop: str = _setting(
         "auto", "asyncio, uvloop (faster per call; a server dependency), or auto: uvloop when installed"
     )
+    transport: str = _setting(
+        "auto",
+        "the gRPC server: native (pygrpc-native: HTTP/2 in Rust, outside the GIL), grpcio (grpc.aio: TLS and "
+        "connection age), or auto: native unless TLS or a connection age is set",
+    )
     reuse_port: bool = _setting(False, "bind the gRPC port with SO_REUSEPORT, so other servers may share it")
     max_connection_age_s: float = _setting(
         0.0, "close each client connection after this long, so clients reconnect and spread over new replicas; 0: never"
@@ -213,6 +218,8 @@ class Settings:
             problems.append("--tls-client-ca-file (mutual TLS) needs the server's --tls-cert-file and --tls-key-file")
         if self.event_loop not in ("auto", "asyncio", "uvloop"):
             problems.append(f"event loop {self.event_loop!r} is not auto, asyncio or uvloop")
+        if self.transport not in ("auto", "native", "grpcio"):
+            problems.append(f"transport {self.transport!r} is not auto, native or grpcio")
         if self.log_format not in ("text", "json"):
             problems.append(f"log format {self.log_format!r} is not text or json")
         if not 0.0 <= self.access_log_sample <= 1.0:

@@ -132,9 +132,10 @@ def _stream(channel: grpc.Channel, method: str, payload: bytes, kind: str) -> No
         assert failure.code() in ALLOWED, (kind, failure.code(), failure.details(), payload[:200])
 
 
-@pytest.fixture(scope="module")
-def fuzzed(model_repository: Path) -> Iterator[tuple[RunningServer, grpc.Channel]]:
-    running = start_server(model_repository, "--max-message-bytes", str(16 * 2**20))
+@pytest.fixture(scope="module", params=["native", "grpcio"])
+def fuzzed(request: pytest.FixtureRequest, model_repository: Path) -> Iterator[tuple[RunningServer, grpc.Channel]]:
+    """The same cases against each transport (their message limits and malformed-frame paths differ)."""
+    running = start_server(model_repository, "--max-message-bytes", str(16 * 2**20), "--transport", request.param)
     try:
         with Client(running.target) as client:
             before = client.infer("digits-fnn", {"input": PIXELS})["logits"]

@@ -101,6 +101,9 @@ METRICS = (
     MetricSpec("provider", "nnserve_execution_provider", Gauge, ("provider",),
                "1 for each onnxruntime execution provider sessions are created with, in order of preference",
                multiprocess_mode="livemax"),
+    MetricSpec("transport", "nnserve_transport_info", Gauge, ("transport", "reason"),
+               "1 for the gRPC transport that serves (native or grpcio), with why it was chosen",
+               multiprocess_mode="livemax"),
     MetricSpec("provider_fallbacks", "nnserve_provider_fallbacks", Counter, ("provider",),
                "Requested execution providers that were missing at start, so the server fell back"),
 )  # fmt: skip
@@ -132,6 +135,7 @@ class ServerMetrics:
     load_failures: Counter
     provider: Gauge
     provider_fallbacks: Counter
+    transport: Gauge
 
     async def model_state_changed(self, model: str, ready: bool) -> None:
         self.model_ready.labels(model).set(1 if ready else 0)

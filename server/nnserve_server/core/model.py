@@ -152,6 +152,41 @@ class OnnxModel:
             record.add_alone_run(self.name, self.version, stats, run_ns, rows)
         return arrays
 
+    def infer_together_now(
+        self,
+        feeds: Sequence[dict[str, np.ndarray]],
+        names: tuple[str, ...],
+        rows: int,
+        records: Sequence[RequestRecord],
+    ) -> list[list[np.ndarray]] | None:
+        """Several requests of one shape (`rows` rows each, inputs already checked) that arrived together,
+        in one run at once on the loop thread: what the batcher would do with them queued, without the
+        queue. Each gets back its own rows (views). None: this model does not combine requests, or would
+        not run them now (`infer_timed` will). Counted per request and per run, as the batcher counts."""
+        batcher = self.batcher
+        together = rows * len(feeds)
+        if not batcher.policy.max_batch_size or together > batcher.policy.max_batch_size or not batcher.runs_now():
+            return None
+        began = time.perf_counter_ns()
+        feed = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
+        fed = time.perf_counter_ns()
+        try:
+            arrays, run_ns = batcher.run_inline(names, feed)
+        except BaseException:
+            self.stats.fail.add(time.perf_counter_ns() - began)
+            raise
+        ran = fed + run_ns
+        parts = [[array[start : start + rows] for array in arrays] for start in range(0, together, rows)]
+        finished = time.perf_counter_ns()
+        timing = Timing(0, fed - began, run_ns, finished - ran, together)
+        stats = self.stats
+        stats.count_run(timing)
+        for record in records:
+            stats.count_request(finished - record.started_ns, timing, rows)
+            record.entered_ns = record.entered_ns or began
+            record.add_run(self.name, self.version, stats, timing, rows)
+        return parts
+
     async def infer(
         self,
         inputs: Mapping[str, np.ndarray],

@@ -28,9 +28,10 @@ from nnserve_server.core.repository import ModelRepository
 from nnserve_server.core.runtime import Runtime
 from nnserve_server.core.shared_memory import SharedMemoryRegions
 from nnserve_server.core.tasks import Limits
-from nnserve_server.edge import listening
+from nnserve_server.edge import listening, transport
 from nnserve_server.edge.guard import InFlight, StatusGuard
 from nnserve_server.edge.security import BearerTokenAuth, read_token, server_credentials
+from nnserve_server.edge.servicers.infer_burst import InferBurst
 from nnserve_server.edge.servicers.kserve import KServeServicer, ServerState
 from nnserve_server.edge.servicers.tasks import TasksServicer
 from nnserve_server.edge.tracing import Tracing
@@ -42,6 +43,7 @@ SERVICE_NAMES = (
     grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
     tasks_pb2.DESCRIPTOR.services_by_name["Tasks"].full_name,
 )
+MODEL_INFER = f"/{SERVICE_NAMES[0]}/ModelInfer"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 FLUSH_S = 0.5  # after the last request: time for its response to leave before the server stops
@@ -55,6 +57,7 @@ class Server:
     state: ServerState
     in_flight: InFlight
     shared_memory: SharedMemoryRegions | None
+    transport: transport.Transport
 
     async def drain(self, grace_s: float) -> bool:
         """Refuse new calls, let the requests in flight finish (up to `grace_s`), then stop.
@@ -106,9 +109,13 @@ def create_server(
         max_in_flight=settings.max_in_flight,
     )
     token = read_token(settings)
-    server = grpc.aio.server(
-        interceptors=[BearerTokenAuth(token)] if token else None,
-        options=[
+    auth = BearerTokenAuth(token) if token else None
+    chosen = transport.choose(settings)
+    metrics.transport.labels(chosen.name, chosen.reason).set(1)
+    server = transport.build(
+        chosen,
+        [auth] if auth else [],
+        [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
@@ -134,6 +141,11 @@ def create_server(
             decoding=Decoding.from_settings(settings),
         ),
     )
+    transport.serve_bursts(
+        server,
+        MODEL_INFER,
+        InferBurst(repository, guard, auth.allows if auth else None, settings.max_message_bytes),
+    )
     guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings, budget))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -156,7 +168,7 @@ def create_server(
 
     repository.on_state_change(model_health)
     repository.on_state_change(metrics.model_state_changed)
-    return Server(server, port, health_servicer, state, guard.in_flight, shared_memory)
+    return Server(server, port, health_servicer, state, guard.in_flight, shared_memory, chosen)
 
 
 async def set_serving(server: Server, repository: ModelRepository, serving: bool) -> None:
@@ -203,7 +215,8 @@ async def serve(settings: Settings) -> None:
         server.port,
         endpoint.address,
         f"{_count(len(ready), 'model')} ready: {', '.join(ready) or 'none'}"
-        + (f"; {len(training)} training: {', '.join(training)}" if training else ""),
+        + (f"; {len(training)} training: {', '.join(training)}" if training else "")
+        + f"; transport {server.transport.name} ({server.transport.reason})",
     )
     logs.announce(banner, settings.log_format)
     logs.announce(f"try: nnserve-client --target {settings.host}:{server.port} models", settings.log_format)

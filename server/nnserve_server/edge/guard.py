@@ -297,6 +297,15 @@ class StatusGuard:
         self._close(record, request, None)
         await context.abort(status, message, record.trailing_metadata(time.perf_counter_ns()))
 
+    @property
+    def traces(self) -> bool:
+        return self._tracing is not None
+
+    def answered(self, record: RequestRecord, request: Any) -> None:
+        """A call answered outside a wrapped handler (`infer_burst`), reported as one: metrics, access log."""
+        record.reported = True
+        self._report(record, request, None)
+
     def _close(self, record: RequestRecord, request: Any, response: Any) -> None:
         if record.reported:
             return

@@ -53,6 +53,13 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
+    def allows(self, metadata: Any) -> bool:
+        """Whether a call with this metadata carries the token (the lane of `infer_burst` asks first)."""
+        for key, value in metadata or ():
+            if key == "authorization":
+                return hmac.compare_digest(value.encode() if isinstance(value, str) else value, self._expected)
+        return False
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],

@@ -99,8 +99,8 @@ def _plain(request: pb.ModelInferRequest) -> bool:
 ANSWERED_PARAMETERS = frozenset({"triton_enable_empty_final_response", "enable_empty_final_response"})
 
 
-def answer(model: OnnxModel, request: pb.ModelInferRequest) -> bytes | None:
-    """The serialized answer to a plain request of a remembered shape, run at once; None: not here."""
+def prepare(model: OnnxModel, request: pb.ModelInferRequest) -> tuple[Plan, dict[str, np.ndarray]] | None:
+    """The plan of a plain request of a remembered shape, and its inputs as arrays; None: not here."""
     plans: dict[Signature, Plan] | None = model.edge_cache.get(Plan)  # type: ignore[assignment]
     if not plans:
         return None
@@ -117,6 +117,15 @@ def answer(model: OnnxModel, request: pb.ModelInferRequest) -> bytes | None:
         if len(data) != size:
             return None  # the general path says what is wrong with it
         feed[name] = np.frombuffer(data, dtype).reshape(shape)
+    return plan, feed
+
+
+def answer(model: OnnxModel, request: pb.ModelInferRequest) -> bytes | None:
+    """The serialized answer to a plain request of a remembered shape, run at once; None: not here."""
+    prepared = prepare(model, request)
+    if prepared is None:
+        return None
+    plan, feed = prepared
     arrays = model.infer_now(feed, plan.outputs, plan.rows)
     if arrays is None:
         return None

@@ -1,0 +1,176 @@
+"""The transport: which gRPC server carries the calls, chosen once at start-up (`--transport`).
+
+- `native`: pygrpc-native's front end. HTTP/2 and gRPC (framing, flow control, deadlines,
+  cancellation) run in Rust outside the GIL and hand calls to Python in batches; unary and
+  server-streaming methods are served there, bidirectional ones (ModelStreamInfer, reflection) by a
+  grpc.aio server behind it on a Unix socket. It has no TLS and cannot close connections by age.
+- `grpcio`: grpc.aio, grpc-core's HTTP/2 in C++ under the GIL: TLS, mutual TLS and connection age.
+- `auto` (the default): native unless a setting needs what only grpcio has; the reason is kept and
+  the start-up line and the `nnserve_transport_info` gauge say which transport serves and why.
+
+Nothing outside this module knows which one serves: both are `grpc.aio.Server`s to the app.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from nnserve_server.core.errors import StartupError
+from nnserve_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+NATIVE, GRPCIO = "native", "grpcio"
+NATIVE_PACKAGE = "pygrpc_native"
+
+
+@dataclass(frozen=True)
+class Transport:
+    name: str  # native | grpcio
+    reason: str  # why this one: shown in the start-up line and the info gauge
+
+
+def _needs_grpcio(settings: Settings) -> list[str]:
+    """What the settings ask for that only grpcio's server does."""
+    needs = []
+    if settings.tls_cert_file:
+        needs.append("TLS (--tls-cert-file)")
+    if settings.max_connection_age_s:
+        needs.append("connection age (--max-connection-age-s)")
+    return needs
+
+
+def native_installed() -> bool:
+    return importlib.util.find_spec(NATIVE_PACKAGE) is not None
+
+
+def choose(settings: Settings) -> Transport:
+    """The transport `settings.transport` resolves to, and why; a refusal when `native` cannot serve them."""
+    needs = _needs_grpcio(settings)
+    if settings.transport == GRPCIO:
+        return Transport(GRPCIO, "--transport grpcio")
+    if settings.transport == NATIVE:
+        if needs:
+            raise StartupError(
+                f"--transport native cannot serve {' and '.join(needs)}: use --transport grpcio, or auto"
+            )
+        if not native_installed():
+            raise StartupError("--transport native, but pygrpc-native is not installed: pip install pygrpc-native")
+        return Transport(NATIVE, "--transport native")
+    if needs:
+        return Transport(GRPCIO, f"auto: the native front end has no {' and no '.join(needs)}")
+    if not native_installed():
+        # A dependency of nnserve-server: missing only in a hand-made environment. Said in the banner.
+        log.warning("pygrpc-native is not installed: serving on grpcio")
+        return Transport(GRPCIO, "auto: pygrpc-native is not installed")
+    return Transport(NATIVE, "auto")
+
+
+# A handler of the calls of one method that arrived together: (calls, respond) -> the ids it answered.
+# calls: (call id, request bytes, (metadata, peer, seconds left)); respond(call id, bytes, trailing metadata).
+BurstHandler = Callable[[Sequence[tuple[int, bytes, tuple[Any, str, float | None]]], Callable[..., object]], set[int]]
+
+
+def serve_bursts(server: grpc.aio.Server, method: str, handler: BurstHandler) -> bool:
+    """Give the calls of `method` that reach Python together to `handler` first (native transport only;
+    what it does not answer takes the method's registered handler). False where the transport cannot."""
+    set_burst = getattr(server, "set_burst_handler", None)
+    if set_burst is None:
+        return False
+    set_burst(method, handler)
+    return True
+
+
+def build(
+    transport: Transport, interceptors: Sequence[grpc.aio.ServerInterceptor], options: Sequence[tuple[str, Any]]
+) -> grpc.aio.Server:
+    """An unstarted server of the chosen transport, with grpc.aio's interface."""
+    if transport.name == NATIVE:
+        return _native_server(interceptors, options)
+    return grpc.aio.server(interceptors=interceptors or None, options=options)
+
+
+class _Methods(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Handlers by full method path, as a plain generic handler (not a per-service one)."""
+
+    def __init__(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self._handlers = {f"/{service}/{name}": handler for name, handler in handlers.items()}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(details.method)
+
+
+def _native_server(
+    interceptors: Sequence[grpc.aio.ServerInterceptor], options: Sequence[tuple[str, Any]]
+) -> grpc.aio.Server:
+    # `import pygrpc_native.aio`, not `from pygrpc_native import aio`: in 0.5.0 the package's lazy
+    # __getattr__ answers the latter by importing it the same way, and recurses until RecursionError.
+    import pygrpc_native.aio as native_aio
+    from pygrpc_native import EVENT_CALL
+
+    class NativeServer(native_aio.Server):  # type: ignore[misc]
+        """The package's asyncio server, with two changes made here (the package is pinned: both use its
+        internals, `_on_events`, `_table`, `_front` and `_stopping`, as 0.5.0 has them; a test of each
+        fails if they move).
+
+        Bursts: the package hands each batch of calls from its front end to `_on_events`, which makes a
+        task and a context per call. A burst handler gets the calls of its method first, in one piece.
+
+        Bidirectional methods (ModelStreamInfer, reflection): pygrpc-native 0.5.0 gives the grpc.aio server
+        behind it only the registered handlers of such methods, and drops the service's generic handler;
+        grpc.aio 1.75 finds methods through generic handlers alone, so every bidirectional call answered
+        UNIMPLEMENTED "Method not found!". Each one is also given to it as a plain generic handler, which
+        the package passes on."""
+
+        _burst_method = ""
+        _burst: BurstHandler | None = None
+        _burst_id = -1
+
+        def set_burst_handler(self, method: str, handler: BurstHandler) -> None:
+            self._burst_method, self._burst = method, handler
+
+        async def start(self) -> None:
+            await super().start()
+            ids = [index for index, (path, _) in enumerate(self._table) if path == self._burst_method]
+            self._burst_id = ids[0] if ids else -1
+
+        def _respond(self, call_id: int, data: bytes, trailing: Sequence[tuple[str, str]]) -> None:
+            self._front.respond(call_id, data, trailing_metadata=list(trailing))  # type: ignore[union-attr]
+
+        def _on_events(self, events: list[tuple[Any, ...]]) -> None:
+            burst, method_id = self._burst, self._burst_id
+            if burst is None or self._stopping:
+                super()._on_events(events)
+                return
+            calls = [
+                (call_id, payload, details)
+                for kind, call_id, method, payload, _, details in events
+                if kind == EVENT_CALL and method == method_id
+            ]
+            if not calls:
+                super()._on_events(events)
+                return
+            try:
+                answered = burst(calls, self._respond)
+            except Exception:  # a bug of the lane must not lose calls: the general path answers them all
+                log.exception("the burst handler of %s failed; its calls go the general path", self._burst_method)
+                answered = set()
+            if answered:
+                events = [event for event in events if event[0] != EVENT_CALL or event[1] not in answered]
+            if events:
+                super()._on_events(events)
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+            super().add_registered_method_handlers(service, handlers)
+            streamed = {name: handler for name, handler in handlers.items() if handler.request_streaming}
+            if streamed:
+                self.add_generic_rpc_handlers([_Methods(service, streamed)])
+
+    return NativeServer(interceptors=interceptors or None, options=list(options))
