@@ -1,4 +1,5 @@
-"""The transport's ceiling: a grpc.aio server speaking KServe v2 with no model behind it.
+"""The transport's ceiling: a grpc.aio server speaking KServe v2 with no model behind it (`--native`: on
+pygrpc-native's asyncio server, the transport nnserve serves on by default).
 
 It reads the model file's input and output specs (onnxruntime reads the graph; nothing runs) and
 answers ModelInfer with a response of the same size a real model returns, built once. Requests are
@@ -166,8 +167,13 @@ def load(repository: Path, run: bool = False) -> dict[str, _Model]:
     return {p.parent.parent.name: _Model(p.parent.parent.name, p, run) for p in paths}
 
 
-async def run(models: dict[str, _Model], host: str, port: int, reuse_port: bool) -> None:
-    server = grpc.aio.server(options=_options(reuse_port))
+async def run(models: dict[str, _Model], host: str, port: int, reuse_port: bool, native: bool = False) -> None:
+    if native:  # the same server on pygrpc-native's front end: HTTP/2 in Rust, the servicer unchanged
+        import pygrpc_native.aio
+
+        server = pygrpc_native.aio.server(options=_options(reuse_port))
+    else:
+        server = grpc.aio.server(options=_options(reuse_port))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(BareServicer(models), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
@@ -183,12 +189,15 @@ def main() -> None:
     parser.add_argument("--reuse-port", action="store_true")
     parser.add_argument("--run-model", action="store_true", help="run the model once per request")
     parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--native", action="store_true", help="on pygrpc-native's asyncio server (nnserve's default)")
     parser.add_argument("--sync", type=int, default=0, metavar="THREADS", help="grpcio's thread-pool server instead")
     args = parser.parse_args()
     if args.sync:
         run_sync(load(args.model_repository, args.run_model), args.host, args.port, args.reuse_port, args.sync)
         return
-    main_coroutine = run(load(args.model_repository, args.run_model), args.host, args.port, args.reuse_port)
+    main_coroutine = run(
+        load(args.model_repository, args.run_model), args.host, args.port, args.reuse_port, args.native
+    )
     if args.event_loop == "uvloop":
         import uvloop
 
