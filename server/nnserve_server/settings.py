@@ -106,6 +106,9 @@ class Settings:
         "the gRPC server: native (pygrpc-native: HTTP/2 in Rust, outside the GIL), grpcio (grpc.aio: TLS and "
         "connection age), or auto: native unless TLS or a connection age is set",
     )
+    native_io_threads: int = _setting(
+        0, "threads of the native transport's HTTP/2 front end; 0: one per two CPUs the server may use (--cpus)"
+    )
     reuse_port: bool = _setting(False, "bind the gRPC port with SO_REUSEPORT, so other servers may share it")
     max_connection_age_s: float = _setting(
         0.0, "close each client connection after this long, so clients reconnect and spread over new replicas; 0: never"
@@ -182,6 +185,8 @@ class Settings:
         for name in ("instances", "max_queue_delay_us", "inline_run_us"):
             if getattr(self, name) < 0:
                 problems.append(f"{name.replace('_', ' ')} must be >= 0")
+        if not 0 <= self.native_io_threads <= 64:
+            problems.append(f"native io threads is {self.native_io_threads}; use 0..64")
         if self.max_in_flight < 0:
             problems.append("max in flight must be >= 0")
         if self.max_stream_requests < 1:

@@ -73,7 +73,9 @@ def test_the_banner_and_a_metric_say_which_transport_serves(
     name = said.split('"')[1]
     assert f"; transport {name} (" in running.log()
     info = [line for line in running.metrics().splitlines() if line.startswith("nnserve_transport_info{")]
-    assert len(info) == 1 and said in info[0] and info[0].endswith(" 1.0"), info
+    assert len(info) == 1, info
+    assert said in info[0]
+    assert info[0].endswith(" 1.0"), info
 
 
 @pytest.fixture(scope="module", params=["native", "grpcio"])
@@ -103,7 +105,8 @@ def test_every_kserve_rpc_works(served: RunningServer) -> None:
         assert stub.ModelConfig(pb.ModelConfigRequest(name="digits-fnn")).config.name == "digits-fnn"
         answers = [stub.ModelInfer(_infer_request(PIXELS)) for _ in range(3)]  # the second on: the fast lane
         for answer in answers:
-            assert answer.id == "smoke" and answer.outputs[0].shape == [1, 10]
+            assert answer.id == "smoke"
+            assert answer.outputs[0].shape == [1, 10]
             assert answer.raw_output_contents == answers[0].raw_output_contents
         typed = pb.ModelInferRequest(model_name="digits-fnn")
         typed.inputs.add(name="input", datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend(PIXELS[0])
@@ -245,3 +248,49 @@ def test_modelinfer_calls_that_arrive_together_share_a_run_and_each_gets_its_own
         stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits-fnn")).model_stats
         assert max(b.batch_size for s in stats for b in s.batch_stats) > 1
     assert "nnserve_batch_size_bucket" in running.metrics()
+
+
+def test_the_lane_and_the_general_path_together_answer_right_and_count_exactly(
+    own_server: Callable[..., RunningServer],
+) -> None:
+    """The burst lane runs on the transport's thread while the event loop serves the general path (typed
+    contents, streams) for the same model: every answer is right and no request goes uncounted."""
+    running = own_server("--transport", "native")
+    typed = pb.ModelInferRequest(model_name="digits-fnn")
+    typed.inputs.add(name="input", datatype="FP32", shape=[1, 64]).contents.fp32_contents.extend(PIXELS[0])
+    with grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        expected = stub.ModelInfer(_infer_request(PIXELS)).raw_output_contents[0]
+
+        def totals() -> tuple[int, float]:
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits-fnn")).model_stats
+            served = sum(s.inference_stats.success.count for s in stats)
+            counted = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in running.metrics().splitlines()
+                if line.startswith("nnserve_requests_total{")
+                and 'rpc="ModelInfer"' in line
+                and 'code="OK"' in line
+                and 'model="digits-fnn"' in line
+            )
+            return served, counted
+
+        served, counted = totals()
+
+        async def load() -> list[bytes]:
+            async with grpc.aio.insecure_channel(running.target) as aio_channel:
+                aio_stub = pb_grpc.GRPCInferenceServiceStub(aio_channel)
+                raw = [aio_stub.ModelInfer(_infer_request(PIXELS)) for _ in range(300)]
+                general = [aio_stub.ModelInfer(typed) for _ in range(100)]
+                answers = await asyncio.gather(*raw, *general)
+                streamed = [r async for r in aio_stub.ModelStreamInfer(iter([_infer_request(PIXELS)] * 50))]
+            return [a.raw_output_contents[0] for a in answers] + [
+                s.infer_response.raw_output_contents[0] for s in streamed
+            ]
+
+        want = np.frombuffer(expected, np.float32)
+        for answer in asyncio.run(load()):
+            np.testing.assert_allclose(np.frombuffer(answer, np.float32), want, rtol=1e-5)
+        after_served, after_counted = totals()
+        assert after_served - served == 450  # 300 raw, 100 typed, 50 streamed
+        assert after_counted - counted == 400  # the stream's requests count under ModelStreamInfer

@@ -160,7 +160,7 @@ class OnnxModel:
         records: Sequence[RequestRecord],
     ) -> list[list[np.ndarray]] | None:
         """Several requests of one shape (`rows` rows each, inputs already checked) that arrived together,
-        in one run at once on the loop thread: what the batcher would do with them queued, without the
+        in one run at once on the calling thread: what the batcher would do with them queued, without the
         queue. Each gets back its own rows (views). None: this model does not combine requests, or would
         not run them now (`infer_timed` will). Counted per request and per run, as the batcher counts."""
         batcher = self.batcher

@@ -97,7 +97,11 @@ def _shared_memory(settings: Settings, token: str | None) -> SharedMemoryRegions
 
 
 def create_server(
-    settings: Settings, repository: ModelRepository, metrics: ServerMetrics, tracing: Tracing | None = None
+    settings: Settings,
+    repository: ModelRepository,
+    metrics: ServerMetrics,
+    tracing: Tracing | None = None,
+    cpus: int = 2,
 ) -> Server:
     """Build the gRPC server with every service registered, bound but not started."""
     guard = StatusGuard(
@@ -121,6 +125,7 @@ def create_server(
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
             *_connection_age(settings),
         ],
+        transport.io_threads(settings, cpus),
     )
     state = ServerState()
     shared_memory = _shared_memory(settings, token)
@@ -203,7 +208,9 @@ async def serve(settings: Settings) -> None:
         )
     repository = ModelRepository(settings.model_repository, runtime, settings, metrics)
     tracing = Tracing.from_settings(settings.tracing)
-    server = create_server(settings, repository, metrics, tracing)  # binds the gRPC port: refused now if busy
+    server = create_server(
+        settings, repository, metrics, tracing, runtime.cpus
+    )  # binds the gRPC port: refused now if busy
     endpoint = MetricsEndpoint(settings.metrics_host, settings.metrics_port, registry)
     await repository.load_all()
     await server.grpc_server.start()

@@ -3,7 +3,7 @@
 The native transport hands calls to Python in batches (a burst: whatever arrived while Python was busy).
 For the ModelInfer calls of a burst this module does what the general path (a task per call, the guard's
 wrapper, `KServeServicer.ModelInfer`) would do for plain requests of a shape already served (`plain`),
-in one pass on the loop thread and without a task or a context per call:
+in one pass and without a task or a context per call:
 
 - calls to one model with one plan are concatenated along the batch axis (up to the model's batch size)
   and run once (`OnnxModel.infer_together_now`): dynamic batching with no added delay, as Triton's
@@ -14,6 +14,12 @@ in one pass on the loop thread and without a task or a context per call:
 A call this lane does not answer (not plain, a shape not served yet, a model that is busy or does
 not run inline, no token where one is needed, an error of any kind, tracing on) is returned to the
 transport, which serves it through the general path: every refusal and error message stays there.
+
+It runs on the transport's dispatch thread, beside the event loop's (the GIL between them), so it
+touches only what tolerates that: dictionary reads (the repository, the plans), counters and
+histograms (single-operation updates), an onnxruntime session (thread-safe; the run releases the GIL)
+and the batcher's busy count, which makes the loop's requests queue while a run of this lane is on.
+It awaits nothing and uses no asyncio.
 """
 
 from __future__ import annotations
