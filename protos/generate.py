@@ -3,6 +3,11 @@
 The stubs are committed. `--check` regenerates into a scratch folder and fails when the committed
 copy differs, so stale stubs cannot land. Imports are rewritten to be package-relative, so the
 stubs never claim the top-level names `kserve` or `nnserve`.
+
+`--languages` generates Go (protoc-gen-go, protoc-gen-go-grpc) and Java (protoc's own) code from the
+protos, unchanged, into a scratch folder, with the system's protoc: callers in those languages must be
+able to generate from what we ship (Debian: protobuf-compiler golang-google-protobuf-dev
+protoc-gen-go-grpc). It fails when a tool is missing or a generator refuses a file.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import filecmp
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -45,10 +51,47 @@ def generate(out: Path) -> None:
     (out / "__init__.py").write_text(HEADER + '"""Protocol buffer stubs for nnserve.v1 and inference (KServe v2)."""\n')
 
 
+LANGUAGES = {  # protoc flag -> what it must produce at least
+    "--go_out": "grpc_predict_v2.pb.go",
+    "--go-grpc_out": "grpc_predict_v2_grpc.pb.go",
+    "--java_out": "ModelInferRequest.java",  # protoc's own Java: messages; the service stubs need grpc-java
+}
+_PLUGINS = {"--go_out": "protoc-gen-go", "--go-grpc_out": "protoc-gen-go-grpc"}
+
+
+def check_languages() -> int:
+    """Go and Java from the protos as shipped; 0 when every generator accepted every file."""
+    missing = [tool for tool in ("protoc", *_PLUGINS.values()) if shutil.which(tool) is None]
+    if missing:
+        print(f"missing {', '.join(missing)}: apt-get install protobuf-compiler golang-google-protobuf-dev "
+              "protoc-gen-go-grpc", file=sys.stderr)  # fmt: skip
+        return 1
+    failed = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        for flag, expected in LANGUAGES.items():
+            out = Path(scratch) / flag.strip("-")
+            out.mkdir()
+            options = ["--go_opt=paths=source_relative"] if flag == "--go_out" else []
+            options += ["--go-grpc_opt=paths=source_relative"] if flag == "--go-grpc_out" else []
+            done = subprocess.run(
+                ["protoc", f"-I{PROTO_ROOT}", f"{flag}={out}", *options, *PROTOS], capture_output=True, text=True
+            )
+            produced = sorted(p.name for p in out.rglob("*") if p.is_file())
+            if done.returncode != 0 or expected not in produced:
+                print(f"protoc {flag} failed: {done.stderr.strip()[:2000]}", file=sys.stderr)
+                failed += 1
+            else:
+                print(f"protoc {flag}: {len(produced)} files")
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--check", action="store_true", help="fail if the committed stubs are stale")
+    parser.add_argument("--languages", action="store_true", help="check that Go and Java generate from the protos")
     args = parser.parse_args()
+    if args.languages:
+        return check_languages()
     if not args.check:
         shutil.rmtree(TARGET, ignore_errors=True)
         generate(TARGET)

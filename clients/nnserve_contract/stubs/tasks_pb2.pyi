@@ -245,7 +245,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelDescription(_message.Message):
-    __slots__ = ("name", "version", "versions", "ready", "task", "family", "labels", "inputs", "outputs", "quality", "description", "image", "text")
+    __slots__ = ("name", "version", "versions", "ready", "task", "family", "labels", "inputs", "outputs", "quality", "description", "image", "text", "task_input")
     class QualityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,7 @@ class ModelDescription(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    TASK_INPUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     versions: _containers.RepeatedScalarFieldContainer[str]
@@ -279,7 +280,22 @@ class ModelDescription(_message.Message):
     description: str
     image: ImageInput
     text: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., ready: bool = ..., task: _Optional[str] = ..., family: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., quality: _Optional[_Mapping[str, float]] = ..., description: _Optional[str] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., text: bool = ...) -> None: ...
+    task_input: TaskInput
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., versions: _Optional[_Iterable[str]] = ..., ready: bool = ..., task: _Optional[str] = ..., family: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., quality: _Optional[_Mapping[str, float]] = ..., description: _Optional[str] = ..., image: _Optional[_Union[ImageInput, _Mapping]] = ..., text: bool = ..., task_input: _Optional[_Union[TaskInput, _Mapping]] = ...) -> None: ...
+
+class TaskInput(_message.Message):
+    __slots__ = ("layout", "scale", "full_scale", "mean", "std")
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    FULL_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    layout: str
+    scale: float
+    full_scale: float
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, layout: _Optional[str] = ..., scale: _Optional[float] = ..., full_scale: _Optional[float] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ImageInput(_message.Message):
     __slots__ = ("height", "width", "channels")
