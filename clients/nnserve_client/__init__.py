@@ -31,6 +31,7 @@ from .types import (
     Segmentation,
     ServerInfo,
     ServerTiming,
+    TaskInput,
     TensorSpec,
     TextPiece,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "ServerError",
     "ServerInfo",
     "ServerTiming",
+    "TaskInput",
     "TensorSpec",
     "TextPiece",
     "Unauthenticated",

@@ -34,6 +34,7 @@ from .types import (
     Segmentation,
     ServerInfo,
     ServerTiming,
+    TaskInput,
     TensorSpec,
     TextPiece,
 )
@@ -299,4 +300,13 @@ def _model_info(m: tasks.ModelDescription) -> ModelInfo:
         description=m.description,
         image=(m.image.height, m.image.width, m.image.channels) if m.HasField("image") else None,
         text=m.text,
+        task_input=TaskInput(
+            m.task_input.layout,
+            m.task_input.scale,
+            m.task_input.full_scale,
+            tuple(m.task_input.mean),
+            tuple(m.task_input.std),
+        )
+        if m.HasField("task_input")
+        else None,
     )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import codecs
+import dataclasses
 import json
 import os
 import struct
@@ -181,6 +182,7 @@ def _models(args: argparse.Namespace, client: Client) -> None:
             "image": list(m.image) if m.image else None,
             "text": m.text,
             "inputs": [{"name": s.name, "datatype": s.datatype, "shape": list(s.shape)} for s in m.inputs],
+            "task_input": dataclasses.asdict(m.task_input) if m.task_input else None,
             "labels": list(m.labels),
             "quality": dict(m.quality),
         }

@@ -15,6 +15,24 @@ class TensorSpec:
     shape: tuple[int, ...]  # -1 marks a dimension of variable size
 
 
+@dataclass(frozen=True)
+class TaskInput:
+    """What a task API tensor holds: values in the model's natural units (digits: pixels 0..16), which
+    the server turns into the network's input as (x * scale - mean) / std."""
+
+    layout: str  # features, NCHW, NHWC, tokens, latent, ...
+    scale: float
+    full_scale: float  # the natural value that scales to 1 (1 / scale): the top of the natural range
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def __str__(self) -> str:
+        text = f"{self.layout}, values 0..{self.full_scale:g}" if self.full_scale else self.layout
+        if self.mean or self.std:
+            text += f" (then mean {list(self.mean) or 0}, std {list(self.std) or 1})"
+        return text
+
+
 @dataclass(frozen=True, repr=False)
 class ModelInfo:
     """One model as the server describes it; `str()` and `repr()` give one readable line."""
@@ -32,6 +50,7 @@ class ModelInfo:
     description: str = ""
     image: tuple[int, int, int] | None = None  # (height, width, channels) of the images it takes; 0, 0: any size
     text: bool = False  # takes texts (or a prompt)
+    task_input: TaskInput | None = None  # task models: what a `batch` tensor holds (natural units)
 
     def takes(self) -> str:
         """What the model takes, for people: "image 8x8 grey, tensor [n, 64]"."""
@@ -49,7 +68,9 @@ class ModelInfo:
         if self.text:
             accepted.append("texts")
         elif len(self.inputs) == 1:
-            accepted.append(f"a tensor {_shape(self.inputs[0].shape)}")
+            accepted.append(
+                f"a tensor {_shape(self.inputs[0].shape)}" + (f" ({self.task_input})" if self.task_input else "")
+            )
         return ", ".join(accepted)
 
     def __repr__(self) -> str:

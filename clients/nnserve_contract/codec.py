@@ -67,6 +67,12 @@ def dtype_of(datatype: str) -> np.dtype[Any]:
         return DTYPES[datatype]
     except KeyError:
         known = ", ".join(DTYPES)
+        if not datatype:
+            raise TensorError(f"the tensor has no datatype: raw bytes need one (one of {known})") from None
+        if datatype.upper() in DTYPES:
+            raise TensorError(
+                f"unknown datatype {datatype!r}: datatypes are the KServe names in upper case; use {datatype.upper()!r}"
+            ) from None
         raise TensorError(f"unknown datatype {datatype!r}; use one of {known}") from None
 
 

@@ -24,8 +24,8 @@ def test_public_surface_is_pinned() -> None:
         "AsyncClient", "Cancelled", "Classification", "Classifications", "Client", "DeadlineExceeded", "Embeddings",
         "FailedPrecondition", "GenerateEvent", "GeneratedImage", "GenerationDone", "InferResult", "InvalidArgument",
         "LabelScore", "ModelInfo", "NNServeError", "NotFound", "PermissionDenied", "ResourceExhausted",
-        "Segmentation", "ServerError", "ServerInfo", "ServerTiming", "TensorSpec", "TextPiece", "Unauthenticated",
-        "Unavailable", "Unimplemented", "tls_credentials",
+        "Segmentation", "ServerError", "ServerInfo", "ServerTiming", "TaskInput", "TensorSpec", "TextPiece",
+        "Unauthenticated", "Unavailable", "Unimplemented", "tls_credentials",
     ]  # fmt: skip
 
 

@@ -256,7 +256,7 @@ def test_command_line_formats_files_and_one_line_errors(zoo_server: RunningServe
     listed = cli(None, "models", "--format", "json", env={"NNSERVE_TARGET": target})
     assert listed.returncode == 0, listed.stderr
     models = {m["name"]: m for m in map(json.loads, listed.stdout.splitlines())}
-    assert models["digits-fnn"]["takes"] == "images 8x8 grey, a tensor [n, 64]"
+    assert models["digits-fnn"]["takes"] == "images 8x8 grey, a tensor [n, 64] (features, values 0..16)"
     assert models["digits-rnn"]["image"] == [8, 8, 1]
     assert models["sentence-minilm"]["takes"] == "texts"
     assert models["chars-lstm"]["takes"] == "a text prompt"

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from nnserve_server.core.errors import InvalidInput
+
+_OBJECT = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _why(error: Exception) -> str:
+    """Pillow's reason, for a caller of any language: no exception class, no Python object."""
+    if isinstance(error, UnidentifiedImageError):
+        return "the bytes are not in an image format the server reads"
+    return _OBJECT.sub("the data", str(error)).strip() or "the data is not a valid image"
 
 
 def decode(data: bytes, *, channels: int, size: tuple[int, ...], max_pixels: int, top: float) -> np.ndarray:
@@ -28,9 +38,7 @@ def decode(data: bytes, *, channels: int, size: tuple[int, ...], max_pixels: int
     except InvalidInput:
         raise
     except Exception as error:  # Pillow raises many types for bad data
-        raise InvalidInput(
-            f"cannot decode the image ({type(error).__name__}: {error}); send PNG or JPEG bytes"
-        ) from None
+        raise InvalidInput(f"cannot decode the image: {_why(error)}; send PNG or JPEG bytes") from None
     if size and (height, width) != tuple(size):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.float32)

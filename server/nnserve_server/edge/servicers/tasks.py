@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
 
 from nnserve_contract import codec
+from nnserve_contract.model_spec import ModelSpec
 from nnserve_contract.stubs import tasks_pb2 as pb
 from nnserve_contract.stubs import tasks_pb2_grpc as pb_grpc
 from nnserve_server.core import generation, images, tasks
@@ -92,6 +93,19 @@ def describe(repository: ModelRepository, model: OnnxModel) -> pb.ModelDescripti
         description=spec.description if spec else "",
         image=pb.ImageInput(height=image[0], width=image[1], channels=image[2]) if image else None,
         text=tasks.takes_text(model),
+        task_input=_task_input(spec) if spec else None,
+    )
+
+
+def _task_input(spec: ModelSpec) -> pb.TaskInput:
+    """What a task API tensor holds: natural units, and how they become the network's input."""
+    scaling = spec.preprocessing
+    return pb.TaskInput(
+        layout=spec.input_layout,
+        scale=scaling.scale,
+        full_scale=1.0 / scaling.scale if scaling.scale else 0.0,
+        mean=scaling.mean,
+        std=scaling.std,
     )
 
 
