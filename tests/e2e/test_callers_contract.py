@@ -12,7 +12,13 @@ from conftest import RunningServer
 from test_tasks import cli
 
 from nnserve_client import Client
-from nnserve_contract.stubs import grpc_predict_v2_pb2, model_config_pb2, tasks_pb2, tasks_pb2_grpc
+from nnserve_contract.stubs import (
+    grpc_predict_v2_pb2,
+    grpc_predict_v2_pb2_grpc,
+    model_config_pb2,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # and nothing after it
 PYTHON_INTERNALS = re.compile(r"0x[0-9a-f]{6,}|<[^>]*object|BytesIO|Error:|Exception|Traceback")
@@ -99,3 +105,15 @@ def test_messages_say_the_fix_without_python_internals(
     details = refused.value.details()
     assert says in details
     assert not PYTHON_INTERNALS.search(details), details
+
+
+def test_an_llm_prompt_sent_as_numbers_is_refused_in_plain_words(zoo_server: RunningServer) -> None:
+    request = grpc_predict_v2_pb2.ModelInferRequest(model_name="chars-lstm")
+    request.inputs.add(name="text_input", datatype="FP32", shape=[1]).contents.fp32_contents.append(1.5)
+    with grpc.insecure_channel(zoo_server.target) as channel, pytest.raises(grpc.RpcError) as refused:
+        grpc_predict_v2_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = refused.value.details()
+    assert "'text_input' must be sent as a BYTES tensor of UTF-8 text, not as numbers" in details
+    assert not PYTHON_INTERNALS.search(details), details
+    assert "float32" not in details

@@ -139,7 +139,7 @@ def _text(value: Any, name: str) -> str:
             raise InvalidInput(f"'{name}' is not UTF-8 text") from None
     if isinstance(value, str):
         return value
-    raise InvalidInput(f"'{name}' must be BYTES text, not {type(value).__name__}")
+    raise InvalidInput(f"'{name}' must be sent as a BYTES tensor of UTF-8 text, not as numbers")
 
 
 def _text_response(model: OnnxModel, request_id: str, text: str | None, final: bool) -> pb.ModelInferResponse:
