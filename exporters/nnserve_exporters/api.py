@@ -156,8 +156,18 @@ def random_like(example: torch.Tensor, shape: Sequence[int], generator: torch.Ge
     return torch.randint(0, max(int(example.max()) + 1, 1), tuple(shape), generator=generator, dtype=example.dtype)
 
 
+MODEL_FILE_MODE, MODEL_FOLDER_MODE = 0o644, 0o755
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `path` whole or not at all, readable by every user: a repository exported by one user is
+    often served by another (the image's uid 10001, a read-only volume). The temporary file is made
+    0600, so it is opened up before it takes the name; the version and model folders it creates too."""
+    for folder in reversed([path.parent, path.parent.parent]):
+        if not folder.is_dir():
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(MODEL_FOLDER_MODE)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx.tmp", delete=False) as tmp:
         tmp.write(data)
+    os.chmod(tmp.name, MODEL_FILE_MODE)
     os.replace(tmp.name, path)

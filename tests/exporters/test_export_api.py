@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,21 @@ def test_export_writes_metadata_and_a_dynamic_batch(tmp_path: Path) -> None:
     assert session.get_inputs()[0].shape[0] == "batch"
     for batch in (1, 33):
         assert session.run(None, {"input": np.zeros((batch, 4), np.float32)})[0].shape == (batch, 3)
+
+
+def test_exported_files_are_readable_by_every_user(tmp_path: Path) -> None:
+    """A repository exported by one user is served by another (the image runs as uid 10001): the model
+    file was 0600 (a temporary file renamed), so the server could load none of the zoo image's models."""
+    previous = os.umask(0o077)  # even under a strict umask
+    try:
+        path = tmp_path / "repo" / "m" / "1" / "model.onnx"
+        export(small_classifier(0), torch.zeros(2, 4), ModelSpec(task="classify", labels=("a", "b", "c")), out=path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o755  # the version folder
+    assert stat.S_IMODE(path.parent.parent.stat().st_mode) == 0o755  # the model folder
+    assert not list(path.parent.glob("*.tmp"))
 
 
 def test_parity_failure_names_the_output_and_the_error(tmp_path: Path) -> None:
