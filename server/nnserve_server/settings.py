@@ -135,6 +135,11 @@ class Settings:
     generation_memory_mb: float = _setting(
         1024.0, "MiB all text generations' caches and states may take together; beyond it RESOURCE_EXHAUSTED"
     )
+    strict_readiness: bool = _setting(
+        False,
+        "the server's health, inference.GRPCInferenceService's and ServerReady say SERVING only while every model "
+        "of the repository is ready (Triton's name; liveness is apart); off: once started, whatever loaded",
+    )
     grace_period_s: float = _setting(10.0, "seconds in-flight requests get to finish on SIGTERM or SIGINT")
     reflection: bool = _setting(True, "serve gRPC server reflection")
     repository_control: bool = _setting(

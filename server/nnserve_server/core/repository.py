@@ -282,6 +282,16 @@ class ModelRepository:
     def versions(self, name: str) -> list[VersionEntry]:
         return sorted(self._models.get(name, {}).values(), key=lambda e: _version_key(e.version))
 
+    def all_ready(self) -> bool:
+        """Every model of the repository has a ready version and none is being trained into it (Triton's
+        strict readiness). A model unloaded by request is not waited for."""
+        if self.training():
+            return False
+        for name, entries in self._models.items():
+            if self._latest.get(name) is None and any(e.state != UNLOADED for e in entries.values()):
+                return False
+        return True
+
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
             self.get(name, version)

@@ -127,7 +127,7 @@ def create_server(
         ],
         transport.io_threads(settings, cpus),
     )
-    state = ServerState()
+    state = ServerState(repository.all_ready if settings.strict_readiness else None)
     shared_memory = _shared_memory(settings, token)
     budget = MemoryBudget(int(settings.generation_memory_mb * 2**20))  # one for both APIs' generations
     metrics.stats.generation = lambda: (generation.running(), budget.used)
@@ -170,6 +170,8 @@ def create_server(
 
     async def model_health(name: str, ready: bool) -> None:
         await health_servicer.set(name, SERVING if ready and state.ready else NOT_SERVING)
+        if settings.strict_readiness and state.ready:  # the server's own readiness follows its models'
+            await _set_overall(health_servicer, state.serving)
 
     repository.on_state_change(model_health)
     repository.on_state_change(metrics.model_state_changed)
@@ -182,10 +184,15 @@ async def set_serving(server: Server, repository: ModelRepository, serving: bool
     if not serving:
         await server.health.enter_graceful_shutdown()  # every name NOT_SERVING, and it stays so
         return
-    for name in ("", *SERVICE_NAMES):
-        await server.health.set(name, SERVING)
+    await _set_overall(server.health, server.state.serving)
     for name in repository.names():
         await server.health.set(name, SERVING if repository.is_ready(name) else NOT_SERVING)
+
+
+async def _set_overall(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    """The server's own health (`""`) and its services' (what the Kubernetes probes ask for)."""
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, SERVING if serving else NOT_SERVING)
 
 
 def _count(n: int, noun: str) -> str:
@@ -223,7 +230,12 @@ async def serve(settings: Settings) -> None:
         endpoint.address,
         f"{_count(len(ready), 'model')} ready: {', '.join(ready) or 'none'}"
         + (f"; {len(training)} training: {', '.join(training)}" if training else "")
-        + f"; transport {server.transport.name} ({server.transport.reason})",
+        + f"; transport {server.transport.name} ({server.transport.reason})"
+        + (
+            f"; strict readiness: {'ready' if server.state.serving else 'NOT ready until every model is'}"
+            if settings.strict_readiness
+            else ""
+        ),
     )
     logs.announce(banner, settings.log_format)
     logs.announce(f"try: nnserve-client --target {settings.host}:{server.port} models", settings.log_format)

@@ -45,10 +45,16 @@ Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
 
 
 class ServerState:
-    """Whether the server takes traffic: ready after start-up, not ready once draining."""
+    """Whether the server takes traffic: ready after start-up, not ready once draining; with strict
+    readiness (`--strict-readiness`), only while every model of the repository is ready too."""
 
-    def __init__(self) -> None:
+    def __init__(self, models_ready: Callable[[], bool] | None = None) -> None:
         self.ready = False
+        self._models_ready = models_ready  # None: readiness does not wait for the models
+
+    @property
+    def serving(self) -> bool:
+        return self.ready and (self._models_ready is None or self._models_ready())
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
@@ -225,7 +231,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._state.ready)
+        return pb.ServerReadyResponse(ready=self._state.serving)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(
