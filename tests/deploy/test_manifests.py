@@ -332,3 +332,9 @@ def test_checkov_finds_no_failed_check(tmp_path: Path) -> None:
         for skipped in report["results"]["skipped_checks"]:
             reason = skipped["check_result"].get("suppress_comment") or ""
             assert len(reason) > 20, f"{skipped['check_id']} is skipped without a reason"
+
+
+def test_the_image_context_leaves_out_build_outputs() -> None:
+    """A stale clients/build/ was copied into the image and setuptools reused it (issue 29, point 4)."""
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"**/build", "**/dist", "**/*.egg-info", "**/__pycache__"} <= set(ignored)
