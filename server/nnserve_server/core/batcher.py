@@ -160,6 +160,22 @@ class Batcher:
         self._observe(run_ns)
         return arrays, run_ns
 
+    def run_together(
+        self, feeds: Sequence[dict[str, np.ndarray]], outputs: tuple[str, ...], rows: int
+    ) -> list[tuple[list[np.ndarray], Timing]]:
+        """Requests of one shape (`rows` rows each) that arrived together, in one run on the calling thread
+        now (after `runs_now`): concatenated, run and split as a dispatched batch is; each gets its rows
+        (views) and timing. The run is counted by the caller, who also counts the requests."""
+        self._busy += 1
+        try:
+            results, error = self._execute([_Request(feed, outputs, rows) for feed in feeds])
+        finally:
+            self._busy -= 1
+        if error is not None:
+            raise error
+        assert results is not None
+        return results
+
     def run_now(
         self,
         inputs: dict[str, np.ndarray],

@@ -168,24 +168,19 @@ class OnnxModel:
         if not batcher.policy.max_batch_size or together > batcher.policy.max_batch_size or not batcher.runs_now():
             return None
         began = time.perf_counter_ns()
-        feed = {name: np.concatenate([f[name] for f in feeds]) for name in feeds[0]}
-        fed = time.perf_counter_ns()
         try:
-            arrays, run_ns = batcher.run_inline(names, feed)
+            results = batcher.run_together(feeds, names, rows)
         except BaseException:
             self.stats.fail.add(time.perf_counter_ns() - began)
             raise
-        ran = fed + run_ns
-        parts = [[array[start : start + rows] for array in arrays] for start in range(0, together, rows)]
         finished = time.perf_counter_ns()
-        timing = Timing(0, fed - began, run_ns, finished - ran, together)
         stats = self.stats
-        stats.count_run(timing)
-        for record in records:
+        stats.count_run(results[0][1])
+        for record, (_, timing) in zip(records, results, strict=True):
             stats.count_request(finished - record.started_ns, timing, rows)
             record.entered_ns = record.entered_ns or began
             record.add_run(self.name, self.version, stats, timing, rows)
-        return parts
+        return [arrays for arrays, _ in results]
 
     async def infer(
         self,

@@ -215,9 +215,8 @@ async def serve(settings: Settings) -> None:
         )
     repository = ModelRepository(settings.model_repository, runtime, settings, metrics)
     tracing = Tracing.from_settings(settings.tracing)
-    server = create_server(
-        settings, repository, metrics, tracing, runtime.cpus
-    )  # binds the gRPC port: refused now if busy
+    # Binds the gRPC port: refused now if busy.
+    server = create_server(settings, repository, metrics, tracing, runtime.cpus)
     endpoint = MetricsEndpoint(settings.metrics_host, settings.metrics_port, registry)
     await repository.load_all()
     await server.grpc_server.start()

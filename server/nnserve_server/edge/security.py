@@ -55,10 +55,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def allows(self, metadata: Any) -> bool:
         """Whether a call with this metadata carries the token (the lane of `infer_burst` asks first)."""
-        for key, value in metadata or ():
-            if key == "authorization":
-                return hmac.compare_digest(value.encode() if isinstance(value, str) else value, self._expected)
-        return False
+        return hmac.compare_digest(_given_token(metadata), self._expected)
 
     async def intercept_service(
         self,
@@ -67,16 +64,20 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         if details.method.startswith(OPEN_METHODS):
             return await continuation(details)
-        given = b""
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                break
+        given = _given_token(details.invocation_metadata)
         handler = await continuation(details)
         if hmac.compare_digest(given, self._expected) or handler is None:
             return handler
         reason = "wrong bearer token" if given else "this server needs 'authorization: Bearer <token>' metadata"
         return _refusal(handler, reason)
+
+
+def _given_token(metadata: Any) -> bytes:
+    """The call's `authorization` metadata, as bytes (empty when it has none)."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            return value.encode() if isinstance(value, str) else bytes(value)
+    return b""
 
 
 def _refusal(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:

@@ -69,7 +69,6 @@ class InferBurst:
         self._guard = guard
         self._authorized = authorized  # None: no token needed
         self._send_limit = send_limit
-        self.answered = 0  # calls this lane answered (the rest went to the general path)
 
     def __call__(self, calls: Sequence[Call], respond: Respond) -> set[int]:
         """Answer what it can of `calls`; returns the ids of those it answered."""
@@ -86,7 +85,6 @@ class InferBurst:
                 step = 1
             for start in range(0, len(items), step):
                 self._run(model, plan, items[start : start + step], respond, answered)
-        self.answered += len(answered)
         return answered
 
     def _prepare(
