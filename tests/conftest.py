@@ -67,20 +67,22 @@ class RunningServer:
             raise
 
 
-def start_server(repository: Path, *flags: str, env: dict[str, str] | None = None) -> RunningServer:
+def start_server(
+    repository: Path, *flags: str, env: dict[str, str] | None = None, within_s: float = 60
+) -> RunningServer:
     command = [
         sys.executable, "-m", "nnserve_server.cli", "serve",
         "--model-repository", str(repository), "--port", "0", "--metrics-port", "0", *flags,
     ]  # fmt: skip
-    return start_command(command, env)
+    return start_command(command, env, within_s)
 
 
-def start_command(command: list[str], env: dict[str, str] | None = None) -> RunningServer:
+def start_command(command: list[str], env: dict[str, str] | None = None, within_s: float = 60) -> RunningServer:
     """Any command that ends up serving (a server, or the zoo builder that starts one): its output in a log."""
     log_path = Path(tempfile.mkstemp(prefix="nnserve-", suffix=".log")[1])
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         said = listening.find(log_path.read_text(errors="replace"))
         if said is not None:
@@ -89,7 +91,7 @@ def start_command(command: list[str], env: dict[str, str] | None = None) -> Runn
             raise RuntimeError(f"server exited with {process.returncode}:\n{log_path.read_text()}")
         time.sleep(0.05)
     process.kill()
-    raise RuntimeError(f"server did not start within 60 s:\n{log_path.read_text()}")
+    raise RuntimeError(f"server did not start within {within_s:.0f} s:\n{log_path.read_text()}")
 
 
 def echo_model(path: Path, datatypes: Iterable[str] = ECHO_TYPES) -> None:

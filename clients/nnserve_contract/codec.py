@@ -11,6 +11,7 @@ import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import ml_dtypes
 import numpy as np
 
 from .stubs import tasks_pb2 as tasks
@@ -30,12 +31,14 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
     "FP16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),  # numpy has none; ml_dtypes' is the one onnx and jax use
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
     "BYTES": np.dtype(object),
 }
 
-# Which InferTensorContents field carries each datatype (FP16 has none: raw only).
+# Which InferTensorContents field carries each datatype. FP16 has none: raw only. BF16 may come as
+# fp32_contents (each value rounded to the nearest bfloat16), as JSON clients send it as numbers.
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
     "UINT8": "uint_contents",
@@ -46,6 +49,7 @@ _CONTENTS_FIELD = {
     "INT16": "int_contents",
     "INT32": "int_contents",
     "INT64": "int64_contents",
+    "BF16": "fp32_contents",
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
     "BYTES": "bytes_contents",
@@ -91,6 +95,8 @@ _DATATYPE_OF: dict[np.dtype[Any], str] = {}  # filled on first use: datatype_of 
 
 def _find_datatype(dtype: np.dtype[Any]) -> str:
     for name, candidate in DTYPES.items():
+        if dtype.kind == "V" and dtype != candidate:  # ml_dtypes' types (bfloat16, float8s) are all kind V
+            continue
         if candidate.kind == dtype.kind and candidate.itemsize == dtype.itemsize and name != "BYTES":
             return name
     raise TensorError(f"numpy dtype {dtype} has no KServe v2 datatype")
@@ -146,6 +152,8 @@ def from_contents(contents: kserve.InferTensorContents, datatype: str, shape: Se
         array[:] = list(values)
         return array.reshape(tuple(shape))
     try:
+        if datatype == "BF16":  # float32 values, rounded to the nearest bfloat16
+            return np.asarray(values, dtype=np.float32).astype(dtype).reshape(tuple(shape))
         return np.asarray(values, dtype=dtype).reshape(tuple(shape))
     except OverflowError as error:
         raise TensorError(f"{field} holds a value out of range for {datatype}: {error}") from None

@@ -14,6 +14,7 @@ moving average) run on the event loop thread; the rest run in a pool of `instanc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -41,6 +42,16 @@ class BatchPolicy:
     max_queue_size: int  # requests waiting (not running); beyond it, Overloaded
     instances: int  # runs in flight at once (threads of the pool)
     inline_ns: int  # a model whose runs average below this runs on the event loop thread; 0: never
+
+
+class RowsNotGivenBack(RuntimeError):
+    """A combined run answered an output whose first dimension is not the batch's rows."""
+
+
+def _check_rows(arrays: Sequence[np.ndarray], outputs: Sequence[str], rows: int) -> None:
+    for name, array in zip(outputs, arrays, strict=True):
+        if array.shape[:1] != (rows,):
+            raise RowsNotGivenBack(f"output '{name}' answered shape {list(array.shape)} for a run of {rows} rows")
 
 
 class Timing(NamedTuple):
@@ -129,6 +140,20 @@ class Batcher:
         estimate = self._run_ns
         self._run_ns = run_ns if estimate == math.inf else estimate + (run_ns - estimate) * 0.1
 
+    def stop_combining(self, reason: str) -> None:
+        """Run each request alone from now on: a combined run's rows cannot be given back per caller."""
+        if self.policy.max_batch_size:
+            log.warning("model %s: requests are no longer combined: %s", self.name, reason)
+            self.policy = dataclasses.replace(self.policy, max_batch_size=0)
+            self._waits = False
+
+    def _rows_not_given_back(self, error: RowsNotGivenBack) -> None:
+        """A combined run's outputs lacked its rows: counted; its requests run again one by one (the
+        callers' fallbacks), and no run is combined again."""
+        if self._stats is not None:
+            self._stats.uncombined_runs += 1
+        self.stop_combining(str(error))
+
     @property
     def depth(self) -> int:
         """Requests waiting (a cancelled one counts until it is skipped)."""
@@ -171,6 +196,8 @@ class Batcher:
             results, error = self._execute([_Request(feed, outputs, rows) for feed in feeds])
         finally:
             self._busy -= 1
+        if isinstance(error, RowsNotGivenBack):
+            self._rows_not_given_back(error)
         if error is not None:
             raise error
         assert results is not None
@@ -320,6 +347,7 @@ class Batcher:
             if len(batch) == 1:
                 parts = [arrays]
             else:  # views, not copies: each caller's rows of each output
+                _check_rows(arrays, outputs, sum(p.rows for p in batch))
                 parts = []
                 start = 0
                 for pending in batch:
@@ -339,6 +367,8 @@ class Batcher:
     def _finish(self, batch: list[_Pending], outcome: _Outcome) -> None:
         self._busy -= 1
         results, error = outcome
+        if isinstance(error, RowsNotGivenBack):
+            self._rows_not_given_back(error)
         if error is not None and len(batch) > 1:
             # One bad request must not fail the others that shared its run: run each alone.
             log.info(

@@ -71,6 +71,9 @@ METRICS = (
                "Time turning results into the response message", per_request=True),
     MetricSpec("batch_size", "nnserve_batch_size", Histogram, MODEL,
                "Rows per onnxruntime run (dynamic batches and batched requests)", per_request=True),
+    MetricSpec("uncombined_runs", "nnserve_uncombined_runs", Counter, MODEL,
+               "Combined runs whose outputs lacked the batch's rows: their requests ran again one by one, and the "
+               "model no longer combines requests", per_request=True),
     MetricSpec("generated_tokens", "nnserve_generated_tokens", Histogram, MODEL,
                "Tokens generated per Generate stream", per_request=True),
     MetricSpec("time_to_first_token", "nnserve_time_to_first_token_seconds", Histogram, MODEL,
@@ -187,10 +190,11 @@ class StatsCollector:
     def _per_model(self, versions: dict[tuple[str, str], list[ModelStats]]) -> Iterator[Metric]:
         shown_once_counted = ("generated_tokens", "time_to_first_token", "step_rows", "inter_token")
         names = ("inferences", "queue_wait", "compute", "batch_size", *shown_once_counted)
-        families = {name: _family(name) for name in (*names, "decode", "encode", "queue_depth")}
+        families = {name: _family(name) for name in (*names, "decode", "encode", "queue_depth", "uncombined_runs")}
         for (model, version), stores in versions.items():
             labels = [model, version]
             families["inferences"].add_metric(labels, sum(s.inference_count for s in stores))
+            families["uncombined_runs"].add_metric(labels, sum(s.uncombined_runs for s in stores))
             for name in ("queue_wait", "compute", "batch_size"):
                 _add_histogram(families[name], labels, _summed(getattr(s, name) for s in stores))
             for name in shown_once_counted:

@@ -60,7 +60,7 @@ class OnnxModel:
         self.version = version
         self.path = path
         self.stats = stats if stats is not None else ModelStats(name, version)
-        session = ModelSession(name, path, runtime, config.intra_op_threads, config.max_batch_size)
+        session = ModelSession(name, path, runtime, config.intra_op_threads, config)
         policy = BatchPolicy(
             max_batch_size=session.max_batch_size if config.dynamic_batching else 0,
             max_queue_delay_us=config.max_queue_delay_us,
@@ -73,7 +73,7 @@ class OnnxModel:
         if self.batcher.inline and config.intra_op_threads > 1 and not config.threads_chosen:
             # A run this short loses more to waking a second thread than it gains from it.
             config = dataclasses.replace(config, intra_op_threads=1)
-            session = ModelSession(name, path, runtime, 1, config.max_batch_size)
+            session = ModelSession(name, path, runtime, 1, config)
             self.batcher.run_fn = session.run
             self._warm_up(session)
         if self.batcher.policy.max_batch_size > 1 and not self.batcher.inline and not config.batching_chosen:
@@ -96,7 +96,7 @@ class OnnxModel:
         quiet = ort.RunOptions()
         quiet.log_severity_level = 4  # a refused warm-up is expected for some models: no error in the log
         try:
-            session.session.run(list(session.all_outputs), feed, quiet)
+            session.run(session.all_outputs, feed, quiet)
         except Exception as error:  # zeros are not valid input for every model: then it is not timed
             log.info(
                 "model %s version %s: no warm-up run on zeros (%s); runs go to the pool", self.name, self.version, error
@@ -104,6 +104,25 @@ class OnnxModel:
             return
         for _ in range(3):  # time the last
             self.batcher.warm_up(session.all_outputs, feed)
+        if self.batcher.policy.max_batch_size > 1:
+            self._combine_if_rows_come_back(session, feed)
+
+    def _combine_if_rows_come_back(self, session: ModelSession, one: dict[str, np.ndarray]) -> None:
+        """Requests are combined only when each caller's rows can be given back to it: a run of two rows
+        must answer two rows in every output (a graph that sums over its first dimension does not). The
+        batcher checks every combined run too (`Batcher._execute`); this finds it before any caller does."""
+        two = {name: np.concatenate([array, array]) for name, array in one.items()}
+        quiet = ort.RunOptions()
+        quiet.log_severity_level = 4
+        try:
+            arrays = session.run(session.all_outputs, two, quiet)
+        except Exception as error:  # zeros are not valid input for every model: the batcher checks each run
+            log.info("model %s: no run of two rows on zeros (%s)", self.name, error)
+            return
+        for name, array in zip(session.all_outputs, arrays, strict=True):
+            if array.shape[:1] != (2,):
+                self.batcher.stop_combining(f"output '{name}' answered shape {list(array.shape)} for 2 rows")
+                return
 
     def _keep_batching_if_it_pays(self, session: ModelSession) -> None:
         """Turn off combining requests when a batch of two costs about two runs of one (measured now).

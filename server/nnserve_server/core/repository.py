@@ -209,13 +209,15 @@ class ModelRepository:
             return VersionEntry(version, UNAVAILABLE, f"failed to load: {error}")
         c, batcher = model.config, model.batcher
         log.info(
-            "loaded model %s version %s on %s: %s; %d instance(s) x %d thread(s); runs %s",
+            "loaded model %s version %s on %s: max_batch_size %d (%s), %s; %d instance(s) x %d thread(s); runs %s",
             name,
             version,
             ",".join(model.providers),
-            f"batches up to {batcher.policy.max_batch_size}, delay {c.max_queue_delay_us} us"
+            model.max_batch_size,
+            model.session.batching_reason,
+            f"combines requests up to {batcher.policy.max_batch_size} rows, delay {c.max_queue_delay_us} us"
             if batcher.policy.max_batch_size
-            else "no batching",
+            else "requests run one by one",
             c.instances,
             c.intra_op_threads,
             "inline on the event loop" if batcher.inline else "in the thread pool",

@@ -3,7 +3,7 @@
 `<repository>/<model>/config.pbtxt` is protobuf text of `inference.ModelConfig`, the file Triton reads,
 so a Triton repository of ONNX models keeps its tuning. The fields nnserve reads:
 
-    max_batch_size: 32                       # rows per request and per dynamic batch (0: the default)
+    max_batch_size: 32                       # rows per request and per dynamic batch; 0: no batch dimension
     dynamic_batching {                       # present: batching on; absent: off, as in Triton
       max_queue_delay_microseconds: 500
       default_queue_policy { max_queue_size: 64 }
@@ -12,6 +12,11 @@ so a Triton repository of ONNX models keeps its tuning. The fields nnserve reads
     parameters { key: "intra_op_thread_count" value { string_value: "1" } }   # Triton's onnxruntime key
     parameters { key: "generation_max_batch" value { string_value: "16" } }   # streams per decoding call
     parameters { key: "generation_max_streams" value { string_value: "64" } } # generations at once
+
+`max_batch_size` follows Triton: N > 0 says the first dimension of every input and output is the batch
+(each request up to N rows), 0 says there is none (shapes exactly as the graph declares them, requests
+never combined). Left out, the graph decides as Triton's onnxruntime backend decides: a model batches
+when every input and every output has a free first dimension (`session.batching`).
 
 (The two generation keys are this model's --generation-max-batch and --generation-max-streams.) Any
 other field is accepted and ignored: Triton's fields beyond these tune Triton's own backends, and a
@@ -56,6 +61,9 @@ class ServingConfig:
     # This model's own --generation-max-batch and --generation-max-streams; 0: the server's.
     generation_max_batch: int = 0
     generation_max_streams: int = 0
+    # The file's max_batch_size, when it sets one: True (> 0, a batch dimension) or False (0: none). None:
+    # the file does not say, and the graph decides.
+    batch_dimension: bool | None = None
 
 
 def serving_config(model_dir: Path, settings: Settings, cpus: int) -> ServingConfig:
@@ -96,6 +104,7 @@ def serving_config(model_dir: Path, settings: Settings, cpus: int) -> ServingCon
     file_threads = _whole(path, parsed, INTRA_OP_KEY)
     return ServingConfig(
         max_batch_size=parsed.max_batch_size or config.max_batch_size,
+        batch_dimension=parsed.max_batch_size > 0 if parsed.HasField("max_batch_size") else None,
         dynamic_batching=batching,
         max_queue_delay_us=parsed.dynamic_batching.max_queue_delay_microseconds if batching else 0,
         max_queue_size=queue.max_queue_size or config.max_queue_size,

@@ -118,6 +118,7 @@ class ModelStats:
     inter_token: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
     codec: dict[str, CodecStats] = field(default_factory=dict)  # by RPC
     queue_depth: Callable[[], int] = lambda: 0  # the model's batcher sets it: read at scrape time
+    uncombined_runs: int = 0  # combined runs whose outputs lacked the batch's rows (run again one by one)
     load_seconds: float = 0.0
 
     def count_request(self, success_ns: int, timing: Timing, rows: int) -> None:
