@@ -317,7 +317,9 @@ class Bench:
 def _nnserve(repository: Path, *flags: str) -> list[str]:
     return [
         sys.executable, "-m", "nnserve_server.cli", "serve", "--model-repository", str(repository),
-        "--port", "0", "--metrics-port", "-1", "--log-level", "WARNING", *flags,
+        "--port", "0", "--metrics-port", "-1", "--log-level", "WARNING",
+        # perf_analyzer's --shared-memory system names its objects after the tensors ('/input', '/logits')
+        "--shared-memory", "--shared-memory-keys", "*", *flags,
     ]  # fmt: skip
 
 

@@ -155,10 +155,15 @@ def model_repository(fnn_repository: Path, tmp_path_factory: pytest.TempPathFact
     return repo
 
 
+# Shared memory as the tests' clients name it: multiprocessing's objects (psm_*), tritonclient's (nnserve_*)
+# and the README's (my_*).
+SHARED_MEMORY = ("--shared-memory", "--shared-memory-keys", "psm_*,nnserve_*,my_*")
+
+
 @pytest.fixture(scope="session")
 def server(model_repository: Path) -> Iterator[RunningServer]:
     """One server shared by the tests that do not change its state."""
-    running = start_server(model_repository)
+    running = start_server(model_repository, *SHARED_MEMORY)
     yield running
     running.stop()
 
@@ -190,7 +195,9 @@ def fast_zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[objec
 
 @pytest.fixture(scope="session")
 def zoo_server(fast_zoo: tuple[Path, list[object]]) -> Iterator[RunningServer]:
-    running = start_server(fast_zoo[0], "--max-image-pixels", "10000", "--max-tokens", "500", "--max-text-chars", "300")
+    running = start_server(
+        fast_zoo[0], "--max-image-pixels", "10000", "--max-tokens", "500", "--max-text-chars", "300", *SHARED_MEMORY
+    )
     yield running
     running.stop()
 

@@ -154,12 +154,18 @@ class Settings:
         "", "file holding a token; set, every RPC but health checks needs 'authorization: Bearer <token>'"
     )
     shared_memory: bool = _setting(
-        True,
-        "serve the system shared-memory extension to clients on this host (off with --workers above 1; "
-        "with an auth token only given --shared-memory-with-auth)",
+        False,
+        "serve the system shared-memory extension to clients on this host, for the objects --shared-memory-keys "
+        "names (a caller reads and writes those objects of the server's user); off with --workers above 1",
     )
+    shared_memory_keys: str = _setting(
+        "",
+        "comma-separated patterns (fnmatch, without the leading '/') of the POSIX shared-memory objects a caller may "
+        "register, e.g. 'nnserve_*'; --shared-memory needs them",
+    )
+    shared_memory_max_mb: int = _setting(1024, "MiB all registered shared-memory regions may span together")
     shared_memory_with_auth: bool = _setting(
-        False, "serve shared memory on a server with an auth token (any caller may then map this user's objects)"
+        False, "serve shared memory on a server with an auth token (any caller may then map the allowed objects)"
     )
     log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _setting("text", "text (for terminals) or json (one object per line, for log collectors)")
@@ -210,6 +216,13 @@ class Settings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1")
+        if self.shared_memory and not self.shared_memory_keys.strip():
+            problems.append(
+                "shared memory needs --shared-memory-keys: the patterns of the objects callers may register "
+                "(e.g. 'nnserve_*'; '*' allows every object of this user)"
+            )
+        if self.shared_memory_max_mb < 1:
+            problems.append("shared memory max must be >= 1 MiB")
         if self.allocator_retain_mb < 0:
             problems.append("allocator retain must be >= 0 MiB")
         if not self.generation_memory_mb > 0:

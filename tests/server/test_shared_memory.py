@@ -4,6 +4,7 @@ created here as a client beside the server would (`multiprocessing.shared_memory
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from multiprocessing import shared_memory
@@ -12,7 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import ECHO_TYPES, RunningServer
+from conftest import ECHO_TYPES, SHARED_MEMORY, RunningServer
 
 from nnserve_contract import codec
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
@@ -218,7 +219,7 @@ def test_bad_registrations_are_refused_and_change_nothing(
     register(stub, "io", block.name, 2048)
     calls: dict[str, Callable[[], object]] = {
         "twice": lambda: register(stub, "io", block.name, 2048),
-        "no such object": lambda: register(stub, "other", "/nnserve-test-no-such-object", 64),
+        "no such object": lambda: register(stub, "other", "/nnserve_test_no_such_object", 64),
         "path as key": lambda: register(stub, "other", "/etc/passwd", 64),
         "dot-dot key": lambda: register(stub, "other", "..", 64),
         "past the object": lambda: register(stub, "other", block.name, 8192),
@@ -269,16 +270,16 @@ def test_cuda_shared_memory_is_refused_with_a_reason(stub: pb_grpc.GRPCInference
     assert "CUDA shared memory" in str(error.details())
 
 
-def test_shared_memory_can_be_turned_off_and_is_off_under_auth_unless_allowed(
+def test_shared_memory_is_off_unless_asked_for_and_off_under_auth_unless_allowed(
     own_server: Callable[..., RunningServer], memory: Callable[[int], shared_memory.SharedMemory], tmp_path: Path
 ) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("t0ken\n")
     block = memory(4096)
     cases = [
-        (("--no-shared-memory",), False),
-        (("--auth-token-file", str(token_file)), False),
-        (("--auth-token-file", str(token_file), "--shared-memory-with-auth"), True),
+        ((), False),
+        ((*SHARED_MEMORY, "--auth-token-file", str(token_file)), False),
+        ((*SHARED_MEMORY, "--auth-token-file", str(token_file), "--shared-memory-with-auth"), True),
     ]
     for flags, served in cases:
         running = own_server(*flags)
@@ -294,8 +295,47 @@ def test_shared_memory_can_be_turned_off_and_is_off_under_auth_unless_allowed(
             status = pb.SystemSharedMemoryStatusRequest()
             error = _refused(stub, lambda: stub.SystemSharedMemoryStatus(status, metadata=auth))  # noqa: B023
             assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-            assert "--no-shared-memory" in str(error.details())
+            assert "--shared-memory" in str(error.details())
             infer = fnn_request()
             error = _refused(stub, lambda: stub.ModelInfer(infer, metadata=auth))  # noqa: B023
             assert error.code() == grpc.StatusCode.UNIMPLEMENTED, flags
         running.stop()
+
+
+def test_shared_memory_without_key_patterns_refuses_to_start(tmp_path: Path) -> None:
+    from conftest import start_server
+
+    with pytest.raises(RuntimeError, match="shared memory needs --shared-memory-keys"):
+        start_server(tmp_path, "--shared-memory")
+
+
+def test_only_allowed_objects_of_this_user_within_the_budget_are_mapped(
+    stub: pb_grpc.GRPCInferenceServiceStub, memory: Callable[[int], shared_memory.SharedMemory]
+) -> None:
+    """Another program's shared memory stays its own: a key outside --shared-memory-keys, an object of another
+    user, and a sparse object of 128 TiB (mapped, it would take the address space) are each refused with
+    the reason, before anything is mapped."""
+    other = Path("/dev/shm/other_program_state")
+    other.write_bytes(b"secret" * 100)
+    try:
+        error = _refused(stub, lambda: register(stub, "steal", "/other_program_state", 600))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "'/other_program_state' is not one this server maps" in str(error.details())
+    finally:
+        other.unlink()
+
+    huge = Path("/dev/shm/nnserve_huge")
+    with huge.open("wb") as file:
+        file.truncate(128 << 40)  # sparse: no memory behind it
+    try:
+        error = _refused(stub, lambda: register(stub, "huge", "/nnserve_huge", 128 << 40))
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--shared-memory-max-mb" in str(error.details())
+        if os.geteuid() == 0:  # only root can give an object to another user
+            os.chown(huge, 65534, 65534)
+            error = _refused(stub, lambda: register(stub, "theirs", "/nnserve_huge", 64))
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "belongs to uid 65534" in str(error.details())
+    finally:
+        huge.unlink()
+    assert not stub.SystemSharedMemoryStatus(pb.SystemSharedMemoryStatusRequest()).regions

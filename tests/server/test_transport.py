@@ -17,7 +17,7 @@ import grpc
 import grpc.aio
 import numpy as np
 import pytest
-from conftest import RunningServer, start_server
+from conftest import SHARED_MEMORY, RunningServer, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -80,7 +80,7 @@ def test_the_banner_and_a_metric_say_which_transport_serves(
 
 @pytest.fixture(scope="module", params=["native", "grpcio"])
 def served(request: pytest.FixtureRequest, fast_zoo: tuple[Path, list[object]]) -> Iterator[RunningServer]:
-    running = start_server(fast_zoo[0], "--transport", request.param, "--max-tokens", "500")
+    running = start_server(fast_zoo[0], "--transport", request.param, "--max-tokens", "500", *SHARED_MEMORY)
     assert f"transport {request.param}" in running.log()
     yield running
     assert running.stop() == 0

@@ -8,6 +8,7 @@
     ├── ModelNotReady            known, but not loaded or failed to load -> UNAVAILABLE
     ├── Overloaded               no room to take the request now         -> RESOURCE_EXHAUSTED
     ├── DeadlineExceeded         the caller's deadline passed before the run -> DEADLINE_EXCEEDED
+    ├── NotAllowed               the caller may not do this here          -> PERMISSION_DENIED
     └── Unsupported              an RPC or feature nnserve does not offer -> UNIMPLEMENTED
 
 `nnserve_contract.codec.TensorError` (a tensor whose bytes, shape and type disagree) maps to
@@ -46,6 +47,10 @@ class Overloaded(ServingError):
 
 
 class DeadlineExceeded(ServingError):
+    pass
+
+
+class NotAllowed(ServingError):
     pass
 
 

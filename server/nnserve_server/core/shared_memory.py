@@ -6,6 +6,11 @@ written into it. The object must stay at least as large as the region while it i
 use checks the object's size first, so one that shrank is refused (a client that truncates it during
 a request is reading its own answer out of a hole; the check makes that window one request wide).
 
+Off by default (`--shared-memory`): a caller maps objects of the server's user, reads them and has
+outputs written into them. A registration may name only objects that match the operator's patterns
+(`--shared-memory-keys`) and that the server's user owns, and all regions together span at most
+`--shared-memory-max-mb`.
+
 Regions are per process. Unregistering a region that requests are using takes it out of the registry
 at once (a new request naming it gets NOT_FOUND); its mapping goes when the last of those requests
 is done.
@@ -14,6 +19,7 @@ is done.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import mmap
 import os
@@ -22,7 +28,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from nnserve_server.core.errors import AlreadyExists, InvalidInput, Overloaded, RegionNotFound
+from nnserve_server.core.errors import AlreadyExists, InvalidInput, NotAllowed, Overloaded, RegionNotFound
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +79,21 @@ class Region:
 class SharedMemoryRegions:
     """The regions registered with this process, by name."""
 
-    def __init__(self, directory: Path = SHM_DIRECTORY, limit: int = MAX_REGIONS) -> None:
+    def __init__(
+        self,
+        directory: Path = SHM_DIRECTORY,
+        limit: int = MAX_REGIONS,
+        patterns: tuple[str, ...] = ("*",),
+        max_bytes: int = 1 << 30,
+    ) -> None:
         self._directory = directory
         self._limit = limit
+        self._patterns = patterns  # of the object names (no leading '/') a caller may register
+        self._max_bytes = max_bytes
         self._regions: dict[str, Region] = {}
+
+    def _spanned(self) -> int:
+        return sum(region.byte_size for region in self._regions.values())
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if not _NAME.fullmatch(name):
@@ -90,10 +107,21 @@ class SharedMemoryRegions:
                 f"key {key!r} is not a POSIX shared-memory name: use '/name' (letters, digits, '_', '.', '-'), "
                 "as shm_open and tritonclient.utils.shared_memory take it"
             )
-        if byte_size <= 0:
-            raise InvalidInput(f"shared-memory region '{name}' needs a byte_size above 0")
+        if byte_size <= 0 or offset < 0:
+            raise InvalidInput(f"shared-memory region '{name}' needs a byte_size above 0 and an offset of 0 or more")
+        if not any(fnmatch.fnmatchcase(key.lstrip("/"), pattern) for pattern in self._patterns):
+            raise NotAllowed(
+                f"shared-memory object '{key}' is not one this server maps: the operator allows "
+                f"{list(self._patterns)} (--shared-memory-keys)"
+            )
         if len(self._regions) >= self._limit:
             raise Overloaded(f"{self._limit} shared-memory regions are registered, the most this server keeps")
+        spanned = self._spanned()
+        if byte_size > self._max_bytes - spanned:
+            raise Overloaded(
+                f"shared-memory region '{name}' of {byte_size} bytes does not fit: registered regions span "
+                f"{spanned} of the {self._max_bytes} bytes allowed (--shared-memory-max-mb)"
+            )
         self._regions[name] = self._map(name, key, offset, byte_size)
         log.info("registered shared-memory region '%s' (%s, %d bytes at offset %d)", name, key, byte_size, offset)
 
@@ -106,14 +134,20 @@ class SharedMemoryRegions:
         except OSError as error:
             raise InvalidInput(f"cannot open the shared-memory object '{key}': {error.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
+            stat = os.fstat(fd)
+            if stat.st_uid != os.geteuid():  # never read or write another user's memory, however its mode
+                raise NotAllowed(f"shared-memory object '{key}' belongs to uid {stat.st_uid}, not this server's user")
+            size = stat.st_size
             if offset > size or byte_size > size - offset:
                 raise InvalidInput(
                     f"shared-memory region '{name}' ({byte_size} bytes at offset {offset}) runs past the end of "
                     f"the object '{key}' ({size} bytes)"
                 )
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
-            mapping = mmap.mmap(fd, offset + byte_size - start, offset=start)
+            try:
+                mapping = mmap.mmap(fd, offset + byte_size - start, offset=start)
+            except (OSError, ValueError, OverflowError) as error:
+                raise Overloaded(f"cannot map shared-memory region '{name}' ({byte_size} bytes): {error}") from None
         finally:
             os.close(fd)
         return Region(name, key, offset, byte_size, mapping, offset - start)

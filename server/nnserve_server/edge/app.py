@@ -93,7 +93,8 @@ def _shared_memory(settings: Settings, token: str | None) -> SharedMemoryRegions
         # regions included) and have outputs written into it: a separate decision, not a default.
         log.info("system shared memory is off: the server has an auth token (--shared-memory-with-auth to allow)")
         return None
-    return SharedMemoryRegions()
+    patterns = tuple(p.strip().lstrip("/") for p in settings.shared_memory_keys.split(",") if p.strip())
+    return SharedMemoryRegions(patterns=patterns, max_bytes=settings.shared_memory_max_mb << 20)
 
 
 def create_server(

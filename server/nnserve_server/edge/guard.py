@@ -25,6 +25,7 @@ from nnserve_server.core.errors import (
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
+    NotAllowed,
     Overloaded,
     RegionNotFound,
     ServingError,
@@ -47,6 +48,7 @@ _STATUS: dict[type[Exception], grpc.StatusCode] = {
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     Unsupported: grpc.StatusCode.UNIMPLEMENTED,
     NotImplementedError: grpc.StatusCode.UNIMPLEMENTED,
 }

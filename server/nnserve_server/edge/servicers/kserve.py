@@ -36,8 +36,8 @@ SHARED_MEMORY_EXTENSION = "system_shared_memory"
 REGION, OFFSET, BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
 SHARED_MEMORY = (REGION, OFFSET, BYTE_SIZE)
 SHARED_MEMORY_OFF = (
-    "this server does not serve system shared memory: it is off with --no-shared-memory, with --workers above 1 "
-    "(each worker process would hold its own registrations), and with --auth-token-file unless "
+    "this server does not serve system shared memory: it is off unless --shared-memory is given, with --workers "
+    "above 1 (each worker process would hold its own registrations), and with --auth-token-file unless "
     "--shared-memory-with-auth is given"
 )
 CUDA_SHARED_MEMORY_OFF = "this server does not serve CUDA shared memory; system shared memory it does"
