@@ -153,6 +153,11 @@ class Settings:
     auth_token_file: str = _setting(
         "", "file holding a token; set, every RPC but health checks needs 'authorization: Bearer <token>'"
     )
+    access_file: str = _setting(
+        "",
+        "TOML file of [[token]] tables (label, token, models patterns, groups among inference, metadata, "
+        "repository, shared_memory); set, every RPC but health checks needs one of its tokens, within its grant",
+    )
     shared_memory: bool = _setting(
         False,
         "serve the system shared-memory extension to clients on this host, for the objects --shared-memory-keys "
@@ -216,6 +221,8 @@ class Settings:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1")
+        if self.access_file and self.auth_token_file:
+            problems.append("set --auth-token-file (one token for everything) or --access-file (tokens with grants)")
         if self.shared_memory and not self.shared_memory_keys.strip():
             problems.append(
                 "shared memory needs --shared-memory-keys: the patterns of the objects callers may register "

@@ -48,6 +48,7 @@ class RequestRecord:
     code: str = ""  # the status it was answered with, once it was
     reported: bool = False  # counted in the metrics and the access log (once)
     span: Any = field(default=None, repr=False)  # with --tracing: the call's server span
+    grant: Any = field(default=None, repr=False)  # with tokens: what the caller's may do (`security.Grant`)
 
     def add_run(self, model: str, version: str, stats: ModelStats | None, timing: Timing, rows: int) -> None:
         self.add_alone_run(model, version, stats, timing.infer_ns, rows)

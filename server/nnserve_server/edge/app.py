@@ -30,7 +30,7 @@ from nnserve_server.core.shared_memory import SharedMemoryRegions
 from nnserve_server.core.tasks import Limits
 from nnserve_server.edge import listening, transport
 from nnserve_server.edge.guard import InFlight, StatusGuard
-from nnserve_server.edge.security import BearerTokenAuth, read_token, server_credentials
+from nnserve_server.edge.security import BearerTokenAuth, read_grants, server_credentials
 from nnserve_server.edge.servicers.infer_burst import InferBurst
 from nnserve_server.edge.servicers.kserve import KServeServicer, ServerState
 from nnserve_server.edge.servicers.tasks import TasksServicer
@@ -85,10 +85,10 @@ def _connection_age(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
-def _shared_memory(settings: Settings, token: str | None) -> SharedMemoryRegions | None:
+def _shared_memory(settings: Settings, tokens: bool) -> SharedMemoryRegions | None:
     if not settings.shared_memory:
         return None
-    if token and not settings.shared_memory_with_auth:
+    if tokens and not settings.shared_memory_with_auth:
         # A caller with the token could map any shared-memory object of the server's user (other clients'
         # regions included) and have outputs written into it: a separate decision, not a default.
         log.info("system shared memory is off: the server has an auth token (--shared-memory-with-auth to allow)")
@@ -105,6 +105,8 @@ def create_server(
     cpus: int = 2,
 ) -> Server:
     """Build the gRPC server with every service registered, bound but not started."""
+    grants = read_grants(settings)
+    auth = BearerTokenAuth(grants) if grants else None
     guard = StatusGuard(
         metrics,
         repository.knows,
@@ -112,9 +114,8 @@ def create_server(
         access_log_failures=settings.access_log_failures,
         tracing=tracing,
         max_in_flight=settings.max_in_flight,
+        auth=auth,
     )
-    token = read_token(settings)
-    auth = BearerTokenAuth(token) if token else None
     chosen = transport.choose(settings)
     metrics.transport.labels(chosen.name, chosen.reason).set(1)
     server = transport.build(
@@ -129,7 +130,7 @@ def create_server(
         transport.io_threads(settings, cpus),
     )
     state = ServerState(repository.all_ready if settings.strict_readiness else None)
-    shared_memory = _shared_memory(settings, token)
+    shared_memory = _shared_memory(settings, bool(grants))
     budget = MemoryBudget(int(settings.generation_memory_mb * 2**20))  # one for both APIs' generations
     metrics.stats.generation = lambda: (generation.running(), budget.used)
     guard.register(
@@ -150,7 +151,7 @@ def create_server(
     transport.serve_bursts(
         server,
         MODEL_INFER,
-        InferBurst(repository, guard, auth.allows if auth else None, settings.max_message_bytes),
+        InferBurst(repository, guard, auth, settings.max_message_bytes),
     )
     guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings, budget))
     health_servicer = health.aio.HealthServicer()

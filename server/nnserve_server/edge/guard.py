@@ -33,6 +33,7 @@ from nnserve_server.core.errors import (
 )
 from nnserve_server.core.metrics import ServerMetrics
 from nnserve_server.core.request_record import CURRENT, RequestRecord, request_id_from
+from nnserve_server.edge.security import BearerTokenAuth
 from nnserve_server.edge.tracing import Tracing
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,10 @@ class StatusGuard:
         access_log_failures: bool = True,
         tracing: Tracing | None = None,
         max_in_flight: int = 0,
+        auth: BearerTokenAuth | None = None,
     ) -> None:
         self._metrics = metrics
+        self._auth = auth
         self._max_in_flight = max_in_flight or 1 << 62
         self._tracing = tracing
         self._known_model = known_model
@@ -213,10 +216,12 @@ class StatusGuard:
         """One request of a stream, admitted, counted and logged like a call of its own (in its own task).
         Returns None when it was answered, else the error to answer it with ("CODE: message")."""
         record = RequestRecord(rpc, request_id_from(metadata), time.perf_counter_ns())
+        if self._auth is not None:
+            record.grant = self._auth.grant_of(metadata)
         CURRENT.set(record)
         self.in_flight.enter()
         try:
-            self._admit(request, rpc)
+            self._admit(request, record)
             await work()
             return None
         except asyncio.CancelledError:
@@ -233,7 +238,7 @@ class StatusGuard:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             record, response = self._open(method, context), None
             try:
-                self._admit(request, record.rpc)
+                self._admit(request, record)
                 response = await inner(request, context)
                 context.set_trailing_metadata(record.trailing_metadata(time.perf_counter_ns()))
                 return response
@@ -253,7 +258,7 @@ class StatusGuard:
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             record = self._open(method, context)
             try:
-                self._admit(request, record.rpc)
+                self._admit(request, record)
                 async for message in inner(request, context):
                     if not record.first_message_ns:
                         record.first_message_ns = time.perf_counter_ns()
@@ -276,17 +281,21 @@ class StatusGuard:
         record = RequestRecord(_RPC_NAMES[method], request_id_from(metadata), time.perf_counter_ns())
         if self._tracing is not None:
             record.span = self._tracing.start(method, metadata)
+        if self._auth is not None:
+            record.grant = self._auth.grant_of(metadata)
         CURRENT.set(record)
         self.in_flight.enter()
         return record
 
-    def _admit(self, request: Any, rpc: str) -> None:
+    def _admit(self, request: Any, record: RequestRecord) -> None:
         if self.in_flight.count > self._max_in_flight:  # this request is already counted
             raise Overloaded(
                 f"the server is answering {self._max_in_flight} requests, its limit (--max-in-flight); "
                 "retry with backoff, or add replicas"
             )
-        _refuse_malformed(request, rpc)
+        _refuse_malformed(request, record.rpc)
+        if record.grant is not None:  # a token with a grant: the models it may name
+            record.grant.check(record.rpc, request)
 
     async def _fail(
         self, error: Exception, record: RequestRecord, context: grpc.aio.ServicerContext, request: Any
@@ -346,6 +355,8 @@ class StatusGuard:
                 "compute_ms": round(record.compute_ns / 1e6, 3),
                 "batch_size": record.batch_size,
             }
+            if record.grant is not None:
+                fields["caller"] = record.grant.label  # the token's label, never the token
             if failed:  # why, in the caller's words too: the message it got, and the name it asked for
                 fields["message"] = record.message[:300]
                 if model == "unknown":

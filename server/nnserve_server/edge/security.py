@@ -1,24 +1,123 @@
-"""Who may call: TLS or mutual TLS for the gRPC port, and a bearer token checked on every RPC.
+"""Who may call: TLS or mutual TLS for the gRPC port, and bearer tokens checked on every RPC.
 
 Both are off unless configured, and then cost nothing: no interceptor is installed without a token.
 Health checks stay open (Kubernetes probes carry no token), everything else, reflection included,
-needs `authorization: Bearer <token>`, compared in constant time.
+needs `authorization: Bearer <token>`. One token (`--auth-token-file`) opens everything; an access
+file (`--access-file`) gives each token a label, the models it may name (fnmatch patterns) and the
+API groups it may call (`GROUPS`). A token the server does not know is UNAUTHENTICATED and a method
+outside its groups PERMISSION_DENIED, both before the request is read; a model outside its patterns
+is PERMISSION_DENIED before any work (`Grant.check`, from the guard). Tokens are kept and compared
+as SHA-256 digests, never as text, and logs name a token by its label.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+import fnmatch
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
+import tomllib
 
-from nnserve_server.core.errors import StartupError
+from nnserve_server.core.errors import NotAllowed, StartupError
+from nnserve_server.core.request_record import CURRENT
 from nnserve_server.settings import Settings
 
 OPEN_METHODS = "/grpc.health.v1.Health/"
+
+# The API groups of the access file, and the methods in each (by their last name; reflection is metadata).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "inference": ("ModelInfer", "ModelStreamInfer", "Classify", "Generate", "Encode", "Segment"),
+    "metadata": (
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+        "ModelStatistics", "RepositoryIndex", "ListModels", "GetModel", "ServerReflectionInfo",
+    ),
+    "repository": ("RepositoryModelLoad", "RepositoryModelUnload", "TraceSetting", "LogSettings"),
+    "shared_memory": (
+        "SystemSharedMemoryStatus", "SystemSharedMemoryRegister", "SystemSharedMemoryUnregister",
+        "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister",
+    ),
+}  # fmt: skip
+_GROUP_OF = {method: group for group, methods in GROUPS.items() for method in methods}
+# Requests whose `name` is a model's (elsewhere `name` is a region's, and models go in `model_name`).
+_NAMED_MODEL = frozenset(("ModelReady", "ModelMetadata", "ModelConfig", "ModelStatistics", "GetModel"))
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one token may do."""
+
+    label: str
+    models: tuple[str, ...]  # fnmatch patterns of model names
+    groups: frozenset[str]
+
+    def may_see(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    def check(self, rpc: str, request: Any) -> None:
+        """NotAllowed when the request names a model outside this token's patterns."""
+        names = [getattr(request, "model_name", "")]
+        if rpc in _NAMED_MODEL:
+            names.append(getattr(request, "name", ""))
+        for name in names:
+            if name and not self.may_see(name):
+                raise NotAllowed(f"token '{self.label}' may not use model '{name}'; it may use {list(self.models)}")
+
+
+def _digest(header: bytes) -> bytes:
+    return hashlib.sha256(header).digest()
+
+
+def read_access_file(path: str) -> dict[bytes, Grant]:
+    """The access file's tokens, by the digest of their `Bearer <token>` header. TOML:
+
+    [[token]]
+    label = "search-team"           # what logs call the token
+    token = "..."                   # the secret itself
+    models = ["sentence-*"]         # fnmatch patterns; ["*"]: every model
+    groups = ["inference", "metadata"]
+    """
+    try:
+        entries = tomllib.loads(Path(path).read_text())["token"]
+    except OSError as error:
+        raise StartupError(f"cannot read the access file {path}: {error.strerror}") from None
+    except (tomllib.TOMLDecodeError, KeyError, UnicodeDecodeError) as error:
+        raise StartupError(f"the access file {path} is not a TOML list of [[token]] tables: {error}") from None
+    grants: dict[bytes, Grant] = {}
+    labels: set[str] = set()
+    for index, entry in enumerate(entries if isinstance(entries, list) else []):
+        where = f"the access file {path}, token {index + 1}"
+        label, token = str(entry.get("label", "")), str(entry.get("token", ""))
+        models, groups = entry.get("models", []), entry.get("groups", [])
+        if not label or not token.strip() or label in labels:
+            raise StartupError(f"{where}: needs a label of its own and a non-empty token")
+        if not isinstance(models, list) or not models or not isinstance(groups, list) or not groups:
+            raise StartupError(f"{where} ('{label}'): models and groups are non-empty lists")
+        unknown = sorted(set(map(str, groups)) - set(GROUPS))
+        if unknown:
+            raise StartupError(f"{where} ('{label}'): unknown groups {unknown}; the groups are {list(GROUPS)}")
+        digest = _digest(f"Bearer {token.strip()}".encode())
+        if digest in grants:
+            raise StartupError(f"{where} ('{label}'): the same token as '{grants[digest].label}'")
+        labels.add(label)
+        grants[digest] = Grant(label, tuple(map(str, models)), frozenset(map(str, groups)))
+    if not grants:
+        raise StartupError(f"the access file {path} names no [[token]]")
+    return grants
+
+
+def read_grants(settings: Settings) -> dict[bytes, Grant] | None:
+    """The tokens the server takes (None: no token needed): the access file's, or the one token file's."""
+    if settings.access_file:
+        return read_access_file(settings.access_file)
+    token = read_token(settings)
+    if token is None:
+        return None
+    return {_digest(f"Bearer {token}".encode()): Grant("token", ("*",), frozenset(GROUPS))}
 
 
 def _read(path: str, what: str) -> bytes:
@@ -48,14 +147,28 @@ def read_token(settings: Settings) -> str | None:
 
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """UNAUTHENTICATED, before any work, for a call without the right bearer token."""
+    """UNAUTHENTICATED for a call without a known bearer token, PERMISSION_DENIED for a method outside the
+    token's groups: both before the request is read."""
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, grants: dict[bytes, Grant]) -> None:
+        self._grants = grants
 
-    def allows(self, metadata: Any) -> bool:
-        """Whether a call with this metadata carries the token (the lane of `infer_burst` asks first)."""
-        return hmac.compare_digest(_given_token(metadata), self._expected)
+    def grant_of(self, metadata: Any) -> Grant | None:
+        """The grant of the call's token; None when it has none the server knows (a digest's dict lookup:
+        what the caller sends is hashed first, so no comparison runs over the secret itself)."""
+        given = _given_token(metadata)
+        return self._grants.get(_digest(given)) if given else None
+
+    def allows(self, metadata: Any, rpc: str, request: Any) -> bool:
+        """Whether this call may go ahead as it is (the lane of `infer_burst` asks first)."""
+        grant = self.grant_of(metadata)
+        if grant is None or _GROUP_OF.get(rpc) not in grant.groups:
+            return False
+        try:
+            grant.check(rpc, request)
+        except NotAllowed:
+            return False
+        return True
 
     async def intercept_service(
         self,
@@ -64,12 +177,30 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         if details.method.startswith(OPEN_METHODS):
             return await continuation(details)
-        given = _given_token(details.invocation_metadata)
         handler = await continuation(details)
-        if hmac.compare_digest(given, self._expected) or handler is None:
+        if handler is None:
             return handler
-        reason = "wrong bearer token" if given else "this server needs 'authorization: Bearer <token>' metadata"
-        return _refusal(handler, reason)
+        given = _given_token(details.invocation_metadata)
+        grant = self._grants.get(_digest(given)) if given else None
+        if grant is None:
+            reason = "wrong bearer token" if given else "this server needs 'authorization: Bearer <token>' metadata"
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, reason)
+        method = details.method.rsplit("/", 1)[-1]
+        group = _GROUP_OF.get(method)
+        if group not in grant.groups:
+            reason = (
+                f"token '{grant.label}' may not call {method} (API group {group or 'none'}); "
+                f"it may call {sorted(grant.groups)}"
+            )
+            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, reason)
+        return handler
+
+
+def visible_models(names: Iterable[str]) -> list[str]:
+    """The model names the current caller may see: all, unless its token's grant says otherwise."""
+    record = CURRENT.get()
+    grant = record.grant if record is not None else None
+    return list(names) if grant is None else [name for name in names if grant.may_see(name)]
 
 
 def _given_token(metadata: Any) -> bytes:
@@ -80,12 +211,12 @@ def _given_token(metadata: Any) -> bytes:
     return b""
 
 
-def _refusal(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, reason: str) -> grpc.RpcMethodHandler:
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        await context.abort(code, reason)
 
     async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        await context.abort(code, reason)
         yield  # an async generator, as a streaming handler must be
 
     kinds = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}

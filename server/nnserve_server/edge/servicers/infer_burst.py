@@ -36,6 +36,7 @@ from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.repository import ModelRepository
 from nnserve_server.core.request_record import CURRENT, RequestRecord, request_id_from
 from nnserve_server.edge.guard import StatusGuard
+from nnserve_server.edge.security import BearerTokenAuth
 from nnserve_server.edge.servicers import plain
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,12 @@ class InferBurst:
         self,
         repository: ModelRepository,
         guard: StatusGuard,
-        authorized: Callable[[Any], bool] | None,
+        auth: BearerTokenAuth | None,
         send_limit: int,
     ) -> None:
         self._repository = repository
         self._guard = guard
-        self._authorized = authorized  # None: no token needed
+        self._auth = auth  # None: no token needed
         self._send_limit = send_limit
 
     def __call__(self, calls: Sequence[Call], respond: Respond) -> set[int]:
@@ -99,10 +100,10 @@ class InferBurst:
         started = time.perf_counter_ns()
         if remaining is not None and remaining <= 0:
             return
-        if self._authorized is not None and not self._authorized(metadata):
-            return
         try:
             request = pb.ModelInferRequest.FromString(payload)
+            if self._auth is not None and not self._auth.allows(metadata, RPC, request):
+                return  # the general path refuses it, saying why
             model = self._repository.get(request.model_name, request.model_version)
         except Exception:  # the general path says what is wrong
             return
@@ -110,7 +111,10 @@ class InferBurst:
         if prepared is None:
             return
         plan, feed = prepared
-        item = _Item(call_id, request, feed, RequestRecord(RPC, request_id_from(metadata), started))
+        record = RequestRecord(RPC, request_id_from(metadata), started)
+        if self._auth is not None:
+            record.grant = self._auth.grant_of(metadata)
+        item = _Item(call_id, request, feed, record)
         key = (id(model), id(plan))
         group = groups.get(key)
         if group is None:

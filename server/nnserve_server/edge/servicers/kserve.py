@@ -26,6 +26,7 @@ from nnserve_server.core.session import MAX_REMEMBERED_SIGNATURES
 from nnserve_server.core.shared_memory import Region, SharedMemoryRegions
 from nnserve_server.core.tasks import Limits
 from nnserve_server.edge.guard import StatusGuard
+from nnserve_server.edge.security import visible_models
 from nnserve_server.edge.servicers import plain, streaming
 from nnserve_server.edge.servicers.deadline import deadline_of
 from nnserve_server.edge.servicers.model_views import PLATFORM, model_config, model_statistics
@@ -358,12 +359,13 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 self._repository.get(request.name)  # NOT_FOUND / UNAVAILABLE with the reason
                 models = [e.model for e in self._repository.versions(request.name) if e.model is not None]
         else:
-            models = [e.model for name in self._repository.names() for e in self._repository.versions(name) if e.model]
+            names = visible_models(self._repository.names())
+            models = [e.model for name in names for e in self._repository.versions(name) if e.model]
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse()
-        for name in self._repository.names():
+        for name in visible_models(self._repository.names()):
             for entry in self._repository.versions(name):
                 if not request.ready or entry.model is not None:
                     index.models.add(name=name, version=entry.version, state=entry.state, reason=entry.reason)

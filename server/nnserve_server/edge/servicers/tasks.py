@@ -14,6 +14,7 @@ from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.repository import ModelRepository
 from nnserve_server.core.request_record import CURRENT
 from nnserve_server.core.sampling import Sampling
+from nnserve_server.edge.security import visible_models
 from nnserve_server.edge.servicers.deadline import deadline_of
 from nnserve_server.settings import Settings
 
@@ -171,7 +172,7 @@ class TasksServicer(pb_grpc.TasksServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         response = pb.ListModelsResponse()
-        for name in self._repository.names():
+        for name in visible_models(self._repository.names()):
             if self._repository.is_ready(name):
                 response.models.append(describe(self._repository, self._repository.get(name)))
             else:
