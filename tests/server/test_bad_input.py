@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from conftest import RunningServer
+from conftest import RunningServer, _save
+from onnx import TensorProto, helper
 
 from nnserve_contract import codec
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
@@ -265,3 +267,37 @@ def test_garbage_bytes_instead_of_a_protobuf(channel: grpc.Channel) -> None:
         raw_call(b"\xff\xff\xff\xff\x0f garbage", timeout=5)
     assert caught.value.code() == INVALID
     assert "not a valid ModelInfer request message" in caught.value.details()
+
+
+@pytest.mark.parametrize("transport", ["native", "grpcio"])
+def test_an_answer_past_the_send_limit_is_refused_and_counted_as_such(
+    transport: str, own_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    """16 rows of one number in, 16 x 4096 numbers (256 KiB) out, on a server that sends at most 64 KiB: the
+    caller gets RESOURCE_EXHAUSTED saying why, the metrics count it so, and no traceback is logged."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 4096])
+    graph = helper.make_graph(
+        [helper.make_node("Expand", ["x", "shape"], ["y"])],
+        "expand",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4096])],
+        initializer=[shape],
+    )
+    _save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "expand" / "1" / "model.onnx"
+    )
+    running = own_server("--max-message-bytes", "65536", "--transport", transport, repository=tmp_path)
+    with grpc.insecure_channel(running.target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for rows, refused_ in ((2, False), (16, True), (16, True)):
+            request = pb.ModelInferRequest(model_name="expand", raw_input_contents=[np.ones((rows, 1), "f4").tobytes()])
+            request.inputs.add(name="x", datatype="FP32", shape=[rows, 1])
+            if not refused_:
+                assert len(stub.ModelInfer(request).raw_output_contents[0]) == rows * 4096 * 4
+                continue
+            error = refused(stub, request)
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "above the 65536 the server sends (--max-message-bytes)" in error.details()
+    counted = 'nnserve_requests_total{code="RESOURCE_EXHAUSTED",model="expand",rpc="ModelInfer",version="1"} 2.0'
+    assert counted in running.metrics()
+    assert "Traceback" not in running.log()

@@ -115,6 +115,7 @@ def create_server(
         tracing=tracing,
         max_in_flight=settings.max_in_flight,
         auth=auth,
+        send_limit=settings.max_message_bytes,
     )
     chosen = transport.choose(settings)
     metrics.transport.labels(chosen.name, chosen.reason).set(1)

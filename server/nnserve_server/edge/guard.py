@@ -155,9 +155,11 @@ class StatusGuard:
         tracing: Tracing | None = None,
         max_in_flight: int = 0,
         auth: BearerTokenAuth | None = None,
+        send_limit: int = 0,
     ) -> None:
         self._metrics = metrics
         self._auth = auth
+        self._send_limit = send_limit or 1 << 62
         self._max_in_flight = max_in_flight or 1 << 62
         self._tracing = tracing
         self._known_model = known_model
@@ -240,6 +242,7 @@ class StatusGuard:
             try:
                 self._admit(request, record)
                 response = await inner(request, context)
+                self._within_send_limit(response)
                 context.set_trailing_metadata(record.trailing_metadata(time.perf_counter_ns()))
                 return response
             except asyncio.CancelledError:
@@ -262,6 +265,7 @@ class StatusGuard:
                 async for message in inner(request, context):
                     if not record.first_message_ns:
                         record.first_message_ns = time.perf_counter_ns()
+                    self._within_send_limit(message)
                     yield message
                 context.set_trailing_metadata(record.trailing_metadata(time.perf_counter_ns()))
             except (asyncio.CancelledError, GeneratorExit):
@@ -286,6 +290,16 @@ class StatusGuard:
         CURRENT.set(record)
         self.in_flight.enter()
         return record
+
+    def _within_send_limit(self, response: Any) -> None:
+        """An answer grpc would not send (past --max-message-bytes) is refused here, as the failure it is:
+        counted and logged RESOURCE_EXHAUSTED, where grpc would log a traceback and the metrics an OK."""
+        size = len(response) if response.__class__ is bytes else response.ByteSize()
+        if size > self._send_limit:
+            raise Overloaded(
+                f"the answer is {size} bytes, above the {self._send_limit} the server sends (--max-message-bytes); "
+                "ask for fewer rows or outputs, or use shared memory"
+            )
 
     def _admit(self, request: Any, record: RequestRecord) -> None:
         if self.in_flight.count > self._max_in_flight:  # this request is already counted
