@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -192,6 +193,25 @@ def test_model_names_cannot_reach_outside_the_repository(
     assert states[("half-out", "1")] == ("UNAVAILABLE", "resolves outside the model repository")
     assert ("escape", "1") not in states
     assert "resolves outside the model repository" in running.log()
+
+
+def test_entries_the_repository_skips_are_named_in_a_warning(
+    own_server: Callable[..., RunningServer], model_repository: Path, tmp_path: Path
+) -> None:
+    repository = tmp_path / "models"
+    shutil.copytree(model_repository / "digits-fnn", repository / "digits-fnn")
+    shutil.copytree(model_repository / "echo", repository / "bad name!")
+    (repository / "loop").symlink_to(repository / "loop")  # a link to itself
+    (repository / "ring-a").symlink_to(repository / "ring-b")
+    (repository / "ring-b").symlink_to(repository / "ring-a")
+    running = own_server("--poll-interval-s", "0.2", repository=repository)
+    time.sleep(1)  # a few rescans: each entry is still said once
+    log = running.log()
+    assert log.count("repository entry 'bad name!' skipped: model names are letters") == 1
+    for name in ("loop", "ring-a", "ring-b"):
+        assert log.count(f"repository entry '{name}' skipped: it cannot be followed") == 1, log
+    with Client(running.target) as client:
+        assert [m.name for m in client.models()] == ["digits-fnn"]
 
 
 def test_repository_control_can_be_turned_off(own_server: Callable[..., RunningServer]) -> None:

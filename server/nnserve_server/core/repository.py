@@ -88,6 +88,7 @@ class ModelRepository:
         self._listeners: list[StateListener] = []
         self._training: dict[str, str] = {}
         self._training_stamp = 0
+        self._skipped: set[str] = set()  # entries said to be skipped (once each)
 
     def on_state_change(self, listener: StateListener) -> None:
         """`listener(model_name, ready)` is awaited after every load or unload."""
@@ -98,11 +99,36 @@ class ModelRepository:
             log.warning("model repository %s does not exist; serving no models", self.root)
             return
         for model_dir in sorted(self.root.iterdir()):
-            if model_dir.is_dir() and _MODEL_NAME.fullmatch(model_dir.name):
+            if self._servable_folder(model_dir):
                 try:
                     await self.load(model_dir.name)
                 except (InvalidInput, ModelNotFound) as error:  # e.g. a symlink out of the repository
                     log.error("model %s not loaded: %s", model_dir.name, error)
+
+    def _servable_folder(self, model_dir: Path) -> bool:
+        """Whether `model_dir` is a model's folder; a folder skipped for its name or a link that leads nowhere
+        is said once, by name (a hidden entry, such as the zoo's `.training.json`, silently)."""
+        name = model_dir.name
+        try:
+            is_dir = model_dir.is_dir()
+            if model_dir.is_symlink():
+                model_dir.resolve(strict=True)
+        except (OSError, RuntimeError) as error:  # a symlink loop: RuntimeError or ELOOP, by Python version
+            self._skip(name, f"it cannot be followed ({getattr(error, 'strerror', None) or error})")
+            return False
+        if not is_dir or name.startswith("."):
+            return False
+        if not _MODEL_NAME.fullmatch(name):
+            self._skip(
+                name, "model names are letters, digits, '_', '.', '-' (at most 128), starting with a letter or digit"
+            )
+            return False
+        return True
+
+    def _skip(self, name: str, why: str) -> None:
+        if name not in self._skipped:
+            self._skipped.add(name)
+            log.warning("repository entry %r skipped: %s", name, why)
 
     async def load(self, name: str) -> None:
         """(Re)load `name` from disk, then swap its versions in at once.
@@ -161,7 +187,7 @@ class ModelRepository:
         changed = []
         for model_dir in sorted(self.root.iterdir()):
             name = model_dir.name
-            if not (model_dir.is_dir() and _MODEL_NAME.fullmatch(name)):
+            if not self._servable_folder(model_dir):
                 continue
             entries = self._models.get(name)
             if entries and all(e.state == UNLOADED for e in entries.values()):
