@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
@@ -52,6 +55,23 @@ def _worker_command(argv: list[str], port: int) -> list[str]:
         "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", "0",
         "--no-shared-memory",
     ]  # fmt: skip
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _dies_with(supervisor: int) -> Callable[[], None]:
+    """In the forked worker, before exec: the kernel sends it SIGTERM (a graceful drain) when the supervisor
+    dies, -9 included, so no worker serves the port unsupervised and unmeasured. A supervisor that died
+    before the call is caught by the parent check."""
+
+    def arrange() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != supervisor:
+            os._exit(1)
+
+    return arrange
 
 
 class Supervisor:
@@ -99,7 +119,9 @@ class Supervisor:
     async def _start(self, index: int, port: int) -> bool:
         """Start worker `index` and wait until it says it is listening; False if it exits first."""
         process = await asyncio.create_subprocess_exec(
-            *_worker_command(self._argv, port), stdout=asyncio.subprocess.PIPE
+            *_worker_command(self._argv, port),
+            stdout=asyncio.subprocess.PIPE,
+            preexec_fn=_dies_with(os.getpid()),  # a prctl call only, before exec
         )
         self._processes[index] = process
         assert process.stdout is not None

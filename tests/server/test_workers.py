@@ -125,3 +125,24 @@ def test_worker_metrics_sum_counters_and_combine_gauges_by_mode() -> None:
     assert sample(text, "nnserve_requests_total", **echo) == 7
     assert sample(text, "nnserve_model_ready", model="echo") == 0
     assert sample(text, "nnserve_in_flight_requests") == 5
+
+
+def test_workers_exit_when_their_supervisor_is_killed(own_server: Callable[..., RunningServer]) -> None:
+    """A supervisor killed with -9 runs no cleanup: the kernel tells the workers (SIGTERM, a drain)."""
+    running = own_server("--workers", "2", "--grace-period-s", "1")
+    pids = _worker_pids(running)
+    running.process.kill()
+    running.process.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids), pids
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (the workers' parent is gone; init reaps them)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
