@@ -116,6 +116,9 @@ class Settings:
     max_connection_age_grace_s: float = _setting(10.0, "time calls in flight get when a connection reaches its age")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
     max_image_pixels: int = _setting(4096 * 4096, "largest image (width x height) the task API decodes")
+    max_request_pixels: int = _setting(
+        4096 * 4096, "pixels all images of one task request may hold together (read from their headers first)"
+    )
     max_text_chars: int = _setting(
         2048, "longest text (prompt or input) the task API accepts; a prompt's attention grows with its square"
     )
@@ -216,8 +219,8 @@ class Settings:
         if self.max_message_bytes < 1024:
             problems.append("max message bytes must be >= 1024")
         for name in (
-            "max_image_pixels", "max_text_chars", "max_tokens", "max_samples", "generation_max_batch",
-            "generation_max_streams",
+            "max_image_pixels", "max_request_pixels", "max_text_chars", "max_tokens", "max_samples",
+            "generation_max_batch", "generation_max_streams",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1")

@@ -21,6 +21,26 @@ def _why(error: Exception) -> str:
     return _OBJECT.sub("the data", str(error)).strip() or "the data is not a valid image"
 
 
+def within_budget(encoded: list[bytes], max_pixels: int, max_request_pixels: int) -> None:
+    """Refuse, from the headers alone, images that together hold more than `max_request_pixels` (or one that
+    holds more than `max_pixels`): nothing is decoded for a request that could not be served."""
+    total = 0
+    for index, data in enumerate(encoded):
+        try:
+            width, height = Image.open(io.BytesIO(data)).size  # the header only
+        except Exception as error:  # Pillow raises many types for bad data
+            which = f" {index}" if len(encoded) > 1 else ""
+            raise InvalidInput(f"cannot decode the image{which}: {_why(error)}; send PNG or JPEG bytes") from None
+        if width * height > max_pixels:
+            raise InvalidInput(f"image {index} is {width}x{height} pixels; at most {max_pixels} pixels are decoded")
+        total += width * height
+        if total > max_request_pixels:
+            raise InvalidInput(
+                f"the images hold more than {max_request_pixels} pixels together (--max-request-pixels), "
+                f"{total} by image {index} of {len(encoded)}; send them in several requests"
+            )
+
+
 def decode(data: bytes, *, channels: int, size: tuple[int, ...], max_pixels: int, top: float) -> np.ndarray:
     """An encoded image as float32 [channels, height, width], 0..255 mapped onto 0..`top`.
 

@@ -5,6 +5,7 @@ Everything a task needs to know about a model comes from the `ModelSpec` in its 
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TypeAlias
 
@@ -30,10 +31,17 @@ class Limits:
     max_text_chars: int
     max_tokens: int
     max_samples: int
+    max_request_pixels: int = 4096 * 4096
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
-        return cls(settings.max_image_pixels, settings.max_text_chars, settings.max_tokens, settings.max_samples)
+        return cls(
+            settings.max_image_pixels,
+            settings.max_text_chars,
+            settings.max_tokens,
+            settings.max_samples,
+            settings.max_request_pixels,
+        )
 
 
 @dataclass(frozen=True)
@@ -73,12 +81,15 @@ def require_task(model: OnnxModel, task: str) -> ModelSpec:
     return spec
 
 
-def inputs_of(model: OnnxModel, spec: ModelSpec, given: Given, limits: Limits, rpc: str) -> dict[str, np.ndarray]:
-    """The model's inputs from whichever of tensor, images or texts the request carries."""
+async def inputs_of(model: OnnxModel, spec: ModelSpec, given: Given, limits: Limits, rpc: str) -> dict[str, np.ndarray]:
+    """The model's inputs from whichever of tensor, images or texts the request carries. Images are decoded
+    in a worker thread (a large one takes long enough to stall every other call on the loop), once their
+    headers say they fit the request's pixel budget."""
     if isinstance(given, np.ndarray):
         return tensor_inputs(model, spec, given)
     if isinstance(given, EncodedImages):
-        return image_inputs(model, spec, given.items, limits.max_image_pixels)
+        images.within_budget(given.items, limits.max_image_pixels, limits.max_request_pixels)
+        return await asyncio.to_thread(image_inputs, model, spec, given.items, limits.max_image_pixels)
     if isinstance(given, Texts):
         return text_inputs(model, spec, given.items, limits.max_text_chars)
     raise InvalidInput(f"{rpc}Request carries no input: set tensor, images or texts")
@@ -222,7 +233,7 @@ async def classify(
     if top_k > MAX_TOP_K:
         raise InvalidInput(f"top_k is {top_k}; at most {MAX_TOP_K}")
     spec = require_task(model, "classify")
-    inputs = inputs_of(model, spec, given, limits, "Classify")
+    inputs = await inputs_of(model, spec, given, limits, "Classify")
     first_output = next(iter(model.outputs))
     (scores,) = (await model.infer(inputs, [first_output], deadline)).values()
     if scores.ndim != 2:
@@ -244,7 +255,7 @@ async def encode(
 ) -> Vectors:
     """The model's vectors: the first output of an encode model, or a classifier's `features`."""
     spec = require_task(model, "encode")
-    results = await model.infer(inputs_of(model, spec, given, limits, "Encode"), (), deadline)
+    results = await model.infer(await inputs_of(model, spec, given, limits, "Encode"), (), deadline)
     name = next(iter(model.outputs)) if spec.task == "encode" else "features"
     vectors = {n: v.astype(np.float32) for n, v in results.items() if v.ndim == 2}
     main = vectors.pop(name)
@@ -282,7 +293,9 @@ async def segment(
 ) -> Mask:
     """An image (encoded, or a tensor in natural units) padded to the stride, segmented, cropped back."""
     spec = require_task(model, "segment")
-    image = segment_image(model, spec, given, limits.max_image_pixels)
+    if isinstance(given, bytes):
+        images.within_budget([given], limits.max_image_pixels, limits.max_request_pixels)
+    image = await asyncio.to_thread(segment_image, model, spec, given, limits.max_image_pixels)
     channels, height, width = image.shape
     if height * width > limits.max_image_pixels:
         raise InvalidInput(f"image is {width}x{height} pixels; at most {limits.max_image_pixels} are segmented")

@@ -1,0 +1,79 @@
+"""Attacks a hidden battery found (issue 32), in a bounded, loopback-only form, so that they stay fixed."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+import pytest
+from conftest import RunningServer
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from nnserve_client import Client
+from nnserve_client.errors import InvalidArgument
+
+
+def _png(width: int, height: int, noise: bool = False) -> bytes:
+    pixels = (  # noise of 2 bits a pixel: slow to decode, yet about 5 MB at this size
+        np.random.default_rng(0).integers(0, 4, (height, width), dtype=np.uint8) * 64
+        if noise
+        else np.zeros((height, width), np.uint8)
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _probe_latencies(target: str, stop_after_s: float) -> list[float]:
+    """Health checks one after another for `stop_after_s`, as a kubelet would send them: their durations."""
+    took = []
+    with grpc.insecure_channel(target) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        ends = time.monotonic() + stop_after_s
+        while time.monotonic() < ends:
+            began = time.monotonic()
+            check(health_pb2.HealthCheckRequest(), timeout=10)
+            took.append(time.monotonic() - began)
+            time.sleep(0.02)
+    return took
+
+
+@pytest.mark.parametrize("transport", ["native", "grpcio"])
+def test_images_past_the_request_budget_are_refused_from_their_headers(
+    transport: str, own_server: Callable[..., RunningServer]
+) -> None:
+    """96 blank 4000x4000 PNGs (about 1.5 G pixels, little on the wire) in one Classify: refused before any is
+    decoded, saying what the budget is."""
+    running = own_server("--transport", transport)
+    blank = _png(4000, 4000)
+    with Client(running.target, retries=0) as client:
+        began = time.monotonic()
+        with pytest.raises(InvalidArgument, match=r"more than 16777216 pixels together \(--max-request-pixels\)"):
+            client.classify("digits-fnn", images=[blank] * 96)
+        assert time.monotonic() - began < 2  # decoding them would take tens of seconds
+        assert len(client.classify("digits-fnn", images=[_png(8, 8)])) == 1
+
+
+def test_decoding_large_images_leaves_health_checks_answered(own_server: Callable[..., RunningServer]) -> None:
+    """Two callers each send four 4000x4000 noise PNGs (allowed here: 64 M pixels a request). Decoding runs in
+    a worker thread, so health checks beside them keep being answered (on the loop, each waited for a whole
+    request's decoding: 0.6 s and more here)."""
+    running = own_server("--max-request-pixels", str(64 * 1000 * 1000))
+    noise = _png(4000, 4000, noise=True)
+
+    def classify() -> int:
+        with Client(running.target, retries=0, timeout=60) as client:
+            return len(client.classify("digits-fnn", images=[noise] * 4))
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        probes = pool.submit(_probe_latencies, running.target, 4.0)
+        time.sleep(0.2)
+        answers = [pool.submit(classify) for _ in range(2)]
+        assert [a.result() for a in answers] == [4] * 2
+        took = probes.result()
+    assert max(took) < 0.3, sorted(took)[-5:]
