@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import os
+import socket
 import time
 from collections.abc import Callable
 
@@ -77,3 +79,37 @@ def test_decoding_large_images_leaves_health_checks_answered(own_server: Callabl
         assert [a.result() for a in answers] == [4] * 2
         took = probes.result()
     assert max(took) < 0.3, sorted(took)[-5:]
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_slow_connections_to_the_metrics_port_take_neither_threads_nor_the_grpc_port(
+    own_server: Callable[..., RunningServer],
+) -> None:
+    """500 connections that never send a request (a slowloris): the metrics server holds a few, each for
+    at most its timeout, with a fixed pool of threads; gRPC answers meanwhile, and /metrics once they go."""
+    running = own_server()
+    assert running.metrics_port is not None
+    before = _threads(running.process.pid)
+    idle = []
+    try:
+        for _ in range(500):
+            idle.append(socket.create_connection(("127.0.0.1", running.metrics_port), timeout=5))
+        time.sleep(0.5)
+        assert _threads(running.process.pid) <= before + 5
+        assert max(_probe_latencies(running.target, 1.0)) < 0.5
+    finally:
+        for connection in idle:
+            connection.close()
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert "nnserve_in_flight_requests" in running.metrics()
+            break
+        except (OSError, AssertionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    assert _threads(running.process.pid) <= before + 5

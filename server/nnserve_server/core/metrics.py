@@ -11,12 +11,15 @@ With `--workers N` the supervisor adds up its workers' expositions (`worker_metr
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -244,11 +247,55 @@ def metrics_table() -> str:
     return "\n".join(rows)
 
 
+METRICS_THREADS = 4  # scrapes answered at once
+METRICS_CONNECTIONS = 32  # connections held at once (answered or waiting); beyond, closed at once
+METRICS_TIMEOUT_S = 5.0  # for a connection to send its request and take its answer
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a scrape every few seconds is no news
+
+
+class _BoundedServer(WSGIServer):
+    """A WSGI server with a fixed pool of threads, a cap on the connections it holds and a timeout on each:
+    2,000 slow connections to prometheus-client's own server made 1,995 threads and stalled the process."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the listen backlog: connections the kernel completes while all slots are taken
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._pool = ThreadPoolExecutor(METRICS_THREADS, thread_name_prefix="metrics")
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: the scraper retries on its next interval
+            return
+        request.settimeout(METRICS_TIMEOUT_S)
+        self._pool.submit(self._answer, request, client_address)
+
+    def _answer(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # a client that went away or timed out: nothing to tell anyone
+            pass
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 class MetricsEndpoint:
     """/metrics over HTTP in a background thread, or nothing when the port is negative (metrics off).
 
     Bound before the models load, so a busy port is said at once; `address` is what the start-up
-    line says of it.
+    line says of it. Bounded (`_BoundedServer`): slow or idle connections cost a slot for at most
+    METRICS_TIMEOUT_S, never a thread each, and cannot touch the gRPC port.
     """
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
@@ -256,15 +303,21 @@ class MetricsEndpoint:
         self.address = "metrics off"
         if port < 0:
             return
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("MetricsServer", (_BoundedServer,), {"address_family": family})
         try:
-            self._server, _ = start_http_server(port, addr=host, registry=registry)
+            self._server = make_server(
+                host, port, make_wsgi_app(registry), server_class=server_class, handler_class=_QuietHandler
+            )
         except OSError as error:
             raise StartupError(
                 f"cannot bind the metrics endpoint {host}:{port} ({error.strerror}); is it in use?"
             ) from None
+        threading.Thread(target=self._server.serve_forever, name="metrics-accept", daemon=True).start()
         self.address = f"metrics at http://{host}:{self._server.server_port}/metrics"
 
     def shutdown(self) -> None:
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()
             self._server = None
