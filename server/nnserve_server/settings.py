@@ -115,6 +115,11 @@ class Settings:
     )
     max_connection_age_grace_s: float = _setting(10.0, "time calls in flight get when a connection reaches its age")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
+    request_compression: bool = _setting(
+        False,
+        "accept gzip/deflate-compressed requests (grpcio inflates a message in full before it checks the size "
+        "limit); off: they are refused UNIMPLEMENTED before inflating (the grpcio transport)",
+    )
     max_image_pixels: int = _setting(4096 * 4096, "largest image (width x height) the task API decodes")
     max_request_pixels: int = _setting(
         4096 * 4096, "pixels all images of one task request may hold together (read from their headers first)"

@@ -18,6 +18,8 @@ from PIL import Image
 
 from nnserve_client import Client
 from nnserve_client.errors import InvalidArgument
+from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
+from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 
 
 def _png(width: int, height: int, noise: bool = False) -> bytes:
@@ -113,3 +115,44 @@ def test_slow_connections_to_the_metrics_port_take_neither_threads_nor_the_grpc_
                 raise
             time.sleep(0.2)
     assert _threads(running.process.pid) <= before + 5
+
+
+def _peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
+
+
+@pytest.mark.parametrize(
+    "transport",
+    [
+        pytest.param(
+            "native",
+            marks=pytest.mark.xfail(
+                strict=True, reason="pygrpc-native 0.5.0 inflates a request before Python sees it; no option refuses"
+            ),
+        ),
+        "grpcio",
+    ],
+)
+def test_a_compressed_bomb_is_refused_before_it_is_inflated(
+    transport: str, own_server: Callable[..., RunningServer]
+) -> None:
+    """256 MiB of zeros, gzip-compressed to about 260 KiB: refused without inflating (peak memory grows by
+    far less than the bomb's size), and the server answers on."""
+    running = own_server("--transport", transport)
+    before = _peak_rss_kb(running.process.pid)
+    rows = (256 << 20) // 256
+    request = pb.ModelInferRequest(model_name="digits-fnn", raw_input_contents=[bytes(256 << 20)])
+    request.inputs.add(name="input", datatype="FP32", shape=[rows, 64])
+    options = [("grpc.max_send_message_length", -1)]
+    gzip = grpc.Compression.Gzip
+    with (
+        grpc.insecure_channel(running.target, compression=gzip, options=options) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "Compression algorithm 'gzip' is disabled" in str(caught.value.details())
+    assert _peak_rss_kb(running.process.pid) - before < 64 << 10  # KiB: well under the bomb's 256 MiB
+    with Client(running.target) as client:
+        assert client.infer("digits-fnn", {"input": np.zeros((1, 64), np.float32)})["logits"].shape == (1, 10)
