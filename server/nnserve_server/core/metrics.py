@@ -287,7 +287,9 @@ class _BoundedServer(WSGIServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        pool = getattr(self, "_pool", None)  # none when the bind failed (socketserver closes, then raises)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class MetricsEndpoint:
