@@ -1,28 +1,39 @@
-"""`nnserve serve [flags]`: build the settings once and run the server. `nnserve health`: probe one."""
+"""`nnserve serve [flags]`: build the settings once and run the server. `nnserve health`: probe one.
+
+`health` runs as a container's health check every few seconds, so it imports only grpc and the health
+stubs: the server's modules (onnxruntime, numpy, prometheus) cost a probe 0.4-0.5 s and wrote onnxruntime's
+warnings on a read-only root.
+"""
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
-
-from nnserve_server import allocator, event_loop
-from nnserve_server.core import logs
-from nnserve_server.core.errors import StartupError
-from nnserve_server.edge.app import serve
-from nnserve_server.edge.healthcheck import main as health_main
-from nnserve_server.settings import Settings, build_parser
-from nnserve_server.workers import supervise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["health"]:
+        from nnserve_server.edge.healthcheck import main as health_main
+
+        return health_main(args[1:])
+    return _serve(args)
+
+
+def _serve(args: list[str]) -> int:
+    import logging
+
+    from nnserve_server import allocator, event_loop
+    from nnserve_server.core import logs
+    from nnserve_server.core.errors import StartupError
+    from nnserve_server.edge.app import serve
+    from nnserve_server.settings import Settings, build_parser
+    from nnserve_server.workers import supervise
+
     if not args or args[0] in ("-h", "--help"):
         print("usage: nnserve serve [flags]\n       nnserve health [--target HOST:PORT] [--service NAME]\n")
         build_parser().print_help()
         return 0 if args else 2
-    if args[0] == "health":
-        return health_main(args[1:])
     if args[0] != "serve":
         print(f"nnserve: unknown command {args[0]!r}; try: nnserve serve --help or nnserve health", file=sys.stderr)
         return 2

@@ -300,6 +300,16 @@ def test_probes_and_health_command_against_a_real_server(own_server: Callable[..
     ok = subprocess.run(health_command, capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0, ok
     assert "SERVING" in ok.stdout
+    # A probe every few seconds imports none of the server: no onnxruntime (0.4-0.5 s a probe, and its
+    # warnings on a read-only root), no numpy.
+    probe = (
+        "import sys; from nnserve_server.cli import main; main(sys.argv[1:]); "
+        "print(sorted(set(sys.modules) & {'onnxruntime', 'numpy'}))"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", probe, "health", "--target", server.target], capture_output=True, text=True, timeout=30
+    )
+    assert imported.stdout.strip().endswith("[]"), imported
     unknown = subprocess.run([*health_command, "--service", "no-such-model"], capture_output=True, text=True)
     assert unknown.returncode == 1, unknown
     assert "NOT_FOUND" in unknown.stdout
