@@ -150,9 +150,11 @@ def check_pod(pod: Obj, container: Obj, settings: Settings, grpc_port_name: str)
     assert security["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == dockerfile_user()
+    assert pod["securityContext"]["runAsGroup"] == dockerfile_group()
     assert pod["automountServiceAccountToken"] is False
     mounts = {mount["mountPath"]: mount for mount in container.get("volumeMounts", [])}
     assert "/tmp" in mounts, "the read-only root needs a writable /tmp"
+    assert dockerfile_env()["HOME"] in mounts, "HOME must be writable under the read-only root"
     if str(settings.model_repository) in mounts:
         assert mounts[str(settings.model_repository)].get("readOnly") is True
 
@@ -257,6 +259,16 @@ def dockerfile_user(stage: str = "runtime") -> int:
     return int(uid)  # numeric, so Kubernetes can check runAsNonRoot
 
 
+def dockerfile_group(stage: str = "runtime") -> int:
+    """USER's group, which must be the group the image creates for its user (useradd --user-group made 999)."""
+    (user,) = [line.split()[1] for line in dockerfile_stage(stage) if line.startswith("USER ")]
+    gid = int(user.partition(":")[2])
+    installs = " ".join(line for line in dockerfile_stage(stage) if line.startswith("RUN "))
+    assert f"groupadd --system --gid {gid} nnserve" in installs
+    assert f"useradd --system --uid {dockerfile_user(stage)} --gid {gid} " in installs
+    return gid
+
+
 @pytest.mark.parametrize("stage", ["runtime", "runtime-gpu"])
 def test_the_image_runs_the_server_as_configured(stage: str) -> None:
     env = dockerfile_env(stage)
@@ -266,6 +278,8 @@ def test_the_image_runs_the_server_as_configured(stage: str) -> None:
     (expose,) = [line for line in dockerfile_stage(stage) if line.startswith("EXPOSE ")]
     assert expose.split()[1:] == [str(settings.port), str(settings.metrics_port)]
     assert dockerfile_user(stage) != 0
+    assert dockerfile_group(stage) == dockerfile_user(stage)
+    assert env["HOME"] == "/tmp"  # writable under a read-only root (onnxruntime keeps a telemetry id there)
     assert 'ENTRYPOINT ["nnserve", "serve"]' in dockerfile_stage(stage)
     assert any(line.startswith("HEALTHCHECK ") and '"nnserve", "health"' in line for line in dockerfile_stage(stage))
     installs = " ".join(line for line in dockerfile_stage(stage) if line.startswith("RUN "))
