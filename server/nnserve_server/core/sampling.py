@@ -10,6 +10,8 @@ import numpy as np
 
 from nnserve_server.core.errors import InvalidInput
 
+DEFAULT_MAX_TOKENS = 64  # tokens a text generation writes when its caller does not say
+
 
 @dataclass(frozen=True)
 class Sampling:

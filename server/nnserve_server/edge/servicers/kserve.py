@@ -9,7 +9,7 @@ models in Triton's LLM convention are in `streaming.py`.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
-from typing import Any, TypeAlias
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +28,7 @@ from nnserve_server.core.tasks import Limits
 from nnserve_server.edge.guard import StatusGuard
 from nnserve_server.edge.security import visible_models
 from nnserve_server.edge.servicers import plain, streaming
-from nnserve_server.edge.servicers.deadline import deadline_of
+from nnserve_server.edge.servicers.deadline import Context, deadline_of
 from nnserve_server.edge.servicers.model_views import PLATFORM, model_config, model_statistics
 
 _OutputTensor = pb.ModelInferResponse.InferOutputTensor
@@ -42,7 +42,6 @@ SHARED_MEMORY_OFF = (
     "--shared-memory-with-auth is given"
 )
 CUDA_SHARED_MEMORY_OFF = "this server does not serve CUDA shared memory; system shared memory it does"
-Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
 
 
 class ServerState:

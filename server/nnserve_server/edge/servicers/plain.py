@@ -19,6 +19,7 @@ import numpy as np
 from nnserve_contract import codec
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
 from nnserve_server.core.model import OnnxModel
+from nnserve_server.edge.servicers import streaming
 
 MAX_PLANS = 64  # shapes remembered per model version (a client that varies its batch size uses a few)
 _ID, _RAW_OUTPUT = b"\x1a", b"\x32"  # ModelInferResponse fields 3 (id) and 6 (raw_output_contents), length-delimited
@@ -96,7 +97,7 @@ def _plain(request: pb.ModelInferRequest) -> bool:
 # Request parameters a plain model's answer does not depend on: tritonclient's and perf_analyzer's flag
 # for decoupled models (a plain model's one response is its final one anyway). perf_analyzer sends it
 # with every request: refusing the lane to such requests cost it 15% of its rate (MLP, c=32).
-ANSWERED_PARAMETERS = frozenset({"triton_enable_empty_final_response", "enable_empty_final_response"})
+ANSWERED_PARAMETERS = frozenset({streaming.TRITON_EMPTY_FINAL, streaming.EMPTY_FINAL})
 
 
 def prepare(model: OnnxModel, request: pb.ModelInferRequest) -> tuple[Plan, dict[str, np.ndarray]] | None:

@@ -30,7 +30,7 @@ from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
 from nnserve_server.core import generation
 from nnserve_server.core.errors import InvalidInput, Overloaded
 from nnserve_server.core.model import OnnxModel
-from nnserve_server.core.sampling import Sampling
+from nnserve_server.core.sampling import DEFAULT_MAX_TOKENS, Sampling
 from nnserve_server.core.tasks import Limits
 
 TEXT_INPUT, TEXT_OUTPUT = "text_input", "text_output"
@@ -39,7 +39,6 @@ EMPTY_FINAL = "enable_empty_final_response"
 # What tritonclient's `async_stream_infer(..., enable_empty_final_response=True)` sends (Triton's name);
 # `enable_empty_final_response` as a plain request parameter says the same.
 TRITON_EMPTY_FINAL = "triton_enable_empty_final_response"
-DEFAULT_MAX_TOKENS = 64
 MAX_QUEUED_RESPONSES = 64  # answers of one stream waiting to be written (see `stream_infer`)
 _SAMPLING = {"max_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
 _KNOWN_INPUTS = {TEXT_INPUT, "stream", "stop", *_SAMPLING}

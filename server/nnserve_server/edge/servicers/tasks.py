@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any, TypeAlias
+from typing import Any
 
 from nnserve_contract import codec
 from nnserve_contract.model_spec import ModelSpec
@@ -13,13 +13,10 @@ from nnserve_server.core import generation, images, tasks
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.repository import ModelRepository
 from nnserve_server.core.request_record import CURRENT
-from nnserve_server.core.sampling import Sampling
+from nnserve_server.core.sampling import DEFAULT_MAX_TOKENS, Sampling
 from nnserve_server.edge.security import visible_models
-from nnserve_server.edge.servicers.deadline import deadline_of
+from nnserve_server.edge.servicers.deadline import Context, deadline_of
 from nnserve_server.settings import Settings
-
-Context: TypeAlias = Any  # grpc.aio.ServicerContext; grpc ships no type hints
-DEFAULT_MAX_TOKENS = 64
 
 
 def _given(request: pb.ClassifyRequest | pb.EncodeRequest) -> tasks.Given:
