@@ -652,8 +652,40 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     report = table(results)
     (args.out / "results.md").write_text(report + "\n")
+    dated = _keep_dated(report, results, args)
     print("\n" + report)
-    print(f"\n{results['elapsed_s']:.0f} s; results in {args.out}/results.json and results.md")
+    print(f"\n{results['elapsed_s']:.0f} s; results in {args.out}/results.json and results.md, and {dated}")
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _keep_dated(report: str, results: dict[str, Any], args: argparse.Namespace) -> Path:
+    """The run's tables in benchmarks/results/<date>-<commit>.md, with what it ran on, to commit beside the
+    change it measured (docs/performance.md links the latest)."""
+    commit = (
+        subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or "unknown"
+    )
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+        check=False,
+    ).stdout.strip()  # fmt: skip
+    day = time.strftime("%Y-%m-%d")
+    path = RESULTS / f"{day}-{commit}{'-dirty' if dirty else ''}.md"
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v)
+    header = [
+        f"# make bench, {day}, commit {commit}{' (with uncommitted changes)' if dirty else ''}",
+        "",
+        f"{os.cpu_count()} CPUs seen, {len(os.sched_getaffinity(0))} usable; load generator and servers on the"
+        f" same machine; {results['elapsed_s']:.0f} s; flags: {flags or 'none'}. How to read it: benchmarks/README.md.",
+        "",
+    ]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(header) + report + "\n")
+    return path
 
 
 if __name__ == "__main__":
