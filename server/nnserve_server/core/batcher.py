@@ -22,12 +22,11 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
 from nnserve_server.core.errors import DeadlineExceeded, Overloaded
-from nnserve_server.core.stats import ModelStats
+from nnserve_server.core.stats import ModelStats, Timing
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +51,6 @@ def _check_rows(arrays: Sequence[np.ndarray], outputs: Sequence[str], rows: int)
     for name, array in zip(outputs, arrays, strict=True):
         if array.shape[:1] != (rows,):
             raise RowsNotGivenBack(f"output '{name}' answered shape {list(array.shape)} for a run of {rows} rows")
-
-
-class Timing(NamedTuple):
-    """Where one request's time went, in nanoseconds; `batch_size` is the rows of its run.
-    (A tuple: made for every request, and a frozen dataclass costs several times as much to build.)"""
-
-    queue_ns: int
-    input_ns: int
-    infer_ns: int
-    output_ns: int
-    batch_size: int
 
 
 class _Request:

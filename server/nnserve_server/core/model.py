@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from nnserve_server.core.batcher import Batcher, BatchPolicy, RunFn, Timing
+from nnserve_server.core.batcher import Batcher, BatchPolicy, RunFn
 from nnserve_server.core.request_record import CURRENT, RequestRecord
 from nnserve_server.core.runtime import Runtime
 from nnserve_server.core.serving_config import ServingConfig
 from nnserve_server.core.session import ModelSession
-from nnserve_server.core.stats import ModelStats
+from nnserve_server.core.stats import ModelStats, Timing
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from nnserve_server.core.batcher import Timing
-    from nnserve_server.core.stats import ModelStats
+    from nnserve_server.core.stats import ModelStats, Timing
 
 REQUEST_ID_KEY = "x-request-id"  # set by the caller, or made here; returned in trailing metadata
 MAX_REQUEST_ID = 128

@@ -12,12 +12,9 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import NamedTuple
 
 from prometheus_client.utils import floatToGoString
-
-if TYPE_CHECKING:
-    from nnserve_server.core.batcher import Timing
 
 # 100 us .. 30 s: covers a tiny MLP on loopback and a large model on a busy CPU.
 LATENCY_BUCKETS = (
@@ -27,6 +24,17 @@ LATENCY_BUCKETS = (
 CODEC_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TOKEN_BUCKETS = (1, 4, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+class Timing(NamedTuple):
+    """Where one request's time went, in nanoseconds; `batch_size` is the rows of its run.
+    (A tuple: made for every request, and a frozen dataclass costs several times as much to build.)"""
+
+    queue_ns: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+    batch_size: int
 
 
 class Histogram:
