@@ -115,6 +115,11 @@ class Settings:
     )
     max_connection_age_grace_s: float = _setting(10.0, "time calls in flight get when a connection reaches its age")
     max_message_bytes: int = _setting(64 * 1024 * 1024, "largest gRPC message accepted or sent, in bytes")
+    max_concurrent_streams: int = _setting(
+        1024,
+        "HTTP/2 streams one connection may have open at once; bounds what a client that opens and resets "
+        "streams (rapid reset) costs",
+    )
     request_compression: bool = _setting(
         False,
         "accept gzip/deflate-compressed requests (grpcio inflates a message in full before it checks the size "
@@ -213,6 +218,8 @@ class Settings:
             problems.append(f"native io threads is {self.native_io_threads}; use 0..64")
         if self.max_in_flight < 0:
             problems.append("max in flight must be >= 0")
+        if not 1 <= self.max_concurrent_streams <= 1 << 20:
+            problems.append(f"max concurrent streams is {self.max_concurrent_streams}; use 1..1048576")
         if self.max_stream_requests < 1:
             problems.append("max stream requests must be >= 1")
         if self.max_queue_size < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import os
 import socket
@@ -156,3 +157,62 @@ def test_a_compressed_bomb_is_refused_before_it_is_inflated(
     assert _peak_rss_kb(running.process.pid) - before < 64 << 10  # KiB: well under the bomb's 256 MiB
     with Client(running.target) as client:
         assert client.infer("digits-fnn", {"input": np.zeros((1, 64), np.float32)})["logits"].shape == (1, 10)
+
+
+def _rapid_reset(target: str, streams: int) -> str:
+    """CVE-2023-44487's pattern: HEADERS of a ModelInfer, then RST_STREAM, again and again on one connection.
+    Returns how the server ended it ("" when it took them all)."""
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+
+    host, port = target.split(":")
+    connection = h2.connection.H2Connection()
+    headers = [
+        (":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"),
+        (":authority", target), ("content-type", "application/grpc"), ("te", "trailers"),
+    ]  # fmt: skip
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        connection.initiate_connection()
+        sock.sendall(connection.data_to_send())
+        sock.setblocking(False)
+        try:
+            for index in range(streams):
+                stream = connection.get_next_available_stream_id()
+                connection.send_headers(stream, headers)
+                connection.reset_stream(stream)
+                if index % 100 == 99:
+                    sock.setblocking(True)
+                    sock.sendall(connection.data_to_send())
+                    sock.setblocking(False)
+                    with contextlib.suppress(BlockingIOError):
+                        received = sock.recv(1 << 20)
+                        if not received:
+                            return "closed"
+                        for event in connection.receive_data(received):
+                            if isinstance(event, h2.events.ConnectionTerminated):
+                                return f"GOAWAY {event.additional_data!r}"
+        except (BrokenPipeError, ConnectionResetError, h2.exceptions.ProtocolError) as error:
+            return type(error).__name__
+    return ""
+
+
+@pytest.mark.parametrize("transport", ["native", "grpcio"])
+def test_a_rapid_reset_flood_costs_bounded_memory(transport: str, own_server: Callable[..., RunningServer]) -> None:
+    """40,000 streams opened and reset at once: grpcio with no stream cap kept 260 MB after it; with
+    --max-concurrent-streams (1024) the process grows by a few MB, and the native front sends GOAWAY
+    too_many_resets. Either way the server answers on."""
+    running = own_server("--transport", transport)
+    pid = running.process.pid
+    before = _rss_kb(pid)
+    ended = _rapid_reset(running.target, 40_000)
+    time.sleep(1)
+    assert _rss_kb(pid) - before < 64 << 10, (ended, _rss_kb(pid) - before)  # KiB
+    if transport == "native":
+        assert "too_many_resets" in ended
+    assert max(_probe_latencies(running.target, 0.5)) < 0.5
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS:")).split()[1])

@@ -126,6 +126,8 @@ def create_server(
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+            # grpcio's default has no cap: 40,000 streams opened and reset at once kept 260 MB
+            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
             # identity (bit 0) only, unless asked: a 260 KiB gzip bomb inflated to 256 MiB before the limit
             ("grpc.compression_enabled_algorithms_bitset", 0b111 if settings.request_compression else 0b1),
             *_connection_age(settings),
