@@ -47,7 +47,7 @@ class RowsNotGivenBack(RuntimeError):
     """A combined run answered an output whose first dimension is not the batch's rows."""
 
 
-def _check_rows(arrays: Sequence[np.ndarray], outputs: Sequence[str], rows: int) -> None:
+def check_rows(arrays: Sequence[np.ndarray], outputs: Sequence[str], rows: int) -> None:
     for name, array in zip(outputs, arrays, strict=True):
         if array.shape[:1] != (rows,):
             raise RowsNotGivenBack(f"output '{name}' answered shape {list(array.shape)} for a run of {rows} rows")
@@ -335,7 +335,7 @@ class Batcher:
             if len(batch) == 1:
                 parts = [arrays]
             else:  # views, not copies: each caller's rows of each output
-                _check_rows(arrays, outputs, sum(p.rows for p in batch))
+                check_rows(arrays, outputs, sum(p.rows for p in batch))
                 parts = []
                 start = 0
                 for pending in batch:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from nnserve_server.core.batcher import Batcher, BatchPolicy, RunFn
+from nnserve_server.core.batcher import Batcher, BatchPolicy, RowsNotGivenBack, RunFn, check_rows
 from nnserve_server.core.request_record import CURRENT, RequestRecord
 from nnserve_server.core.runtime import Runtime
 from nnserve_server.core.serving_config import ServingConfig
@@ -34,6 +34,18 @@ def _timed(run: RunFn, names: Sequence[str], feed: dict[str, np.ndarray]) -> int
     started = time.perf_counter_ns()
     run(names, feed)
     return time.perf_counter_ns() - started
+
+
+def _quiet() -> ort.RunOptions:
+    """Run options for the load-time runs on zeros: a refusal is expected for some models, no error logged."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
+def _two_rows(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feed` (one row) twice over: a batch of two."""
+    return {name: np.concatenate([array, array]) for name, array in feed.items()}
 
 
 def _arrived() -> tuple[int, RequestRecord | None]:
@@ -93,10 +105,8 @@ class OnnxModel:
     def _warm_up(self, session: ModelSession) -> None:
         """Runs on zeros: pages the weights in, times a run for the inline decision."""
         feed = session.zeros()
-        quiet = ort.RunOptions()
-        quiet.log_severity_level = 4  # a refused warm-up is expected for some models: no error in the log
         try:
-            session.run(session.all_outputs, feed, quiet)
+            session.run(session.all_outputs, feed, _quiet())
         except Exception as error:  # zeros are not valid input for every model: then it is not timed
             log.info(
                 "model %s version %s: no warm-up run on zeros (%s); runs go to the pool", self.name, self.version, error
@@ -111,18 +121,15 @@ class OnnxModel:
         """Requests are combined only when each caller's rows can be given back to it: a run of two rows
         must answer two rows in every output (a graph that sums over its first dimension does not). The
         batcher checks every combined run too (`Batcher._execute`); this finds it before any caller does."""
-        two = {name: np.concatenate([array, array]) for name, array in one.items()}
-        quiet = ort.RunOptions()
-        quiet.log_severity_level = 4
         try:
-            arrays = session.run(session.all_outputs, two, quiet)
+            arrays = session.run(session.all_outputs, _two_rows(one), _quiet())
         except Exception as error:  # zeros are not valid input for every model: the batcher checks each run
             log.info("model %s: no run of two rows on zeros (%s)", self.name, error)
             return
-        for name, array in zip(session.all_outputs, arrays, strict=True):
-            if array.shape[:1] != (2,):
-                self.batcher.stop_combining(f"output '{name}' answered shape {list(array.shape)} for 2 rows")
-                return
+        try:
+            check_rows(arrays, session.all_outputs, 2)
+        except RowsNotGivenBack as error:
+            self.batcher.stop_combining(str(error))
 
     def _keep_batching_if_it_pays(self, session: ModelSession) -> None:
         """Turn off combining requests when a batch of two costs about two runs of one (measured now).
@@ -131,7 +138,7 @@ class OnnxModel:
         and loses to it: the copy into the batch, and one instance busy with two rows while the other
         waits. Small models gain many times over and are never touched (they run inline)."""
         one = session.zeros()
-        two = {name: np.concatenate([array, array]) for name, array in one.items()}
+        two = _two_rows(one)
         names = session.all_outputs
         try:  # interleaved, the best of five each: a noisy moment of a shared machine hits both alike
             times: tuple[list[int], list[int]] = ([], [])

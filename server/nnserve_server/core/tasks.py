@@ -31,7 +31,7 @@ class Limits:
     max_text_chars: int
     max_tokens: int
     max_samples: int
-    max_request_pixels: int = 4096 * 4096
+    max_request_pixels: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:

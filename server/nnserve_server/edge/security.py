@@ -58,14 +58,22 @@ class Grant:
     def may_see(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
+    def permits(self, rpc: str, request: Any) -> bool:
+        """Whether this token may make this call as it is: the method's group, the models it names."""
+        return _GROUP_OF.get(rpc) in self.groups and not self._forbidden_model(rpc, request)
+
     def check(self, rpc: str, request: Any) -> None:
         """NotAllowed when the request names a model outside this token's patterns."""
+        name = self._forbidden_model(rpc, request)
+        if name:
+            raise NotAllowed(f"token '{self.label}' may not use model '{name}'; it may use {list(self.models)}")
+
+    def _forbidden_model(self, rpc: str, request: Any) -> str:
+        """The first model the request names outside this token's patterns; empty when there is none."""
         names = [getattr(request, "model_name", "")]
         if rpc in _NAMED_MODEL:
             names.append(getattr(request, "name", ""))
-        for name in names:
-            if name and not self.may_see(name):
-                raise NotAllowed(f"token '{self.label}' may not use model '{name}'; it may use {list(self.models)}")
+        return next((name for name in names if name and not self.may_see(name)), "")
 
 
 def _digest(header: bytes) -> bytes:
@@ -159,17 +167,6 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         given = _given_token(metadata)
         return self._grants.get(_digest(given)) if given else None
 
-    def allows(self, metadata: Any, rpc: str, request: Any) -> bool:
-        """Whether this call may go ahead as it is (the lane of `infer_burst` asks first)."""
-        grant = self.grant_of(metadata)
-        if grant is None or _GROUP_OF.get(rpc) not in grant.groups:
-            return False
-        try:
-            grant.check(rpc, request)
-        except NotAllowed:
-            return False
-        return True
-
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -180,9 +177,9 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return handler
-        given = _given_token(details.invocation_metadata)
-        grant = self._grants.get(_digest(given)) if given else None
+        grant = self.grant_of(details.invocation_metadata)
         if grant is None:
+            given = _given_token(details.invocation_metadata)
             reason = "wrong bearer token" if given else "this server needs 'authorization: Bearer <token>' metadata"
             return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, reason)
         method = details.method.rsplit("/", 1)[-1]

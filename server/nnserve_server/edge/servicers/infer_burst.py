@@ -102,7 +102,8 @@ class InferBurst:
             return
         try:
             request = pb.ModelInferRequest.FromString(payload)
-            if self._auth is not None and not self._auth.allows(metadata, RPC, request):
+            grant = None if self._auth is None else self._auth.grant_of(metadata)
+            if self._auth is not None and (grant is None or not grant.permits(RPC, request)):
                 return  # the general path refuses it, saying why
             model = self._repository.get(request.model_name, request.model_version)
         except Exception:  # the general path says what is wrong
@@ -112,8 +113,7 @@ class InferBurst:
             return
         plan, feed = prepared
         record = RequestRecord(RPC, request_id_from(metadata), started)
-        if self._auth is not None:
-            record.grant = self._auth.grant_of(metadata)
+        record.grant = grant
         item = _Item(call_id, request, feed, record)
         key = (id(model), id(plan))
         group = groups.get(key)
