@@ -1,4 +1,6 @@
 """`nnserve serve [flags]`: build the settings once and run the server. `nnserve health`: probe one.
+`nnserve check [flags]`: load every model of the repository as `serve` would, say each one's state, and
+exit 1 unless every one is ready (an image build runs it as the serving user).
 
 `health` runs as a container's health check every few seconds, so it imports only grpc and the health
 stubs: the server's modules (onnxruntime, numpy, prometheus) cost a probe 0.4-0.5 s and wrote onnxruntime's
@@ -31,11 +33,17 @@ def _serve(args: list[str]) -> int:
     from nnserve_server.workers import supervise
 
     if not args or args[0] in ("-h", "--help"):
-        print("usage: nnserve serve [flags]\n       nnserve health [--target HOST:PORT] [--service NAME]\n")
+        print(
+            "usage: nnserve serve [flags]\n       nnserve check [flags]\n"
+            "       nnserve health [--target HOST:PORT] [--service NAME]\n"
+        )
         build_parser().print_help()
         return 0 if args else 2
-    if args[0] != "serve":
-        print(f"nnserve: unknown command {args[0]!r}; try: nnserve serve --help or nnserve health", file=sys.stderr)
+    if args[0] not in ("serve", "check"):
+        print(
+            f"nnserve: unknown command {args[0]!r}; try: nnserve serve --help, nnserve check or nnserve health",
+            file=sys.stderr,
+        )
         return 2
     try:
         settings = Settings.load(args[1:])
@@ -43,6 +51,16 @@ def _serve(args: list[str]) -> int:
         print(f"nnserve: {error}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
+    if args[0] == "check":
+        import asyncio
+
+        from nnserve_server.edge.app import check_repository
+
+        try:
+            return 0 if asyncio.run(check_repository(settings)) else 1
+        except StartupError as error:
+            logging.getLogger("nnserve").error("cannot check: %s", error)
+            return 1
     allocator.retain_freed_memory(settings.allocator_retain_mb << 20)
     try:
         if settings.workers > 1:

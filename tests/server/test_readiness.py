@@ -5,6 +5,8 @@ Liveness and each model's own health stay apart."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,3 +81,25 @@ def test_without_strict_readiness_a_started_server_is_ready_whatever_loaded(
     running = own_server(repository=_repository(model_repository, tmp_path, broken=True))
     assert _readiness(running.target) == (True, [SERVING, SERVING], SERVING, True, True)
     assert "strict readiness" not in running.log()
+
+
+def _check(repo: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nnserve_server.cli", "check", "--model-repository", str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_check_loads_every_model_and_fails_on_one_that_does_not_load(model_repository: Path, tmp_path: Path) -> None:
+    """`nnserve check`, which the zoo image runs as its serving user: exit 0 only when every model loads."""
+    good = _check(_repository(model_repository, tmp_path / "good", broken=False))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "digits-fnn version 1: READY" in good.stdout
+    assert "1 of 1 model ready" in good.stdout
+    bad = _check(_repository(model_repository, tmp_path / "bad", broken=True))
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "broken version 1: UNAVAILABLE (" in bad.stdout
+    assert "1 of 2 models ready" in bad.stdout
+    assert _check(tmp_path / "nowhere").returncode == 1

@@ -110,6 +110,9 @@ METRICS = (
     MetricSpec("transport", "nnserve_transport_info", Gauge, ("transport", "reason"),
                "1 for the gRPC transport that serves (native or grpcio), with why it was chosen",
                multiprocess_mode="livemax"),
+    MetricSpec("build", "nnserve_build_info", Gauge, ("version", "onnxruntime"),
+               "1, labelled with nnserve's version and the onnxruntime that runs the models",
+               multiprocess_mode="livemax"),
     MetricSpec("provider_fallbacks", "nnserve_provider_fallbacks", Counter, ("provider",),
                "Requested execution providers that were missing at start, so the server fell back"),
 )  # fmt: skip
@@ -142,6 +145,7 @@ class ServerMetrics:
     provider: Gauge
     provider_fallbacks: Counter
     transport: Gauge
+    build: Gauge
 
     async def model_state_changed(self, model: str, ready: bool) -> None:
         self.model_ready.labels(model).set(1 if ready else 0)

@@ -57,6 +57,7 @@ class Runtime:
     providers: tuple[str, ...]  # onnxruntime names, in order of preference
     missing_providers: tuple[str, ...]  # requested but not in this onnxruntime build
     cpus: int  # what the container may use: sizes threads and instances when settings leave them at 0
+    onnxruntime_version: str = ort.__version__  # the GPU image's onnxruntime-gpu may differ from the CPU pin
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Runtime:

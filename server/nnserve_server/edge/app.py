@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from nnserve_contract.stubs import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+from nnserve_server import __version__
 from nnserve_server.core import generation, logs
 from nnserve_server.core.errors import StartupError
 from nnserve_server.core.generation import Decoding, MemoryBudget
@@ -206,6 +207,23 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
+async def check_repository(settings: Settings) -> bool:
+    """Load every model of the repository as `serve` does, print one line per version, and say whether
+    every model has a ready version (`nnserve check`: an image build runs it as the user that serves)."""
+    if not settings.model_repository.is_dir():
+        raise StartupError(f"the model repository {settings.model_repository} does not exist")
+    repository = ModelRepository(settings.model_repository, Runtime.from_settings(settings), settings)
+    await repository.load_all()
+    names = repository.names()
+    for name in names:
+        for entry in repository.versions(name):
+            print(f"{name} version {entry.version}: {entry.state}" + (f" ({entry.reason})" if entry.reason else ""))
+    ready = [name for name in names if repository.is_ready(name)]
+    print(f"{len(ready)} of {_count(len(names), 'model')} ready in {settings.model_repository}")
+    await repository.close()
+    return bool(names) and len(ready) == len(names)
+
+
 async def serve(settings: Settings) -> None:
     runtime = Runtime.from_settings(settings)
     registry = CollectorRegistry()
@@ -214,6 +232,7 @@ async def serve(settings: Settings) -> None:
         metrics.provider_fallbacks.labels(provider).inc()
     for provider in runtime.providers:
         metrics.provider.labels(provider).set(1)
+    metrics.build.labels(__version__, runtime.onnxruntime_version).set(1)
     if not settings.model_repository.is_dir() and not settings.poll_interval_s:
         raise StartupError(
             f"the model repository {settings.model_repository} does not exist: build one (make zoo, or "
