@@ -22,7 +22,7 @@ PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
 NODE_CLIENT := .cache/node-client
 NODE_STAMP  := $(NODE_CLIENT)/.installed-stamp
 
-.PHONY: venv serve test test-fast check protos zoo bench soak image image-gpu clean
+.PHONY: venv serve test test-fast check protos zoo bench soak image image-gpu image-check clean
 
 # One venv for the workspace: the three distributions (editable) and the dev tools, all pinned.
 $(STAMP): constraints.txt requirements-dev.txt clients/pyproject.toml server/pyproject.toml exporters/pyproject.toml
@@ -87,13 +87,16 @@ check: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/hadolint deploy/Dockerfile
 
-# Container images (needs a Docker engine; see deploy/README.md). The GPU image: make image-gpu.
+# Container images, with podman or docker (ENGINE=...; deploy/README.md). `make image-check` builds the CPU
+# image and runs it as the manifests do; ZOO=1 adds the zoo image (it trains the zoo in the build: minutes).
 image:
-	docker build -f deploy/Dockerfile --target runtime -t $(IMAGE):$(VERSION)-cpu .
-	docker build -f deploy/Dockerfile --target runtime-zoo -t $(IMAGE):$(VERSION)-cpu-zoo .
+	IMAGE=$(IMAGE) VERSION=$(VERSION) deploy/image.sh runtime runtime-zoo
 
 image-gpu:
-	docker build -f deploy/Dockerfile --target runtime-gpu -t $(IMAGE):$(VERSION)-gpu .
+	IMAGE=$(IMAGE) VERSION=$(VERSION) deploy/image.sh runtime-gpu
+
+image-check: $(STAMP)
+	IMAGE=$(IMAGE) VERSION=$(VERSION) $(BIN)/python deploy/image_check.py $(if $(ZOO),--zoo)
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) $(PEERS_VENV) .pytest_cache .mypy_cache .ruff_cache

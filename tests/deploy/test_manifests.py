@@ -288,13 +288,35 @@ def test_the_image_runs_the_server_as_configured(stage: str) -> None:
     if stage == "runtime-gpu":
         assert settings.providers == ("cuda", "cpu")
         assert "onnxruntime-gpu" in installs
+    assert "--mount=type=bind" not in installs, "buildah 1.28 ships stale code from a cached bind-mounted stage"
 
 
-def test_make_image_builds_the_stages_the_dockerfile_has() -> None:
+def pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==") for line in lines if "==" in line and not line.startswith("#"))
+
+
+def test_the_gpu_image_takes_its_onnxruntime_from_the_constraints_and_the_docs_say_the_difference() -> None:
+    """onnxruntime-gpu trails onnxruntime on PyPI: the one pin is constraints.txt, and deploy/README says it."""
+    gpu = " ".join(dockerfile_stage("runtime-gpu"))
+    assert "-c /tmp/constraints.txt onnxruntime-gpu " in gpu
+    assert "onnxruntime-gpu==" not in gpu
+    table = (ROOT / "deploy" / "README.md").read_text()
+    assert f"`onnxruntime` {pins()['onnxruntime']}" in table
+    assert f"`onnxruntime-gpu` {pins()['onnxruntime-gpu']}" in table
+
+
+def test_make_image_builds_the_stages_the_dockerfile_has_with_what_keeps_the_healthcheck() -> None:
     stages = {line.split(" AS ")[1] for line in dockerfile_lines() if line.startswith("FROM ") and " AS " in line}
-    targets = set(re.findall(r"--target (\S+)", (ROOT / "Makefile").read_text()))
+    script = (ROOT / "deploy" / "image.sh").read_text()
+    targets = set(re.findall(r"^ +(\S+)\) build \1 ", script, re.M))
     assert targets == {"runtime", "runtime-zoo", "runtime-gpu"}
     assert targets <= stages
+    assert "--format docker" in script, "podman's default OCI format drops HEALTHCHECK"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "docker build" not in makefile
+    assert "deploy/image.sh runtime runtime-zoo" in makefile
+    assert 'RUN ["nnserve", "check"]' in dockerfile_stage("runtime-zoo"), "the zoo image loads every model as 10001"
 
 
 def test_probes_and_health_command_against_a_real_server(own_server: Callable[..., RunningServer]) -> None:
