@@ -29,7 +29,6 @@ import os
 import re
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -42,10 +41,10 @@ from typing import Any
 import grpc
 
 from benchmarks import models, triton_peer
+from benchmarks.targets import BARE, NATIVE, RUN_ONLY, SHM_CLIENT, TRITON, best, paired, targets
 from nnserve_server.edge import listening
 
 ROOT = Path(__file__).resolve().parent.parent
-SHM_CLIENT = "perf_analyzer shm"
 STREAM_CLIENT = "perf_analyzer stream"  # --streaming: every request on one ModelStreamInfer stream per client
 
 
@@ -92,8 +91,6 @@ def _tree_cpu(pid: int) -> float:
 
 
 PINNED = "grpcio 1.75.0, uvloop"  # grpc.aio as constraints.txt pins it (--transport grpcio), on uvloop
-NATIVE = "pygrpc-native 0.5.0, uvloop"  # the native front end (--transport native, auto's choice here)
-BARE = "bare server"
 NEWEST_GRPCIO = "1.85.3"  # the newest grpcio measured beside it, from an overlay folder
 
 
@@ -286,7 +283,7 @@ class Bench:
             flush=True,
         )
         if versus:
-            ratios = _paired(result)
+            ratios = paired(result)
             print(
                 f"  {'':18} paired with {versus} stream: tokens/s {ratios['tokens_per_s']:.1f}x, "
                 f"gap between tokens {ratios['inter_token_p50']:.1f}x (medians of {len(result['pairs'])} pairs)",
@@ -334,10 +331,6 @@ def _bare(repository: Path, *flags: str) -> list[str]:
         "0",
         *flags,
     ]
-
-
-RUN_ONLY = "run-only bare server"  # the bare server plus one onnxruntime run per request: the floor
-TRITON = "Triton 2.51"
 
 
 def _perf_analyzer() -> str | None:
@@ -476,122 +469,6 @@ def _generation(
     return generation, concurrent
 
 
-def _paired(result: dict[str, Any]) -> dict[str, float]:
-    """The median over a streams cell's interleaved pairs of each ratio (tokens/s, gap between tokens)."""
-    pairs = result["pairs"]
-    return {key: statistics.median(p[key] for p in pairs) for key in ("tokens_per_s", "inter_token_p50")}
-
-
-def _spread(result: dict[str, Any], key: str) -> str:
-    values = [p[key] for p in result["pairs"]]
-    median = _paired(result)[key]
-    return f"{median:.2f}x (median of {len(values)} interleaved pairs, {min(values):.2f}-{max(values):.2f})"
-
-
-def _best(
-    cells: list[dict[str, Any]], one_process: bool = False, workers: bool = False, **match: Any
-) -> dict[str, Any] | None:
-    """The fastest cell matching `match`; `one_process`: any one-process nnserve configuration;
-    `workers`: any --workers configuration."""
-    found = [c for c in cells if all(c.get(k) == v for k, v in match.items()) and c["throughput"] > 0]
-    if one_process:
-        found = [c for c in found if c["system"].startswith("nnserve") and "workers" not in c["system"]]
-    if workers:
-        found = [c for c in found if "--workers" in c["system"]]
-    return max(found, key=lambda c: c["throughput"]) if found else None
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def _mlp_runs(cells: list[dict[str, Any]], system: str, concurrency: int, field: str) -> list[float]:
-    """`field` of every perf_analyzer run of the MLP by `system` (and its "(again)" run) at `concurrency`."""
-    return [
-        c[field]
-        for c in cells
-        if c["model"] == models.MLP
-        and c["system"] in (system, f"{system} (again)")
-        and c["client"] == "perf_analyzer"
-        and c["concurrency"] == concurrency
-        and c["throughput"] > 0
-        and c[field] == c[field]  # not NaN
-    ]
-
-
-def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    """The performance targets, each judged from ratios between cells of this run (close figures from
-    the mean of two runs each, interleaved)."""
-    cells = results["cells"]
-    checks: list[tuple[str, bool, str]] = []
-    resnet = models.RESNET
-    native = [c for c in cells if c.get("stack") == NATIVE]  # nnserve's default transport
-    triton_rate, ours_rate = _mlp_runs(cells, TRITON, 32, "throughput"), _mlp_runs(native, "nnserve", 32, "throughput")
-    if triton_rate and ours_rate:
-        ratio = _mean(ours_rate) / _mean(triton_rate)
-        what = f"{ratio:.2f}x ({_mean(ours_rate):.0f} vs {_mean(triton_rate):.0f}/s, mean of two runs each)"
-        checks.append(("MLP c=32, one server process: >= 1.5x Triton's inferences/s", ratio >= 1.5, what))
-    triton_p50, ours_p50 = _mlp_runs(cells, TRITON, 1, "p50_ms"), _mlp_runs(native, "nnserve", 1, "p50_ms")
-    if triton_p50 and ours_p50:
-        ratio = _mean(ours_p50) / _mean(triton_p50)
-        what = f"{ratio:.2f}x ({_mean(ours_p50):.3f} vs {_mean(triton_p50):.3f} ms, mean of two runs each)"
-        checks.append(("MLP c=1 p50 <= 0.85x Triton's", ratio <= 0.85, what))
-    bare_us, ours_us = _mlp_runs(native, BARE, 32, "server_us"), _mlp_runs(native, "nnserve", 32, "server_us")
-    if bare_us and ours_us:
-        ratio = _mean(ours_us) / _mean(bare_us)
-        what = f"{ratio:.2f}x ({_mean(ours_us):.0f} vs {_mean(bare_us):.0f} us, mean of two runs each)"
-        checks.append(("MLP c=32 server CPU per inference <= 2x the bare native server's", ratio <= 2.0, what))
-    raw_resnet = _best(cells, model=resnet, system="raw onnxruntime")
-    served = [c for c in native if c["model"] == resnet and c["system"] in ("nnserve", "nnserve (again)")]
-    served = [c for c in served if c["client"] == "perf_analyzer" and c["concurrency"] == 4 and c["throughput"] > 0]
-    if raw_resnet and served:
-        rate = _mean([c["throughput"] for c in served])
-        ratio = rate / raw_resnet["throughput"]
-        what = f"{ratio:.2f}x ({rate:.1f} vs {raw_resnet['throughput']:.1f}/s, mean of {len(served)} runs)"
-        checks.append(("ResNet-18 c=4 >= 0.95x raw onnxruntime's best", ratio >= 0.95, what))
-    shared = _best(cells, model=resnet, concurrency=4, one_process=True, client=SHM_CLIENT)
-    if raw_resnet and shared:
-        ratio = shared["throughput"] / raw_resnet["throughput"]
-        what = f"{ratio:.2f}x ({shared['system']})"
-        checks.append(("ResNet-18 c=4 through shared memory >= 0.95x raw onnxruntime's best", ratio >= 0.95, what))
-    # The peer's own failures (perf_analyzer --streaming against its Python backend times out here) are
-    # shown in its rows, not judged as ours.
-    failed = [
-        f"{c['system']} c={c['concurrency']}" for c in cells if c["errors"] and not c["system"].startswith(TRITON)
-    ]
-    checks.append(("no cell of ours with errors", not failed, ", ".join(failed) or "none"))
-    for name in ("chars-lstm", "chars-transformer"):
-        rows = {r["streams"]: r for r in results.get("streams", []) if r["model"] == name and r["step_batching"]}
-        if 16 in rows and rows[16].get("pairs"):
-            paired = _paired(rows[16])
-            ratio, gap = paired["tokens_per_s"], paired["inter_token_p50"]
-            checks.append(
-                (f"{name}: 16 streams >= 6x one stream's tokens/s", ratio >= 6, _spread(rows[16], "tokens_per_s"))
-            )
-            checks.append(
-                (
-                    f"{name}: 16 streams, gap between tokens p50 <= 2.5x one stream's",
-                    gap <= 2.5,
-                    _spread(rows[16], "inter_token_p50"),
-                )
-            )
-        elif 1 in rows and 16 in rows:
-            ratio = rows[16]["tokens_per_s"] / rows[1]["tokens_per_s"]
-            checks.append((f"{name}: 16 streams >= 6x one stream's tokens/s", ratio >= 6, f"{ratio:.1f}x"))
-            gap = rows[16]["inter_token_p50_ms"] / rows[1]["inter_token_p50_ms"]
-            checks.append(
-                (f"{name}: 16 streams, gap between tokens p50 <= 2.5x one stream's", gap <= 2.5, f"{gap:.1f}x")
-            )
-        if 64 in rows:
-            ok = not rows[64]["errors"] and rows[64]["first_token_p99_ms"] < 2000
-            what = f"p99 {rows[64]['first_token_p99_ms']:.0f} ms, errors {rows[64]['errors'] or 'none'}"
-            checks.append((f"{name}: 64 streams, no errors, first token p99 < 2 s", ok, what))
-    for name, by_prefix in results["generation"].items():
-        ratio = by_prefix[512]["token_ms"] / by_prefix[16]["token_ms"]
-        checks.append((f"{name}: token at prefix 512 <= 1.5x prefix 16", ratio <= 1.5, f"{ratio:.2f}x"))
-    return checks
-
-
 def table(results: dict[str, Any]) -> str:
     cells = results["cells"]
     lines = [
@@ -600,9 +477,9 @@ def table(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
-        raw = _best(cells, model=c["model"], system="raw onnxruntime")
-        peer = _best(cells, model=c["model"], system=TRITON, client=c["client"], concurrency=c["concurrency"])
-        floor = _best(cells, model=c["model"], system=RUN_ONLY, client=c["client"], concurrency=c["concurrency"])
+        raw = best(cells, model=c["model"], system="raw onnxruntime")
+        peer = best(cells, model=c["model"], system=TRITON, client=c["client"], concurrency=c["concurrency"])
+        floor = best(cells, model=c["model"], system=RUN_ONLY, client=c["client"], concurrency=c["concurrency"])
         served = c["throughput"] and c["system"] != "raw onnxruntime"
         vs_raw = f"{c['throughput'] / raw['throughput']:.1%}" if raw and c["throughput"] else ""
         vs_peer = f"{c['throughput'] / peer['throughput']:.2f}x" if peer and served else ""

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from benchmarks import bare_server, models
-from benchmarks.run import BARE, NATIVE, PINNED, ROOT, SHM_CLIENT, TRITON, targets
+from benchmarks.run import PINNED, ROOT
+from benchmarks.targets import BARE, NATIVE, SHM_CLIENT, TRITON, targets
 from nnserve_contract import codec
 from nnserve_contract.model_spec import ModelSpec
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
