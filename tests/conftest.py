@@ -156,7 +156,7 @@ def model_repository(fnn_repository: Path, tmp_path_factory: pytest.TempPathFact
 
 
 # Shared memory as the tests' clients name it: multiprocessing's objects (psm_*), tritonclient's (nnserve_*)
-# and the README's (my_*).
+# and docs/protocol.md's (my_*).
 SHARED_MEMORY = ("--shared-memory", "--shared-memory-keys", "psm_*,nnserve_*,my_*")
 
 

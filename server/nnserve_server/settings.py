@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def flags_table() -> str:
-    """The README's table of flags, made from the fields so it cannot drift (a test compares)."""
+    """docs/configuration.md's table of flags, made from the fields so it cannot drift (a test compares)."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")

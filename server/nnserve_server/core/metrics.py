@@ -1,6 +1,6 @@
 """Prometheus metrics: the families nnserve exports, and the collector that reads them at scrape time.
 
-Every metric is declared once in `METRICS`; the README's table is generated from the same list
+Every metric is declared once in `METRICS`; docs/operations.md's table is generated from the same list
 (`metrics_table()`, a test compares). Latencies are histograms, not summaries, so they aggregate
 across pods. Figures counted per request (requests, latencies, inferences, batch sizes, ...) live in
 `stats.py` as plain integers and become families only when the endpoint is scraped; the rest (model
@@ -237,7 +237,7 @@ def _summed(histograms: Iterable[Buckets]) -> Buckets:
 
 
 def metrics_table() -> str:
-    """The README's table of every nnserve metric, from METRICS (a test keeps them in step)."""
+    """docs/operations.md's table of every nnserve metric, from METRICS (a test keeps them in step)."""
     rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
     for spec in METRICS:
         kind = spec.kind.__name__.lower()

@@ -1,4 +1,5 @@
-"""The README's "Calling it" samples, run as they are written against a real server on the fast zoo:
+"""The samples of the README's "Calling it" and of docs/protocol.md, run as they are written against a
+real server on the fast zoo:
 the SDK blocks in our venv, the tritonclient blocks in tritonclient's, the nnserve-client and grpcurl
 lines as commands. Only the address is changed (the README's 127.0.0.1:8001 to the test server's) and
 the files they name (seven.png, shapes.png) are made first. The replicas sample needs machines that
@@ -24,7 +25,7 @@ NOT_HERE = "10.0.0.5"  # the several-replicas sample: addresses of machines this
 def _section() -> str:
     readme = (ROOT / "README.md").read_text()
     start = readme.index("## Calling it")
-    return readme[start : readme.index("\n## ", start + 1)]
+    return readme[start : readme.index("\n## ", start + 1)] + (ROOT / "docs" / "protocol.md").read_text()
 
 
 def _blocks(language: str) -> list[str]:
@@ -65,7 +66,7 @@ def _run(python: Path, code: str, folder: Path) -> subprocess.CompletedProcess[s
     )
 
 
-def test_the_readme_samples_run_as_written(zoo_server: RunningServer, tmp_path: Path) -> None:
+def test_the_samples_run_as_written(zoo_server: RunningServer, tmp_path: Path) -> None:
     _files(tmp_path)
     python_blocks = [b.replace(ADDRESS, zoo_server.target) for b in _blocks("python") if NOT_HERE not in b]
     ours = [b for b in python_blocks if "nnserve_client" in b]
