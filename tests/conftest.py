@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import os
 import shutil
 import signal
@@ -37,6 +38,40 @@ ECHO_TYPES = {
     "FP64": (TensorProto.DOUBLE, np.float64),
     "BYTES": (TensorProto.STRING, np.object_),
 }
+
+
+def _fast_tier_only(config: pytest.Config) -> bool:
+    return bool(config.getoption("markexpr") == "fast")
+
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, *args: object) -> None:
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("the fast tier imports no torch: take the fast mark off the test that needs it")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _fast_tier_only(config):  # make test-fast: torch cannot be imported at all
+        sys.meta_path.insert(0, _NoTorch())
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """make test-fast imports only the modules that hold fast tests (the others may import torch)."""
+    if _fast_tier_only(config) and collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        return "pytest.mark.fast" not in collection_path.read_text()
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _fast_tier_starts_no_process(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test of the fast tier that starts a process fails, saying so."""
+    if request.node.get_closest_marker("fast") is None:
+        return
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a fast-tier test starts no process: {args[1:2]}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refused)
 
 
 class RunningServer:

@@ -12,6 +12,8 @@ from conftest import ROOT
 from nnserve_server.core.metrics import metrics_table
 from nnserve_server.settings import build_parser, flags_table
 
+pytestmark = pytest.mark.fast  # in process: no torch, no subprocess, no extra venv (make test-fast)
+
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "deploy" / "README.md"]
 PAGES += [ROOT / "benchmarks" / "README.md"]
 LINK = re.compile(r"\]\(([^)\s]+)\)")

@@ -8,6 +8,8 @@ import pytest
 
 from nnserve_client._channel import channel_authority, channel_target, service_config
 
+pytestmark = pytest.mark.fast  # in process: no torch, no subprocess, no extra venv (make test-fast)
+
 
 def test_several_targets_become_one_round_robin_target() -> None:
     assert channel_target("127.0.0.1:8001") == "127.0.0.1:8001"

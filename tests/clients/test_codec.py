@@ -9,6 +9,8 @@ from nnserve_contract import codec
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
 from nnserve_contract.stubs import tasks_pb2 as tasks_pb
 
+pytestmark = pytest.mark.fast  # in process: no torch, no subprocess, no extra venv (make test-fast)
+
 NUMERIC = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 
 

@@ -19,6 +19,7 @@ from nnserve_client import (
 )
 
 
+@pytest.mark.fast
 def test_public_surface_is_pinned() -> None:
     assert sorted(nnserve_client.__all__) == [
         "AsyncClient", "Cancelled", "Classification", "Classifications", "Client", "DeadlineExceeded", "Embeddings",
@@ -114,15 +115,18 @@ def test_deadline_applies_to_every_call(server: RunningServer) -> None:
         assert client.live()
 
 
+@pytest.mark.fast
 def test_unreachable_server_is_unavailable() -> None:
     with Client("127.0.0.1:1", timeout=2) as client, pytest.raises(Unavailable):
         client.live()
 
 
+@pytest.mark.fast
 def test_tls_credentials_build() -> None:
     assert isinstance(tls_credentials(), grpc.ChannelCredentials)
 
 
+@pytest.mark.fast
 def test_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="timeout"):
         Client("127.0.0.1:1", timeout=0)

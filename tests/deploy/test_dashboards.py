@@ -73,6 +73,7 @@ def test_every_dashboard_and_alert_query_uses_exported_metrics_and_labels(server
     ]
 
 
+@pytest.mark.fast
 def test_the_dashboard_answers_where_the_time_went() -> None:
     used = {name for query in dashboard_queries() for name in METRIC.findall(query)}
     for needed in (
@@ -96,6 +97,7 @@ def test_the_dashboard_answers_where_the_time_went() -> None:
         ("NnserveModelNotReady", "nnserve_model_ready"),
     ],
 )
+@pytest.mark.fast
 def test_the_alerts_cover_errors_latency_saturation_and_readiness(alert: str, metric: str) -> None:
     (rule,) = [rule for rule in alert_rules() if rule["alert"] == alert]
     assert metric in str(rule["expr"])

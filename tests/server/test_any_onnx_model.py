@@ -71,6 +71,7 @@ def _load(root: Path, name: str, settings: Settings | None = None) -> OnnxModel:
     return OnnxModel(name, "1", root / name / "1" / "model.onnx", runtime, config)
 
 
+@pytest.mark.fast
 def test_without_a_config_a_model_batches_only_when_every_input_and_output_has_a_free_first_dimension(
     tmp_path: Path,
 ) -> None:
@@ -99,6 +100,7 @@ def test_without_a_config_a_model_batches_only_when_every_input_and_output_has_a
     model.close()
 
 
+@pytest.mark.fast
 def test_max_batch_size_0_in_config_pbtxt_serves_shapes_as_declared(tmp_path: Path) -> None:
     _broadcast_add(tmp_path, "max_batch_size: 0\n")
     model = _load(tmp_path, "add")
@@ -116,6 +118,7 @@ def test_max_batch_size_0_in_config_pbtxt_serves_shapes_as_declared(tmp_path: Pa
     model.close()
 
 
+@pytest.mark.fast
 def test_a_positive_max_batch_size_needs_a_free_first_dimension_everywhere(tmp_path: Path) -> None:
     _graph(
         tmp_path / "fixed" / "1" / "model.onnx",
@@ -133,6 +136,7 @@ def test_a_positive_max_batch_size_needs_a_free_first_dimension_everywhere(tmp_p
     model.close()
 
 
+@pytest.mark.fast
 def test_requests_are_not_combined_when_a_run_of_two_rows_does_not_answer_two(tmp_path: Path) -> None:
     """y = the rows flattened ([batch, 3] -> [batch * 3]): its first dimension is free, yet a combined run's
     rows could not be told apart, so a run of two rows at load says to run requests one by one."""
@@ -150,6 +154,7 @@ def test_requests_are_not_combined_when_a_run_of_two_rows_does_not_answer_two(tm
     model.close()
 
 
+@pytest.mark.fast
 def test_a_combined_run_whose_rows_do_not_come_back_runs_each_request_alone(tmp_path: Path) -> None:
     """The batcher's own check, for graphs whose rows only go astray on some values (zeros at load were
     fine): the distinct values of x. Each caller still gets its own answer, counted, and no run is combined

@@ -114,6 +114,7 @@ async def _concurrent(target: str, model: str, inputs: list[np.ndarray], timeout
         return await asyncio.gather(*calls, return_exceptions=True)
 
 
+@pytest.mark.fast
 def test_concurrent_requests_share_runs_and_each_gets_its_own_rows(batching_server: RunningServer) -> None:
     before = _stats(batching_server.target, "widths")
     inputs = [np.full((1 + i % 3, 4), i, dtype=np.float32) for i in range(24)]  # 1..3 rows each
@@ -130,6 +131,7 @@ def test_concurrent_requests_share_runs_and_each_gets_its_own_rows(batching_serv
     assert max(b.batch_size for b in after.batch_stats) > 3  # a run carried several requests' rows
 
 
+@pytest.mark.fast
 def test_requests_of_different_shapes_are_never_mixed(batching_server: RunningServer) -> None:
     before = {b.batch_size: b.compute_infer.count for b in _stats(batching_server.target, "widths").batch_stats}
     inputs = [np.full((1, 2 if i % 2 else 5), i, dtype=np.float32) for i in range(16)]
@@ -147,6 +149,7 @@ def test_requests_of_different_shapes_are_never_mixed(batching_server: RunningSe
     assert runs > 0
 
 
+@pytest.mark.fast
 def test_a_batch_is_capped_at_max_batch_size(batching_server: RunningServer) -> None:
     inputs = [np.full((16, 3), i, dtype=np.float32) for i in range(8)]  # 128 rows; the cap is 64
     results = asyncio.run(_concurrent(batching_server.target, "echo", inputs))
@@ -158,6 +161,7 @@ def test_a_batch_is_capped_at_max_batch_size(batching_server: RunningServer) -> 
     assert 64 in sizes  # four requests of 16 rows shared a run
 
 
+@pytest.mark.fast
 def test_a_full_queue_refuses_at_once_and_the_rest_are_served(batching_server: RunningServer) -> None:
     x = np.random.default_rng(0).standard_normal((1, SLOW_WIDTH)).astype(np.float32)
     results = asyncio.run(_concurrent(batching_server.target, "slow", [x] * 12))
@@ -172,6 +176,7 @@ def test_a_full_queue_refuses_at_once_and_the_rest_are_served(batching_server: R
         assert client.infer("slow", {"x": x})["y"].shape == (1, SLOW_WIDTH)
 
 
+@pytest.mark.fast
 def test_a_request_whose_deadline_passes_in_the_queue_is_never_computed(batching_server: RunningServer) -> None:
     rows = np.random.default_rng(1).standard_normal((256, SLOW_WIDTH)).astype(np.float32)
     x = rows[:1]
@@ -193,6 +198,7 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_never_computed(batching
     assert after.inference_stats.success.count - before.inference_stats.success.count == 1
 
 
+@pytest.mark.fast
 def test_a_request_whose_caller_went_away_is_never_computed(batching_server: RunningServer) -> None:
     rows = np.random.default_rng(2).standard_normal((256, SLOW_WIDTH)).astype(np.float32)
     before = _stats(batching_server.target, "slow")
@@ -214,6 +220,7 @@ def test_a_request_whose_caller_went_away_is_never_computed(batching_server: Run
     assert after.inference_stats.success.count - before.inference_stats.success.count == 1
 
 
+@pytest.mark.fast
 def test_an_unreadable_config_file_fails_that_model_only(batching_server: RunningServer) -> None:
     with grpc.insecure_channel(batching_server.target) as channel:
         index = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
@@ -228,6 +235,7 @@ def test_an_unreadable_config_file_fails_that_model_only(batching_server: Runnin
     assert states["widths"][0] == "READY"
 
 
+@pytest.mark.fast
 def test_model_config_reports_the_batching_knobs(batching_server: RunningServer) -> None:
     with grpc.insecure_channel(batching_server.target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -258,6 +266,7 @@ def test_batching_can_be_turned_off(own_server: Callable[..., RunningServer], ba
     assert [b.batch_size for b in stats.batch_stats] == [1]
 
 
+@pytest.mark.fast
 def test_one_bad_request_fails_alone_when_its_batch_fails(batching_server: RunningServer) -> None:
     ids = [np.array([[i % 10]], dtype=np.int64) for i in range(11)] + [np.array([[99]], dtype=np.int64)]
     before = _stats(batching_server.target, "lookup")
@@ -288,6 +297,7 @@ def _rowwise_model(path: Path) -> None:
     _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
+@pytest.mark.fast
 def test_requests_are_combined_only_where_a_measured_batch_costs_less_per_row(tmp_path: Path) -> None:
     """The shared-weight model gains from a batch of two and keeps batching; the row-wise one does not and
     runs each request alone, unless batching is asked for in so many words (a queue delay)."""

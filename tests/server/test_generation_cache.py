@@ -107,6 +107,7 @@ def test_a_long_prompt_fed_in_chunks_gives_the_text_of_one_call(
     model.close()
 
 
+@pytest.mark.fast
 def test_requests_submitted_alone_never_share_a_run() -> None:
     """What keeps concurrent long prompts from being scored in one run (their activations grow with
     the rows, outside the generation budget); the others still share."""
@@ -130,6 +131,7 @@ def test_requests_submitted_alone_never_share_a_run() -> None:
     assert sorted(runs) == [1, 1, 1, 3], runs  # three alone, and the other three in one run
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("axis", [2, 1])
 def test_a_step_writes_each_moving_rows_keys_at_its_own_length(axis: int) -> None:
     """The stacked buffers of a group: [rows, heads, capacity, width] (the exporters' layout, one flat
@@ -166,6 +168,7 @@ def test_a_step_writes_each_moving_rows_keys_at_its_own_length(axis: int) -> Non
     assert not np.take(before[0], range(5, 8), axis=axis - 1).any()
 
 
+@pytest.mark.fast
 def test_a_groups_buffers_grow_with_its_longest_row_and_shrink_once_it_left() -> None:
     """The room a step attends over follows the longest row, `ROOM` positions at a time, up to the
     capacity the streams reserved; what the rows filled survives every change of room."""

@@ -13,7 +13,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
+
+pytestmark = pytest.mark.fast  # in process: no torch, no subprocess, no extra venv (make test-fast)
 
 SERVER = ROOT / "server" / "nnserve_server"
 CONTRACT = ROOT / "clients" / "nnserve_contract"

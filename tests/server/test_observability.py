@@ -173,6 +173,7 @@ def test_the_access_log_keeps_failures_and_samples_successes(own_server: Callabl
     assert "request_id=" in access[0]
 
 
+@pytest.mark.fast
 def test_a_callers_request_id_is_kept_only_when_usable() -> None:
     assert request_id_from((("x-request-id", "abc-123"),)) == "abc-123"
     for unusable in ("", "a\x7fb", "é", "x" * 129):

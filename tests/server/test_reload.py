@@ -129,6 +129,7 @@ def test_ten_reloads_under_load_fail_no_request_and_keep_memory_flat(
     assert after <= before * 1.10, f"RSS grew from {before / 2**20:.1f} MiB to {after / 2**20:.1f} MiB"
 
 
+@pytest.mark.fast
 def test_version_policies() -> None:
     versions = ["1", "2", "10"]
     assert VersionPolicy.parse("all").choose(versions) == versions

@@ -10,6 +10,8 @@ from nnserve_server.core.errors import StartupError
 from nnserve_server.core.runtime import Runtime, cpu_quota
 from nnserve_server.settings import Settings
 
+pytestmark = pytest.mark.fast  # in process: no torch, no subprocess, no extra venv (make test-fast)
+
 
 def test_defaults() -> None:
     settings = Settings.load([], environ={})

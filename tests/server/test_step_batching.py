@@ -168,6 +168,7 @@ def test_a_step_holds_at_most_max_batch_streams(fast_zoo: tuple[Path, list[objec
     model.close()
 
 
+@pytest.mark.fast
 def test_sampling_all_rows_at_once_keeps_each_streams_cuts() -> None:
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((4, 50)).astype(np.float32)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
+import pytest
 from conftest import RunningServer
 from test_health_reflection_metrics import sample
 
@@ -106,6 +107,7 @@ def test_cancelling_a_stream_ends_its_work_in_flight(own_server: Callable[..., R
         assert pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(fnn("next"), timeout=10).id == "next"
 
 
+@pytest.mark.fast
 def test_a_client_that_stops_reading_holds_a_bounded_number_of_answers() -> None:
     """`stream_infer` itself, with work that answers faster than the client reads: the work waits at its
     next answer once the stream's queue is full, and every answer still arrives, in order per request."""

@@ -14,18 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from in_process import serving
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from prometheus_client import CollectorRegistry
 
 from nnserve_client import AsyncClient, NotFound
-from nnserve_server.core.metrics import ServerMetrics
-from nnserve_server.core.repository import ModelRepository
-from nnserve_server.core.runtime import Runtime
-from nnserve_server.edge.app import create_server, set_serving
 from nnserve_server.edge.tracing import Tracing
-from nnserve_server.settings import Settings
 
 TRACE_ID = 0x0AF7651916CD43DD8448EB211C80319C
 CALLER_SPAN = 0xB7AD6B7169203331
@@ -41,18 +36,8 @@ async def traced_server(model_repository: Path) -> AsyncIterator[tuple[str, InMe
 @contextlib.asynccontextmanager
 async def serve_traced(model_repository: Path) -> AsyncIterator[tuple[str, InMemorySpanExporter]]:
     exporter = InMemorySpanExporter()
-    settings = Settings(model_repository=model_repository, port=0, metrics_port=-1)
-    metrics = ServerMetrics(CollectorRegistry(), process=False)
-    repository = ModelRepository(model_repository, Runtime.from_settings(settings), settings, metrics)
-    server = create_server(settings, repository, metrics, Tracing.with_processor(SimpleSpanProcessor(exporter)))
-    await repository.load_all()
-    await server.grpc_server.start()
-    await set_serving(server, repository, True)
-    try:
-        yield f"127.0.0.1:{server.port}", exporter
-    finally:
-        await server.grpc_server.stop(0)
-        await repository.close()
+    async with serving(model_repository, Tracing.with_processor(SimpleSpanProcessor(exporter))) as server:
+        yield server.target, exporter
 
 
 async def test_a_request_gets_a_server_span_with_queue_and_inference_children(

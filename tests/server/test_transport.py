@@ -43,6 +43,7 @@ PIXELS = np.random.default_rng(7).random((1, 64), dtype=np.float32)
         (["--transport", "native"], "native", "--transport native"),
     ],
 )
+@pytest.mark.fast
 def test_auto_takes_native_unless_a_setting_needs_grpcio(flags: list[str], name: str, reason: str) -> None:
     chosen = transport.choose(Settings.load(flags, environ={}))
     assert chosen.name == name
@@ -52,11 +53,13 @@ def test_auto_takes_native_unless_a_setting_needs_grpcio(flags: list[str], name:
 @pytest.mark.parametrize(
     "flags", [["--max-connection-age-s", "30"], ["--tls-cert-file", "c.pem", "--tls-key-file", "k.pem"]]
 )
+@pytest.mark.fast
 def test_native_refuses_what_only_grpcio_serves(flags: list[str]) -> None:
     with pytest.raises(StartupError, match="--transport native cannot serve"):
         transport.choose(Settings.load(["--transport", "native", *flags], environ={}))
 
 
+@pytest.mark.fast
 def test_an_unknown_transport_is_refused() -> None:
     with pytest.raises(ValueError, match="transport 'h3' is not auto, native or grpcio"):
         Settings.load(["--transport", "h3"], environ={})

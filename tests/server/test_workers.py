@@ -92,6 +92,7 @@ def test_workers_share_the_port_and_their_metrics_add_up(own_server: Callable[..
     assert running.stop() == 0
 
 
+@pytest.mark.fast
 def test_worker_metrics_sum_counters_and_combine_gauges_by_mode() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
