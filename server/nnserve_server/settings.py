@@ -145,6 +145,16 @@ class Settings:
         "text generations one model runs at once; beyond it RESOURCE_EXHAUSTED at once (per model: "
         "generation_max_streams)",
     )
+    generation_max_streams_per_client: int = _setting(
+        64,
+        "text generations one client (its token's label, else its IP address) runs at once per model; beyond it "
+        "RESOURCE_EXHAUSTED, so no client takes every slot; 0: no share",
+    )
+    stream_stall_timeout_s: float = _setting(
+        30.0,
+        "a server stream (Generate) whose client takes no message for this long is ended RESOURCE_EXHAUSTED and "
+        "its slot freed; 0: never",
+    )
     generation_memory_mb: float = _setting(
         1024.0, "MiB all text generations' caches and states may take together; beyond it RESOURCE_EXHAUSTED"
     )
@@ -247,6 +257,10 @@ class Settings:
             problems.append("shared memory max must be >= 1 MiB")
         if self.allocator_retain_mb < 0:
             problems.append("allocator retain must be >= 0 MiB")
+        if self.generation_max_streams_per_client < 0:
+            problems.append("generation max streams per client must be >= 0")
+        if self.stream_stall_timeout_s < 0:
+            problems.append("the stream stall timeout must be >= 0 s")
         if not self.generation_memory_mb > 0:
             problems.append("generation memory must be > 0 MiB")
         if self.max_connection_age_s < 0 or self.max_connection_age_grace_s < 0:

@@ -8,7 +8,8 @@ import io
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from nnserve_client import Client
-from nnserve_client.errors import InvalidArgument
+from nnserve_client.errors import InvalidArgument, ResourceExhausted
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
 from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 
@@ -216,3 +217,96 @@ def test_a_rapid_reset_flood_costs_bounded_memory(transport: str, own_server: Ca
 def _rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
+
+
+@contextlib.contextmanager
+def _unread_generate_streams(target: str, model: str, count: int, token: str = "") -> Iterator[socket.socket]:
+    """`count` Generate streams on one HTTP/2 connection whose receive window is 0: the server may send
+    them no message at all, and the client never opens the window (a client that reads nothing)."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    from nnserve_contract.stubs import tasks_pb2
+
+    host, port = target.split(":")
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    request = tasks_pb2.GenerateRequest(model_name=model)
+    if model == "digits-gan":
+        request.num_samples = 256  # a message per image: the stream's send buffer fills at once
+    else:
+        request.prompt, request.max_tokens = "The ", 2000
+    body = request.SerializeToString()
+    headers = [
+        (":method", "POST"), (":scheme", "http"), (":path", "/nnserve.v1.Tasks/Generate"), (":authority", target),
+        ("content-type", "application/grpc"), ("te", "trailers"),
+        *([("authorization", f"Bearer {token}")] if token else []),
+    ]  # fmt: skip
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        connection.initiate_connection()
+        connection.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        for _ in range(count):
+            stream = connection.get_next_available_stream_id()
+            connection.send_headers(stream, headers)
+            connection.send_data(stream, b"\0" + len(body).to_bytes(4, "big") + body, end_stream=True)
+        sock.sendall(connection.data_to_send())
+        time.sleep(0.5)  # the server has taken them
+        yield sock
+
+
+def _generate(target: str, token: str = "", timeout: float = 5) -> str:
+    with Client(target, retries=0, token=token or None) as client:
+        return client.generate_text("chars-lstm", "The ", max_tokens=8, timeout=timeout)
+
+
+@pytest.mark.parametrize("transport", ["native", "grpcio"])
+def test_streams_whose_client_reads_nothing_leave_the_others_answered(
+    transport: str, own_server: Callable[..., RunningServer], fast_zoo: tuple[Path, list[object]]
+) -> None:
+    """With 48 image streams that read nothing open on the native transport, another client's Generate
+    timed out in 3 of 4 tries while the guard yielded each message to the transport; it writes them
+    itself now (the stall timeout's place), and the others are answered (off here: no stream is ended)."""
+    running = own_server(
+        "--transport", transport, "--stream-stall-timeout-s", "0", "--generation-max-streams-per-client", "0",
+        repository=fast_zoo[0],
+    )  # fmt: skip
+    with _unread_generate_streams(running.target, "digits-gan", 48):
+        time.sleep(1.5)
+        assert len(_generate(running.target, timeout=5)) == 8
+
+
+@pytest.mark.parametrize("transport", ["native", "grpcio"])
+def test_a_stream_whose_client_reads_nothing_is_ended_and_its_slot_freed(
+    transport: str, own_server: Callable[..., RunningServer], fast_zoo: tuple[Path, list[object]]
+) -> None:
+    running = own_server(
+        "--transport", transport, "--generation-max-streams", "4", "--stream-stall-timeout-s", "1",
+        repository=fast_zoo[0],
+    )  # fmt: skip
+    with _unread_generate_streams(running.target, "chars-lstm", 4):
+        with pytest.raises(ResourceExhausted, match="generation-max-streams"):
+            _generate(running.target)  # every slot held
+        time.sleep(1.5)
+        assert len(_generate(running.target)) == 8  # the stalled streams were ended: their slots are free
+    assert running.log().count("the client took no message for 1 s (--stream-stall-timeout-s)") >= 4
+
+
+def test_one_client_takes_at_most_its_share_of_a_models_generations(
+    own_server: Callable[..., RunningServer], fast_zoo: tuple[Path, list[object]], tmp_path: Path
+) -> None:
+    """A client is its token's label (else its IP address): one that fills its share is refused, others
+    still generate."""
+    access = tmp_path / "access.toml"
+    access.write_text(
+        "".join(
+            f'[[token]]\nlabel = "{name}"\ntoken = "{name}-secret"\nmodels = ["*"]\ngroups = ["inference"]\n'
+            for name in ("greedy", "other")
+        )
+    )
+    running = own_server(
+        "--access-file", str(access), "--generation-max-streams-per-client", "3", repository=fast_zoo[0]
+    )
+    with _unread_generate_streams(running.target, "chars-lstm", 3, token="greedy-secret"):
+        with pytest.raises(ResourceExhausted, match="token greedy, its share of the server"):
+            _generate(running.target, token="greedy-secret")
+        assert len(_generate(running.target, token="other-secret")) == 8

@@ -28,6 +28,7 @@ is computed and sampled on its own (the exporters check the step model for that)
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
 import time
@@ -464,6 +465,7 @@ class Groups:
         self.model, self.spec, self.max_batch = model, spec, max_batch
         self.by_capacity: dict[int, list[Group]] = {}
         self.streams = 0  # text generations of the model running, from their prompt to their end
+        self.by_client: collections.Counter[str] = collections.Counter()  # of them, each client's
         self.tally = Tally()
 
     def alone(self, make: Callable[[], Rows]) -> Group:

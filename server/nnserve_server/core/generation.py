@@ -135,15 +135,22 @@ class MemoryBudget:
 
 @dataclass(frozen=True)
 class Decoding:
-    """How text generations decode (--step-batching, --generation-max-batch, --generation-max-streams)."""
+    """How text generations decode (--step-batching, --generation-max-batch, --generation-max-streams,
+    --generation-max-streams-per-client)."""
 
     share_steps: bool = True  # concurrent streams of a model step in one call (continuous batching)
     max_batch: int = 64  # streams in one decoding call; more make more groups (calls) per step
     max_streams: int = 256  # text generations of one model at once; beyond: RESOURCE_EXHAUSTED
+    max_streams_per_client: int = 64  # of them, one client's (0: no share)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Decoding:
-        return cls(settings.step_batching, settings.generation_max_batch, settings.generation_max_streams)
+        return cls(
+            settings.step_batching,
+            settings.generation_max_batch,
+            settings.generation_max_streams,
+            settings.generation_max_streams_per_client,
+        )
 
 
 DECODING = Decoding()
@@ -190,6 +197,14 @@ async def generate_text(
             f"model '{model.name}' is generating {groups.streams} texts, as many as this server runs at once "
             f"({knob}); retry later"
         )
+    record = CURRENT.get()
+    client = record.client() if record is not None else ""
+    share = decoding_settings.max_streams_per_client
+    if share and client and groups.by_client[client] >= share:
+        raise Overloaded(
+            f"model '{model.name}' is generating {groups.by_client[client]} texts for {client}, its share of the "
+            f"server (--generation-max-streams-per-client {share}); retry when one ends"
+        )
     # The last token sampled is never fed back: the cache holds the prompt and max_tokens - 1.
     positions = tokens.shape[1] + sampling.max_tokens - 1
     capacity, reserved = 0, sum(a.nbytes for a in state.values())  # a recurrent model: one group
@@ -215,7 +230,8 @@ async def generate_text(
     global _generations
     _generations += 1
     groups.streams += 1
-    stream = decoding.Stream(sampling, CURRENT.get())
+    groups.by_client[client] += 1
+    stream = decoding.Stream(sampling, record)
     try:
         cache = None
         if spec.cache is not None:
@@ -236,6 +252,9 @@ async def generate_text(
             stream.group.resume.set()  # a group waiting on parked streams drops this one's row now
         _generations -= 1
         groups.streams -= 1
+        groups.by_client[client] -= 1
+        if not groups.by_client[client]:
+            del groups.by_client[client]
         if budget is not None:
             budget.release(reserved)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,6 +49,15 @@ class RequestRecord:
     reported: bool = False  # counted in the metrics and the access log (once)
     span: Any = field(default=None, repr=False)  # with --tracing: the call's server span
     grant: Any = field(default=None, repr=False)  # with tokens: what the caller's may do (`security.Grant`)
+    peer: Callable[[], str] | None = field(default=None, repr=False)  # the transport's peer address, asked lazily
+
+    def client(self) -> str:
+        """Who the caller is, for per-client shares: its token's label, else its IP address (port dropped)."""
+        if self.grant is not None:
+            return f"token {self.grant.label}"
+        address = self.peer() if self.peer is not None else ""
+        host = address.rpartition(":")[0] or address  # grpc: ipv4:10.0.0.5:51234, ipv6:[::1]:51234
+        return host.removeprefix("ipv4:").removeprefix("ipv6:")
 
     def add_run(self, model: str, version: str, stats: ModelStats | None, timing: Timing, rows: int) -> None:
         self.add_alone_run(model, version, stats, timing.infer_ns, rows)

@@ -117,6 +117,7 @@ def create_server(
         max_in_flight=settings.max_in_flight,
         auth=auth,
         send_limit=settings.max_message_bytes,
+        stall_timeout_s=settings.stream_stall_timeout_s,
     )
     chosen = transport.choose(settings)
     metrics.transport.labels(chosen.name, chosen.reason).set(1)

@@ -9,6 +9,7 @@ in the trailing metadata, and a line in the access log (sampled).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -156,8 +157,10 @@ class StatusGuard:
         max_in_flight: int = 0,
         auth: BearerTokenAuth | None = None,
         send_limit: int = 0,
+        stall_timeout_s: float = 0.0,
     ) -> None:
         self._metrics = metrics
+        self._stall_timeout_s = stall_timeout_s or None
         self._auth = auth
         self._send_limit = send_limit or 1 << 62
         self._max_in_flight = max_in_flight or 1 << 62
@@ -213,13 +216,19 @@ class StatusGuard:
         return behavior
 
     async def serve_in_stream(
-        self, rpc: str, metadata: Any, request: Any, work: Callable[[], Awaitable[None]]
+        self,
+        rpc: str,
+        metadata: Any,
+        request: Any,
+        work: Callable[[], Awaitable[None]],
+        peer: Callable[[], str] | None = None,
     ) -> str | None:
         """One request of a stream, admitted, counted and logged like a call of its own (in its own task).
         Returns None when it was answered, else the error to answer it with ("CODE: message")."""
         record = RequestRecord(rpc, request_id_from(metadata), time.perf_counter_ns())
         if self._auth is not None:
             record.grant = self._auth.grant_of(metadata)
+        record.peer = peer
         CURRENT.set(record)
         self.in_flight.enter()
         try:
@@ -258,15 +267,16 @@ class StatusGuard:
     def _wrap_stream(self, method: str, inner: Callable[..., Any]) -> Callable[..., Any]:
         """As `_wrap`, for server-streaming RPCs: errors before or between messages map the same way."""
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> None:
             record = self._open(method, context)
             try:
                 self._admit(request, record)
-                async for message in inner(request, context):
-                    if not record.first_message_ns:
-                        record.first_message_ns = time.perf_counter_ns()
-                    self._within_send_limit(message)
-                    yield message
+                async with contextlib.aclosing(inner(request, context)) as messages:
+                    async for message in messages:
+                        if not record.first_message_ns:
+                            record.first_message_ns = time.perf_counter_ns()
+                        self._within_send_limit(message)
+                        await self._write(context, message)
                 context.set_trailing_metadata(record.trailing_metadata(time.perf_counter_ns()))
             except (asyncio.CancelledError, GeneratorExit):
                 record.code = "CANCELLED"
@@ -278,6 +288,19 @@ class StatusGuard:
 
         return behavior
 
+    async def _write(self, context: grpc.aio.ServicerContext, message: Any) -> None:
+        """One message of a server stream, written here rather than yielded, so that a client that takes
+        none for --stream-stall-timeout-s ends its stream: 256 Generate streams that never read held
+        every generation slot of a model for as long as their connection stayed open."""
+        try:
+            async with asyncio.timeout(self._stall_timeout_s):  # a timer, no task per message
+                await context.write(message)
+        except TimeoutError:
+            raise Overloaded(
+                f"the client took no message for {self._stall_timeout_s:g} s (--stream-stall-timeout-s): the "
+                "stream is ended and its slot freed; read the stream as it comes"
+            ) from None
+
     def _open(self, method: str, context: grpc.aio.ServicerContext) -> RequestRecord:
         """Start the call's record, current for its task (each call runs in a task of its own), and
         with --tracing its span."""
@@ -287,6 +310,7 @@ class StatusGuard:
             record.span = self._tracing.start(method, metadata)
         if self._auth is not None:
             record.grant = self._auth.grant_of(metadata)
+        record.peer = context.peer
         CURRENT.set(record)
         self.in_flight.enter()
         return record

@@ -298,7 +298,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 yield await self._infer(model, request, deadline, None)
 
         async def account(request: pb.ModelInferRequest, work: Callable[[], Awaitable[None]]) -> str | None:
-            return await guard.serve_in_stream("ModelStreamInfer", metadata, request, work)
+            return await guard.serve_in_stream("ModelStreamInfer", metadata, request, work, context.peer)
 
         async for response in streaming.stream_infer(requests, serve, account, self._max_stream_requests):
             yield response
