@@ -129,6 +129,11 @@ class Settings:
     max_request_pixels: int = _setting(
         4096 * 4096, "pixels all images of one task request may hold together (read from their headers first)"
     )
+    max_segment_pixels: int = _setting(
+        2048 * 1024,
+        "largest image (width x height) Segment takes: a U-Net's activations grow with its pixels (the zoo's "
+        "peaked at about 1.1 GB for 2048x2048)",
+    )
     max_text_chars: int = _setting(
         2048, "longest text (prompt or input) the task API accepts; a prompt's attention grows with its square"
     )
@@ -241,8 +246,8 @@ class Settings:
         if self.max_message_bytes < 1024:
             problems.append("max message bytes must be >= 1024")
         for name in (
-            "max_image_pixels", "max_request_pixels", "max_text_chars", "max_tokens", "max_samples",
-            "generation_max_batch", "generation_max_streams",
+            "max_image_pixels", "max_request_pixels", "max_segment_pixels", "max_text_chars", "max_tokens",
+            "max_samples", "generation_max_batch", "generation_max_streams",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 problems.append(f"{name.replace('_', ' ')} must be >= 1")

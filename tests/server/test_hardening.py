@@ -310,3 +310,27 @@ def test_one_client_takes_at_most_its_share_of_a_models_generations(
         with pytest.raises(ResourceExhausted, match="token greedy, its share of the server"):
             _generate(running.target, token="greedy-secret")
         assert len(_generate(running.target, token="other-secret")) == 8
+
+
+def test_a_segment_request_is_bounded_and_gives_its_memory_back(
+    own_server: Callable[..., RunningServer], fast_zoo: tuple[Path, list[object]]
+) -> None:
+    """The zoo's U-Net on one 2048x2048 PNG (7 KB, within --max-image-pixels) peaked at 2.4 GB and kept
+    2.2 GB (onnxruntime's arena); Segment takes at most --max-segment-pixels (2 MP: 0.9 GB at the peak
+    here), refused from the header, and segmentation models run without the arena."""
+    from nnserve_server.core.model import OnnxModel
+    from nnserve_server.core.runtime import Runtime
+    from nnserve_server.core.serving_config import serving_config
+    from nnserve_server.settings import Settings
+
+    running = own_server(repository=fast_zoo[0])
+    with Client(running.target) as client:
+        with pytest.raises(InvalidArgument, match=r"2048x2048 pixels; at most 2097152 are segmented \(--max-segment"):
+            client.segment("shapes-unet", _png(2048, 2048))
+        assert client.segment("shapes-unet", _png(1448, 1448)).mask.shape == (1448, 1448)  # the most it takes
+    settings = Settings()
+    runtime, folder = Runtime.from_settings(settings), fast_zoo[0] / "shapes-unet"
+    config = serving_config(folder, settings, runtime.cpus)
+    unet = OnnxModel("shapes-unet", "1", folder / "1" / "model.onnx", runtime, config)
+    assert not unet.session.session.get_session_options().enable_cpu_mem_arena
+    unet.close()

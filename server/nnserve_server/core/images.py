@@ -21,6 +21,12 @@ def _why(error: Exception) -> str:
     return _OBJECT.sub("the data", str(error)).strip() or "the data is not a valid image"
 
 
+def size(data: bytes) -> tuple[int, int]:
+    """An encoded image's (width, height), from its header (within_budget has checked it decodes)."""
+    width, height = Image.open(io.BytesIO(data)).size
+    return width, height
+
+
 def within_budget(encoded: list[bytes], max_pixels: int, max_request_pixels: int) -> None:
     """Refuse, from the headers alone, images that together hold more than `max_request_pixels` (or one that
     holds more than `max_pixels`): nothing is decoded for a request that could not be served."""

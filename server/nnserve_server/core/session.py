@@ -106,6 +106,8 @@ class ModelSession:
         self.name = name
         self.session = runtime.session(path, intra_op_threads)
         self.spec: ModelSpec | None = ModelSpec.from_props(self.session.get_modelmeta().custom_metadata_map)
+        if self.spec is not None and self.spec.task == "segment":  # images of any size: no arena (runtime.py)
+            self.session = runtime.session(path, intra_op_threads, memory_arena=False)
         self.inputs = {arg.name: TensorSpec.from_ort(arg, "input") for arg in self.session.get_inputs()}
         self.outputs = {arg.name: TensorSpec.from_ort(arg, "output") for arg in self.session.get_outputs()}
         self.all_outputs = tuple(self.outputs)

@@ -32,6 +32,7 @@ class Limits:
     max_tokens: int
     max_samples: int
     max_request_pixels: int
+    max_segment_pixels: int = 2048 * 1024
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
@@ -41,6 +42,7 @@ class Limits:
             settings.max_tokens,
             settings.max_samples,
             settings.max_request_pixels,
+            settings.max_segment_pixels,
         )
 
 
@@ -288,17 +290,27 @@ def segment_image(model: OnnxModel, spec: ModelSpec, given: bytes | np.ndarray |
     raise InvalidInput("SegmentRequest carries no input: set image or tensor")
 
 
+def _too_large_to_segment(width: int, height: int, most: int) -> InvalidInput:
+    return InvalidInput(
+        f"image is {width}x{height} pixels; at most {most} are segmented (--max-segment-pixels): send it in tiles"
+    )
+
+
 async def segment(
     model: OnnxModel, given: bytes | np.ndarray | None, limits: Limits, deadline: float | None = None
 ) -> Mask:
     """An image (encoded, or a tensor in natural units) padded to the stride, segmented, cropped back."""
     spec = require_task(model, "segment")
+    most = min(limits.max_image_pixels, limits.max_segment_pixels)
     if isinstance(given, bytes):
         images.within_budget([given], limits.max_image_pixels, limits.max_request_pixels)
-    image = await asyncio.to_thread(segment_image, model, spec, given, limits.max_image_pixels)
+        width, height = images.size(given)
+        if width * height > most:
+            raise _too_large_to_segment(width, height, most)
+    image = await asyncio.to_thread(segment_image, model, spec, given, most)
     channels, height, width = image.shape
-    if height * width > limits.max_image_pixels:
-        raise InvalidInput(f"image is {width}x{height} pixels; at most {limits.max_image_pixels} are segmented")
+    if height * width > most:
+        raise _too_large_to_segment(width, height, most)
     if height == 0 or width == 0:
         raise InvalidInput("the image is empty")
     stride = int(spec.extra.get("stride", "1"))
