@@ -107,7 +107,8 @@ def create_server(
 ) -> Server:
     """Build the gRPC server with every service registered, bound but not started."""
     grants = read_grants(settings)
-    auth = BearerTokenAuth(grants) if grants else None
+    chosen = transport.choose(settings)
+    auth = BearerTokenAuth(grants, unread=chosen.name == transport.GRPCIO) if grants else None
     guard = StatusGuard(
         metrics,
         repository.knows,
@@ -119,7 +120,6 @@ def create_server(
         send_limit=settings.max_message_bytes,
         stall_timeout_s=settings.stream_stall_timeout_s,
     )
-    chosen = transport.choose(settings)
     metrics.transport.labels(chosen.name, chosen.reason).set(1)
     server = transport.build(
         chosen,

@@ -156,10 +156,12 @@ def read_token(settings: Settings) -> str | None:
 
 class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """UNAUTHENTICATED for a call without a known bearer token, PERMISSION_DENIED for a method outside the
-    token's groups: both before the request is read."""
+    token's groups. `unread`: refuse before the request is read (grpcio); pygrpc-native 0.5.0 has read the
+    whole request before Python sees the call, and answers a unary method given a streaming handler INTERNAL."""
 
-    def __init__(self, grants: dict[bytes, Grant]) -> None:
+    def __init__(self, grants: dict[bytes, Grant], unread: bool = False) -> None:
         self._grants = grants
+        self._unread = unread
 
     def grant_of(self, metadata: Any) -> Grant | None:
         """The grant of the call's token; None when it has none the server knows (a digest's dict lookup:
@@ -181,7 +183,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if grant is None:
             given = _given_token(details.invocation_metadata)
             reason = "wrong bearer token" if given else "this server needs 'authorization: Bearer <token>' metadata"
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, reason)
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, reason, self._unread)
         method = details.method.rsplit("/", 1)[-1]
         group = _GROUP_OF.get(method)
         if group not in grant.groups:
@@ -189,7 +191,7 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 f"token '{grant.label}' may not call {method} (API group {group or 'none'}); "
                 f"it may call {sorted(grant.groups)}"
             )
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, reason)
+            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, reason, self._unread)
         return handler
 
 
@@ -208,7 +210,12 @@ def _given_token(metadata: Any) -> bytes:
     return b""
 
 
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, reason: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, reason: str, unread: bool) -> grpc.RpcMethodHandler:
+    """A handler that ends the call with `code`. `unread`: before its request is read, as a client-streaming
+    handler (whatever the method's kind) that never iterates its requests, with no deserializer; a unary
+    handler has grpc read and parse the whole message first (64 tokenless 8 MiB calls at once took the grpcio
+    transport's peak memory up by 524 MiB; refused unread, by 42 MiB)."""
+
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(code, reason)
 
@@ -216,7 +223,12 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, reason: str)
         await context.abort(code, reason)
         yield  # an async generator, as a streaming handler must be
 
-    kinds = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    serializer = handler.response_serializer
+    if unread:
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(refuse, response_serializer=serializer)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, response_serializer=serializer)
+    kinds = {"request_deserializer": handler.request_deserializer, "response_serializer": serializer}
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(refuse, **kinds)
     if handler.unary_stream is not None:

@@ -13,6 +13,7 @@ Nothing outside this module knows which one serves: both are `grpc.aio.Server`s 
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 from collections.abc import Callable, Sequence
@@ -124,7 +125,7 @@ def _native_server(
     # `import pygrpc_native.aio`, not `from pygrpc_native import aio`: in 0.5.0 the package's lazy
     # __getattr__ answers the latter by importing it the same way, and recurses until RecursionError.
     import pygrpc_native.aio as native_aio
-    from pygrpc_native import EVENT_CALL
+    from pygrpc_native import EVENT_CALL, STREAM_CLOSED, STREAM_FULL
 
     class NativeServer(native_aio.Server):  # type: ignore[misc]
         """The package's asyncio server, with two changes made here (the package is pinned: both use its
@@ -193,6 +194,22 @@ def _native_server(
             if not answered:
                 return events
             return [event for event in events if event[0] != EVENT_CALL or event[1] not in answered]
+
+        async def _send(self, call: Any, context: Any, response: Any) -> bool:
+            """A server stream's message, sent as the package sends it but for a client that is behind:
+            0.5.0 then waits for room in `stream_send` on the loop's default executor, a thread per such
+            stream (6 threads on 2 CPUs), and the other streams' sends queue behind them. Here the wait is
+            an asyncio sleep: no thread, and cancelled with the stream (--stream-stall-timeout-s)."""
+            data = self._encode(call, context, response)
+            if data is None:
+                return False
+            context._initial_sent = True
+            front, pause = self._front, 0.001
+            assert front is not None  # started
+            while (sent := front.stream_try_send(call.call_id, data)) == STREAM_FULL:
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, 0.05)
+            return bool(sent != STREAM_CLOSED)
 
         def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
             super().add_registered_method_handlers(service, handlers)
