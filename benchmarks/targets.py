@@ -81,33 +81,22 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool, str]]:
     checks: list[tuple[str, bool, str]] = []
     resnet = models.RESNET
     native = [c for c in cells if c.get("stack") == NATIVE]  # nnserve's default transport
-    triton_rate, ours_rate = mlp_runs(cells, TRITON, 32, "throughput"), mlp_runs(native, "nnserve", 32, "throughput")
-    if triton_rate and ours_rate:
-        ratio = mean(ours_rate) / mean(triton_rate)
-        what = f"{ratio:.2f}x ({mean(ours_rate):.0f} vs {mean(triton_rate):.0f}/s, mean of two runs each)"
-        checks.append(
-            (
-                f"MLP c=32, one server process: >= {MLP_RATE_VS_TRITON}x Triton's inferences/s",
-                ratio >= MLP_RATE_VS_TRITON,
-                what,
-            )
-        )
-    triton_p50, ours_p50 = mlp_runs(cells, TRITON, 1, "p50_ms"), mlp_runs(native, "nnserve", 1, "p50_ms")
-    if triton_p50 and ours_p50:
-        ratio = mean(ours_p50) / mean(triton_p50)
-        what = f"{ratio:.2f}x ({mean(ours_p50):.3f} vs {mean(triton_p50):.3f} ms, mean of two runs each)"
-        checks.append((f"MLP c=1 p50 <= {MLP_P50_VS_TRITON}x Triton's", ratio <= MLP_P50_VS_TRITON, what))
-    bare_us, ours_us = mlp_runs(native, BARE, 32, "server_us"), mlp_runs(native, "nnserve", 32, "server_us")
-    if bare_us and ours_us:
-        ratio = mean(ours_us) / mean(bare_us)
-        what = f"{ratio:.2f}x ({mean(ours_us):.0f} vs {mean(bare_us):.0f} us, mean of two runs each)"
-        checks.append(
-            (
-                f"MLP c=32 server CPU per inference <= {MLP_CPU_VS_BARE:g}x the bare native server's",
-                ratio <= MLP_CPU_VS_BARE,
-                what,
-            )
-        )
+    mlp_ratios = (  # (name, our cells, peer, field, concurrency, bar, at least the bar?, (number, unit))
+        (f"MLP c=32, one server process: >= {MLP_RATE_VS_TRITON}x Triton's inferences/s", native, TRITON,
+         "throughput", 32, MLP_RATE_VS_TRITON, True, ("{:.0f}", "/s")),
+        (f"MLP c=1 p50 <= {MLP_P50_VS_TRITON}x Triton's", native, TRITON, "p50_ms", 1, MLP_P50_VS_TRITON, False,
+         ("{:.3f}", " ms")),
+        (f"MLP c=32 server CPU per inference <= {MLP_CPU_VS_BARE:g}x the bare native server's", native, BARE,
+         "server_us", 32, MLP_CPU_VS_BARE, False, ("{:.0f}", " us")),
+    )  # fmt: skip
+    for name, ours_cells, peer, field, concurrency, bar, at_least, (number, unit) in mlp_ratios:
+        theirs = mlp_runs(cells if peer == TRITON else native, peer, concurrency, field)
+        ours = mlp_runs(ours_cells, "nnserve", concurrency, field)
+        if theirs and ours:
+            ratio = mean(ours) / mean(theirs)
+            figures = f"{number.format(mean(ours))} vs {number.format(mean(theirs))}{unit}"
+            what = f"{ratio:.2f}x ({figures}, mean of two runs each)"
+            checks.append((name, ratio >= bar if at_least else ratio <= bar, what))
     raw_resnet = best(cells, model=resnet, system="raw onnxruntime")
     served = [c for c in native if c["model"] == resnet and c["system"] in ("nnserve", "nnserve (again)")]
     served = [c for c in served if c["client"] == "perf_analyzer" and c["concurrency"] == 4 and c["throughput"] > 0]
