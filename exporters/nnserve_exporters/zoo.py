@@ -51,9 +51,10 @@ EXPECTED_S = {
     "fnn": 6, "rnn": 9, "minilm": 14, "resnet": 25, "cnn": 28, "lstm": 28, "vae": 30, "gru": 30,
     "transformer_lm": 115, "unet": 100, "gan": 90,
 }  # fmt: skip
-# The order the jobs take the work: the quickest family first (a first model answers within seconds),
-# then the longest one on its own job while the other job takes the small ones, the rest longest first.
-WORK_ORDER = ["fnn", "transformer_lm", "rnn", "minilm", "resnet", "cnn", "lstm", "vae", "gru", "gan", "unet"]
+# The order the jobs take the work, from EXPECTED_S: the quickest family first (a first model answers within
+# seconds), then the longest one on its own job while the other job takes the rest, quickest first.
+_BY_TIME = sorted(EXPECTED_S, key=EXPECTED_S.__getitem__)  # ties in EXPECTED_S's order
+WORK_ORDER = [_BY_TIME[0], _BY_TIME[-1], *_BY_TIME[1:-1]]
 TRAINING_FILE = ".training.json"  # what a server reads to say "being trained, ready in about N s"
 TORCH_DIR = ".torch"  # trained PyTorch weights a later family needs (the CNN that judges digits)
 

@@ -168,3 +168,15 @@ def test_the_server_loads_the_whole_zoo(zoo_server: RunningServer) -> None:
             metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name=name))
             assert metadata.inputs, name
             assert metadata.outputs, name
+
+
+def test_the_work_order_is_derived_from_the_expected_training_times() -> None:
+    """Quickest first, the longest second (on its own job), then the rest quickest first; every family has
+    an expected time (the servers' ETAs)."""
+    from nnserve_exporters.zoo import EXPECTED_S, FAMILIES, WORK_ORDER
+
+    assert set(EXPECTED_S) == set(FAMILIES) == set(WORK_ORDER)
+    times = [EXPECTED_S[key] for key in WORK_ORDER]
+    assert times[0] == min(times)
+    assert times[1] == max(times)
+    assert times[2:] == sorted(times[2:])
