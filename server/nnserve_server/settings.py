@@ -210,6 +210,11 @@ class Settings:
         False, "export OpenTelemetry traces over OTLP (OTEL_EXPORTER_OTLP_* variables); needs nnserve-server[otel]"
     )
 
+    @functools.cached_property
+    def versions(self) -> VersionPolicy:
+        """--version-policy, parsed: once, when the settings are checked."""
+        return VersionPolicy.parse(self.version_policy)
+
     def __post_init__(self) -> None:
         problems = []
         if not 0 <= self.port <= 65535:
@@ -217,7 +222,7 @@ class Settings:
         if not -1 <= self.metrics_port <= 65535:
             problems.append(f"metrics port {self.metrics_port} is not in -1..65535")
         try:
-            VersionPolicy.parse(self.version_policy)
+            self.versions  # noqa: B018  (parsed once, here, and kept)
         except ValueError as error:
             problems.append(str(error))
         if self.poll_interval_s < 0:

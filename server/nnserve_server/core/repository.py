@@ -22,7 +22,7 @@ from nnserve_server.core.metrics import ServerMetrics
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.runtime import Runtime
 from nnserve_server.core.serving_config import CONFIG_FILE, serving_config
-from nnserve_server.settings import Settings, VersionPolicy
+from nnserve_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class ModelRepository:
     def __init__(self, root: Path, runtime: Runtime, settings: Settings, metrics: ServerMetrics | None = None) -> None:
         self.root = root
         self._metrics = metrics
-        self._policy = VersionPolicy.parse(settings.version_policy)
+        self._policy = settings.versions
         self._runtime = runtime
         self._settings = settings
         self._models: dict[str, dict[str, VersionEntry]] = {}
