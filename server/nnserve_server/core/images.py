@@ -21,16 +21,11 @@ def _why(error: Exception) -> str:
     return _OBJECT.sub("the data", str(error)).strip() or "the data is not a valid image"
 
 
-def size(data: bytes) -> tuple[int, int]:
-    """An encoded image's (width, height), from its header (within_budget has checked it decodes)."""
-    width, height = Image.open(io.BytesIO(data)).size
-    return width, height
-
-
-def within_budget(encoded: list[bytes], max_pixels: int, max_request_pixels: int) -> None:
+def within_budget(encoded: list[bytes], max_pixels: int, max_request_pixels: int) -> list[tuple[int, int]]:
     """Refuse, from the headers alone, images that together hold more than `max_request_pixels` (or one that
-    holds more than `max_pixels`): nothing is decoded for a request that could not be served."""
-    total = 0
+    holds more than `max_pixels`): nothing is decoded for a request that could not be served. Returns each
+    image's (width, height)."""
+    total, sizes = 0, []
     for index, data in enumerate(encoded):
         try:
             width, height = Image.open(io.BytesIO(data)).size  # the header only
@@ -45,6 +40,8 @@ def within_budget(encoded: list[bytes], max_pixels: int, max_request_pixels: int
                 f"the images hold more than {max_request_pixels} pixels together (--max-request-pixels), "
                 f"{total} by image {index} of {len(encoded)}; send them in several requests"
             )
+        sizes.append((width, height))
+    return sizes
 
 
 def decode(data: bytes, *, channels: int, size: tuple[int, ...], max_pixels: int, top: float) -> np.ndarray:

@@ -303,8 +303,7 @@ async def segment(
     spec = require_task(model, "segment")
     most = min(limits.max_image_pixels, limits.max_segment_pixels)
     if isinstance(given, bytes):
-        images.within_budget([given], limits.max_image_pixels, limits.max_request_pixels)
-        width, height = images.size(given)
+        ((width, height),) = images.within_budget([given], limits.max_image_pixels, limits.max_request_pixels)
         if width * height > most:
             raise _too_large_to_segment(width, height, most)
     image = await asyncio.to_thread(segment_image, model, spec, given, most)

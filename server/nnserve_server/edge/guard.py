@@ -292,6 +292,9 @@ class StatusGuard:
         """One message of a server stream, written here rather than yielded, so that a client that takes
         none for --stream-stall-timeout-s ends its stream: 256 Generate streams that never read held
         every generation slot of a model for as long as their connection stayed open."""
+        if self._stall_timeout_s is None:
+            await context.write(message)
+            return
         try:
             async with asyncio.timeout(self._stall_timeout_s):  # a timer, no task per message
                 await context.write(message)
