@@ -12,7 +12,7 @@ import pytest
 from nnserve_server.core import generation
 from nnserve_server.core.batcher import Batcher, BatchPolicy
 from nnserve_server.core.errors import InvalidInput
-from nnserve_server.core.generation import Finished, TextPiece
+from nnserve_server.core.generation import Finished, Generations, TextPiece
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.runtime import Runtime
 from nnserve_server.core.sampling import Sampling
@@ -33,7 +33,7 @@ def _generate(model: OnnxModel, prompt: str, max_tokens: int) -> str:
     async def collect() -> str:
         sampling = Sampling(max_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0, stop=())
         text = ""
-        async for event in generation.generate_text(model, prompt, sampling):
+        async for event in Generations().text(model, prompt, sampling):
             if isinstance(event, TextPiece):
                 text += event.text
             else:
@@ -55,7 +55,7 @@ def test_the_buffers_filled_in_place_hold_exactly_the_prefix(transformer: OnnxMo
     outputs = ["logits", *cache_spec.buffers.values()]
 
     async def stepped() -> list[np.ndarray]:
-        cache = generation._Cache(cache_spec, generation._cache_shapes(transformer, cache_spec, 9))
+        cache = generation.PromptBuffers(cache_spec, generation._cache_shapes(transformer, cache_spec, 9))
         logits = []
         axis = cache_spec.axis
         assert {buffer.shape[axis] for buffer in list(cache.feed().values())[1:]} == {0}  # the prompt scores no slots
@@ -82,8 +82,8 @@ def test_a_cache_too_large_is_refused_before_it_is_allocated(
     transformer: OnnxModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built: list[object] = []
-    monkeypatch.setattr(generation, "_Cache", lambda *args: built.append(args))
-    monkeypatch.setattr(generation, "MAX_CACHE_BYTES", 1 << 10)
+    monkeypatch.setattr(generation, "PromptBuffers", lambda *args: built.append(args))
+    monkeypatch.setattr(generation, "MAX_STREAM_CACHE_BYTES", 1 << 10)
     with pytest.raises(InvalidInput, match="MiB cache for model 'chars-transformer'; at most 0 MiB"):
         _generate(transformer, "a prompt long enough", 100)
     assert built == []  # refused before any buffer was made
@@ -137,14 +137,14 @@ def test_a_step_writes_each_moving_rows_keys_at_its_own_length(axis: int) -> Non
     """The stacked buffers of a group: [rows, heads, capacity, width] (the exporters' layout, one flat
     index) and another layout (capacity on axis 1); a row sitting the step out is left as it was."""
     from nnserve_contract.model_spec import AppendCache
-    from nnserve_server.core.decoding import Caches
+    from nnserve_server.core.decoding import CacheRows
 
     spec = AppendCache({"past": "new"}, "length", axis=axis)
     row_shape = [1, 2, 8, 3] if axis == 2 else [1, 8, 2, 3]
-    caches = Caches(spec, {"past": row_shape})
+    caches = CacheRows(spec, {"past": row_shape})
     prompts = []
     for length in (5, 0, 7):
-        own = generation._Cache(spec, {"past": [1, *row_shape[1:]]})
+        own = generation.PromptBuffers(spec, {"past": [1, *row_shape[1:]]})
         own.length = length
         own.buffers["past"][:] = np.random.default_rng(length).standard_normal(row_shape)
         prompts.append(own)
@@ -173,15 +173,15 @@ def test_a_groups_buffers_grow_with_its_longest_row_and_shrink_once_it_left() ->
     """The room a step attends over follows the longest row, `ROOM` positions at a time, up to the
     capacity the streams reserved; what the rows filled survives every change of room."""
     from nnserve_contract.model_spec import AppendCache
-    from nnserve_server.core.decoding import ROOM, Caches
+    from nnserve_server.core.decoding import ROOM, CacheRows
 
     spec = AppendCache({"past": "new"}, "length", axis=2)
     capacity = 4 * ROOM
-    caches = Caches(spec, {"past": [1, 2, capacity, 3]})
+    caches = CacheRows(spec, {"past": [1, 2, capacity, 3]})
     rng = np.random.default_rng(0)
     prompts = []
     for length in (3, ROOM + 5):
-        own = generation._Cache(spec, {"past": [1, 2, length, 3]})
+        own = generation.PromptBuffers(spec, {"past": [1, 2, length, 3]})
         own.buffers["past"][:] = rng.standard_normal(own.buffers["past"].shape)
         own.length = length
         prompts.append(own)

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nnserve_server.core import decoding, generation, sampling
+from nnserve_server.core import decoding, sampling
 from nnserve_server.core.errors import Overloaded
-from nnserve_server.core.generation import Decoding, TextPiece
+from nnserve_server.core.generation import Generations, GenerationSettings, TextPiece
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.runtime import Runtime
 from nnserve_server.core.sampling import Sampling
@@ -33,11 +33,12 @@ def _load(folder: Path) -> OnnxModel:
 
 
 async def _text(
-    model: OnnxModel, prompt: str, seed: int, temperature: float = 0.9, settings: Decoding = generation.DECODING
+    model: OnnxModel, prompt: str, seed: int, temperature: float = 0.9, generations: Generations | None = None
 ) -> str:
+    """`generations`: the streams that share decoding groups share it (None: a stream alone)."""
     top_k, top_p = (0, 1.0) if seed % 2 else (5, 0.9)  # half the streams with both cuts
     sampling = Sampling(24, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=())
-    events = generation.generate_text(model, prompt, sampling, None, settings)
+    events = (generations or Generations()).text(model, prompt, sampling)
     return "".join([e.text async for e in events if isinstance(e, TextPiece)])
 
 
@@ -51,12 +52,13 @@ def test_concurrent_streams_share_each_step_and_keep_their_own_text(
     assert all(len(text) == 24 for text in alone)
 
     async def together() -> list[str]:
-        return list(await asyncio.gather(*(_text(model, p, s, temperature) for p, s in PROMPTS)))
+        generations = Generations()
+        return list(await asyncio.gather(*(_text(model, p, s, temperature, generations) for p, s in PROMPTS)))
 
-    tally = generation._groups_of(model).tally  # type: ignore[union-attr]
-    before_runs, before_steps = tally.runs, tally.steps
+    steps = model.stats.step_rows  # one observation per decoding call, of the streams it stepped
+    before_runs, before_steps = steps.count, steps.sum
     shared = asyncio.run(together())
-    runs, stepped = tally.runs - before_runs, tally.steps - before_steps
+    runs, stepped = steps.count - before_runs, steps.sum - before_steps
     assert shared == alone  # the same text, row by row, as each stream alone (same seeds)
     assert stepped == 23 * len(PROMPTS)  # every token after the prompt's own was a shared step
     assert runs <= stepped / 3, (runs, stepped)  # and they shared calls: six streams, about one call a step
@@ -65,19 +67,18 @@ def test_concurrent_streams_share_each_step_and_keep_their_own_text(
 
 def test_without_step_batching_the_text_is_the_same(fast_zoo: tuple[Path, list[object]]) -> None:
     model = _load(fast_zoo[0] / "chars-transformer")
-    unshared = Decoding(share_steps=False)
+    unshared = Generations(GenerationSettings(share_steps=False))
 
     async def both() -> tuple[list[str], list[str]]:
-        shared = asyncio.gather(*(_text(model, p, s, 0.0) for p, s in PROMPTS))
+        generations = Generations()
+        shared = asyncio.gather(*(_text(model, p, s, 0.0, generations) for p, s in PROMPTS))
         apart = asyncio.gather(*(_text(model, p, s, 0.0, unshared) for p, s in PROMPTS))
         return list(await shared), list(await apart)
 
     shared, apart = asyncio.run(both())
     assert shared == apart
-    groups = generation._groups_of(model)
-    assert groups is not None
-    assert groups.tally.steps == 2 * 23 * len(PROMPTS)
-    assert groups.tally.runs >= 23 * len(PROMPTS)  # the unshared streams: a call for every step of each
+    assert model.stats.step_rows.sum == 2 * 23 * len(PROMPTS)
+    assert model.stats.step_rows.count >= 23 * len(PROMPTS)  # the unshared streams: a call for every step of each
     model.close()
 
 
@@ -86,18 +87,20 @@ def test_a_long_generation_gets_a_group_of_its_own_capacity(fast_zoo: tuple[Path
     model = _load(fast_zoo[0] / "chars-transformer")
     long_prompt = "def main():\n    return x " * 24  # 600 characters: the 1024 class; the others the 64 one
     seen: set[int] = set()
+    generations = Generations()
 
     async def run() -> list[str]:
         async def watch() -> None:
             while True:
-                groups = generation._groups_of(model)
+                groups = generations.groups.get(model)
                 if groups is not None:
                     seen.update(capacity for capacity, items in groups.by_capacity.items() if items)
                 await asyncio.sleep(0)
 
         watcher = asyncio.get_running_loop().create_task(watch())
         try:
-            return list(await asyncio.gather(*(_text(model, p, s, 0.0) for p, s in [*PROMPTS, (long_prompt, 7)])))
+            prompts = [*PROMPTS, (long_prompt, 7)]
+            return list(await asyncio.gather(*(_text(model, p, s, 0.0, generations) for p, s in prompts)))
         finally:
             watcher.cancel()
 
@@ -113,7 +116,7 @@ def test_a_long_generation_gets_a_group_of_its_own_capacity(fast_zoo: tuple[Path
 
 def test_streams_beyond_the_model_limit_are_refused(fast_zoo: tuple[Path, list[object]]) -> None:
     model = _load(fast_zoo[0] / "chars-lstm")
-    two = Decoding(max_streams=2)
+    two = Generations(GenerationSettings(max_streams=2))
 
     async def three() -> list[object]:
         return list(
@@ -137,17 +140,19 @@ def test_a_models_config_sets_its_own_generation_limits(fast_zoo: tuple[Path, li
     )
     model = _load(folder)  # the server-wide defaults (64 a call, 256 at once) give way to the file's
 
+    generations = Generations()
+
     async def five() -> list[object]:
-        return list(await asyncio.gather(*(_text(model, p, s, 0.0) for p, s in PROMPTS[:5]), return_exceptions=True))
+        texts = (_text(model, p, s, 0.0, generations) for p, s in PROMPTS[:5])
+        return list(await asyncio.gather(*texts, return_exceptions=True))
 
     outcomes = asyncio.run(five())
     refused = [o for o in outcomes if isinstance(o, Overloaded)]
     assert len(refused) == 1, outcomes
     assert "generation_max_streams in its config.pbtxt" in str(refused[0])
-    groups = generation._groups_of(model)
-    assert groups is not None
-    assert groups.max_batch == 2
-    assert groups.tally.runs >= groups.tally.steps / 2  # two streams a call at most: two calls a step
+    assert generations.groups[model].max_batch == 2
+    steps = model.stats.step_rows
+    assert steps.count >= steps.sum / 2  # two streams a call at most: two calls a step
     model.close()
 
 
@@ -155,16 +160,17 @@ def test_a_step_holds_at_most_max_batch_streams(fast_zoo: tuple[Path, list[objec
     model = _load(fast_zoo[0] / "chars-gru")
     alone = [asyncio.run(_text(model, p, s)) for p, s in PROMPTS]
 
-    async def together() -> list[str]:
-        return list(await asyncio.gather(*(_text(model, p, s, 0.9, Decoding(max_batch=2)) for p, s in PROMPTS)))
+    pairs = Generations(GenerationSettings(max_batch=2))
 
-    generation._groups.pop(model, None)  # groups are sized when the model's first stream comes
+    async def together() -> list[str]:
+        return list(await asyncio.gather(*(_text(model, p, s, 0.9, pairs) for p, s in PROMPTS)))
+
+    before_runs, before_steps = model.stats.step_rows.count, model.stats.step_rows.sum
     assert asyncio.run(together()) == alone
-    groups = generation._groups_of(model)
-    assert groups is not None
-    assert groups.max_batch == 2
-    assert groups.tally.steps == 23 * len(PROMPTS)
-    assert groups.tally.runs >= groups.tally.steps / 2  # three groups of two: three calls a step
+    assert pairs.groups[model].max_batch == 2
+    runs, stepped = model.stats.step_rows.count - before_runs, model.stats.step_rows.sum - before_steps
+    assert stepped == 23 * len(PROMPTS)
+    assert runs >= stepped / 2  # three groups of two: three calls a step
     model.close()
 
 
@@ -186,11 +192,13 @@ def test_sampling_all_rows_at_once_keeps_each_streams_cuts() -> None:
     assert len({int(sampling.sample(logits[:1], hot)[0]) for _ in range(300)}) > 20  # no cut: spread wide
 
 
-async def _pieces(model: OnnxModel, prompt: str, seed: int, pause_s: float) -> list[str]:
+async def _pieces(
+    model: OnnxModel, prompt: str, seed: int, pause_s: float, generations: Generations | None = None
+) -> list[str]:
     """A consumer that takes `pause_s` over each piece (a slow client, or a busy server's writes)."""
     sampling = Sampling(24, temperature=0.9, top_k=0, top_p=1.0, seed=seed, stop=())
     pieces = []
-    async for event in generation.generate_text(model, prompt, sampling):
+    async for event in (generations or Generations()).text(model, prompt, sampling):
         if isinstance(event, TextPiece):
             pieces.append(event.text)
             await asyncio.sleep(pause_s)
@@ -204,7 +212,8 @@ def test_busy_streams_get_several_tokens_a_piece_and_a_lone_stream_one(fast_zoo:
     assert all(len(pieces) == 24 for pieces in alone)  # alone: one piece per token, however slow the consumer
 
     async def together() -> list[list[str]]:
-        return list(await asyncio.gather(*(_pieces(model, p, s, 0.004) for p, s in prompts)))
+        generations = Generations()
+        return list(await asyncio.gather(*(_pieces(model, p, s, 0.004, generations) for p, s in prompts)))
 
     shared = asyncio.run(together())
     assert ["".join(p) for p in shared] == ["".join(p) for p in alone]  # the same text
@@ -223,7 +232,8 @@ def test_a_consumer_that_just_wrote_waits_for_its_hold_before_writing_again(
     prompts = [("The ", 1), ("def ", 2), ("ab", 3), ("x = ", 4)]
 
     async def together() -> list[list[str]]:
-        return list(await asyncio.gather(*(_pieces(model, p, s, 0.0) for p, s in prompts)))
+        generations = Generations()
+        return list(await asyncio.gather(*(_pieces(model, p, s, 0.0, generations) for p, s in prompts)))
 
     for pieces in asyncio.run(together()):
         assert len("".join(pieces)) == 24
@@ -247,7 +257,8 @@ def test_decoding_runs_on_the_event_loop_thread(fast_zoo: tuple[Path, list[objec
     model.batcher.policy = dataclasses.replace(model.batcher.policy, inline_ns=0)  # never inline by itself
 
     async def together() -> list[str]:
-        return list(await asyncio.gather(*(_text(model, p, s, 0.0) for p, s in PROMPTS if len(p) > 1)))
+        generations = Generations()
+        return list(await asyncio.gather(*(_text(model, p, s, 0.0, generations) for p, s in PROMPTS if len(p) > 1)))
 
     asyncio.run(together())
     steps = [on_loop for width, on_loop in threads if width == 1]
@@ -267,16 +278,16 @@ def test_decoding_runs_ahead_of_a_stalled_consumer_by_a_bounded_number_of_pieces
 
     async def stalled() -> int:
         sampling = Sampling(500, temperature=0.9, top_k=0, top_p=1.0, seed=1, stop=())
-        events = generation.generate_text(model, "The ", sampling)
+        events = Generations().text(model, "The ", sampling)
         await anext(events)  # one piece taken, then the consumer stops reading (but does not leave)
-        tally = generation._groups_of(model).tally  # type: ignore[union-attr]
-        before = tally.steps
+        steps = model.stats.step_rows
+        before = steps.sum
         await asyncio.sleep(0.5)
-        ahead = tally.steps - before
+        ahead = steps.sum - before
         await events.aclose()  # it leaves: decoding stops
-        after = tally.steps
+        after = steps.sum
         await asyncio.sleep(0.2)
-        assert tally.steps == after  # no step after the consumer left
+        assert steps.sum == after  # no step after the consumer left
         return ahead
 
     ahead = asyncio.run(stalled())

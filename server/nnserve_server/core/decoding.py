@@ -13,9 +13,9 @@ of its time (the consumers write between steps; `Stream.due` keeps them from wri
 at a time while a busy group runs).
 
 Rows live in one of two stores:
-- `States` (LSTM, GRU): each recurrent state stacked on its batch axis; a step's state outputs are the
+- `StateRows` (LSTM, GRU): each recurrent state stacked on its batch axis; a step's state outputs are the
   next step's inputs as they come back.
-- `Caches` (Transformer): per cache buffer one array [rows, heads, room, head_dim] and each row's
+- `CacheRows` (Transformer): per cache buffer one array [rows, heads, room, head_dim] and each row's
   filled length. The step model takes a length per row and masks each row's unfilled slots, so rows
   at different points of their text share one call; the new keys and values are written in place.
   The room follows the group's longest row (`ROOM` positions at a time), and a model takes one group
@@ -34,7 +34,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -73,7 +72,7 @@ ROOM = 32  # cache positions a group's buffers grow by
 class Stream:
     """One text generation in a decoding group: its sampling, its text so far and its pieces to send.
 
-    The group calls `take` with each new character; the consumer (`generation.generate_text`) reads
+    The group calls `take` with each new character; the consumer (`generation.Generations.text`) reads
     `pieces` and waits on `ready`. Everything runs on the event loop's thread."""
 
     def __init__(self, sampling: Sampling, record: RequestRecord | None) -> None:
@@ -180,7 +179,7 @@ def _along(axis: int, index: Any) -> Any:
     return (slice(None),) * axis + (index,)
 
 
-class States:
+class StateRows:
     """Recurrent states, each stacked on its batch axis (the model's state outputs, as they come back)."""
 
     def __init__(self, model: OnnxModel, spec: ModelSpec) -> None:
@@ -216,7 +215,7 @@ class States:
         self.count = count
 
 
-class Caches:
+class CacheRows:
     """Key/value buffers [rows, ..., room along the cache axis, ...] and each row's filled length.
 
     A step attends over every slot of the buffers, filled or not (masked), so the room grows with the
@@ -307,7 +306,7 @@ class Caches:
 
 
 class Prefilled(Protocol):
-    """A stream's own cache after its prompt (generation._Cache)."""
+    """A stream's own cache after its prompt (`generation.PromptBuffers`)."""
 
     length: int
     buffers: dict[str, np.ndarray]
@@ -331,7 +330,6 @@ class Group:
         rows: Rows,
         outputs: list[str],
         vocabulary: Sequence[str],
-        tally: Tally,
     ) -> None:
         self.model = model
         self.rows = rows
@@ -342,7 +340,6 @@ class Group:
         self.joining: list[tuple[Stream, object, int]] = []
         self.resume = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
-        self.tally = tally
 
     def join(self, stream: Stream, state: object, token: int) -> None:
         """`stream` steps from the next step on, from `state` (its prompt's) and its first token."""
@@ -392,7 +389,6 @@ class Group:
             for stream in streams:
                 stream.fail(error)
             return
-        self.tally.runs += 1
         self.rows.advance(result, moving)
         stepped = [s for s, moves in zip(streams, moving.tolist(), strict=True) if moves]
         chosen = sample(result["logits"][:, -1][moving], stepped)
@@ -403,7 +399,6 @@ class Group:
         for stream, token in zip(stepped, chosen.tolist(), strict=True):
             if stream.done:  # left while the step ran
                 continue
-            self.tally.steps += 1
             gaps.observe((now - stream.last_token_ns) / 1e9)
             stream.last_token_ns = now
             if stream.record is not None:  # each stream's record counts the shared run (trailers, traces)
@@ -449,14 +444,6 @@ def _pending(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
-@dataclass
-class Tally:
-    """A model's decoding calls and the stream steps they carried (tests, the curious)."""
-
-    runs: int = 0
-    steps: int = 0
-
-
 class Groups:
     """A model's decoding groups: for a recurrent model, and for a Transformer per cache capacity, as
     many groups of at most `max_batch` streams as its streams fill (each group one call per step)."""
@@ -466,7 +453,17 @@ class Groups:
         self.by_capacity: dict[int, list[Group]] = {}
         self.streams = 0  # text generations of the model running, from their prompt to their end
         self.by_client: collections.Counter[str] = collections.Counter()  # of them, each client's
-        self.tally = Tally()
+
+    def enter(self, client: str) -> None:
+        """One more stream of the model, for `client` ("" when unknown), from its prompt on."""
+        self.streams += 1
+        self.by_client[client] += 1
+
+    def leave(self, client: str) -> None:
+        self.streams -= 1
+        self.by_client[client] -= 1
+        if not self.by_client[client]:
+            del self.by_client[client]
 
     def alone(self, make: Callable[[], Rows]) -> Group:
         """A group for one stream (--no-step-batching, or a model whose steps cannot share a call)."""
@@ -486,4 +483,4 @@ class Groups:
     def _new(self, make: Callable[[], Rows]) -> Group:
         spec = self.spec
         outputs = ["logits", *spec.state.values(), *(spec.cache.buffers.values() if spec.cache else ())]
-        return Group(self.model, make(), outputs, spec.vocabulary, self.tally)
+        return Group(self.model, make(), outputs, spec.vocabulary)

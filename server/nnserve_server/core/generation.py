@@ -5,10 +5,11 @@ once, then every token is one call with one token and the state from the call be
 costs one step whatever the prefix length. A model described with `cache` (a Transformer) keeps its
 keys and values in buffers the server sizes before they exist and fills in place.
 
-A text generation runs its prompt here, alone, then decodes in its model's shared decoding group
-(`decoding`): one onnxruntime call per step for every stream of the model. While other generations
-run, the pieces that piled up during a consumer's write leave as one piece (several tokens to a
-message when the server is busy); a lone stream keeps one piece per token.
+`Generations` holds every text generation of the process: it admits a stream (the model's and the
+client's share of streams, the memory budget) and runs its prompt here, alone; then the stream decodes
+in its model's shared decoding group (`decoding`): one onnxruntime call per step for every stream of the
+model. While other generations run, the pieces that piled up during a consumer's write leave as one
+piece (several tokens to a message when the server is busy); a lone stream keeps one piece per token.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from nnserve_contract.model_spec import AppendCache, ModelSpec
 from nnserve_server.core import decoding, images
 from nnserve_server.core.errors import InvalidInput, Overloaded
 from nnserve_server.core.model import OnnxModel
-from nnserve_server.core.request_record import CURRENT
+from nnserve_server.core.request_record import CURRENT, RequestRecord
 from nnserve_server.core.sampling import Sampling, check_sampling, sample
 from nnserve_server.core.tasks import Limits, require_task
 from nnserve_server.core.text import character_codec
 from nnserve_server.settings import Settings
 
-MAX_CACHE_BYTES = 256 << 20  # one stream's key/value buffers
+MAX_STREAM_CACHE_BYTES = 256 << 20  # one stream's key/value buffers
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,9 @@ def _cache_shapes(model: OnnxModel, cache: AppendCache, capacity: int) -> dict[s
     return shapes
 
 
-class _Cache:
-    """The buffers of an `AppendCache` model for one stream, sized once for the whole generation;
-    each step's new positions are written in place, so no step copies the past."""
+class PromptBuffers:
+    """The key/value buffers of an `AppendCache` model for one stream's prompt, sized for the prompt;
+    each chunk's new positions are written in place. The stream's decoding group copies them into its row."""
 
     def __init__(self, cache: AppendCache, shapes: dict[str, list[int]]) -> None:
         self.spec = cache
@@ -120,11 +121,12 @@ class MemoryBudget:
         self.limit = limit_bytes
         self.used = 0
 
-    def reserve(self, size: int, model: str) -> None:
+    def reserve(self, size: int, model: str, streams: int) -> None:
+        """`streams`: how many are running (for the refusal's message)."""
         if self.used + size > self.limit:
             raise Overloaded(
                 f"generation memory: this stream of model '{model}' needs {size / 2**20:.1f} MiB for its cache and "
-                f"state; {self.used / 2**20:.1f} of {self.limit / 2**20:.0f} MiB are in use by {running()} "
+                f"state; {self.used / 2**20:.1f} of {self.limit / 2**20:.0f} MiB are in use by {streams} "
                 "streams (--generation-memory-mb); retry later, or ask for fewer tokens or a shorter prompt"
             )
         self.used += size
@@ -134,38 +136,151 @@ class MemoryBudget:
 
 
 @dataclass(frozen=True)
-class Decoding:
-    """How text generations decode (--step-batching, --generation-max-batch, --generation-max-streams,
-    --generation-max-streams-per-client)."""
+class GenerationSettings:
+    """How text generations decode and how many run (--step-batching, --generation-max-batch,
+    --generation-max-streams, --generation-max-streams-per-client, --generation-memory-mb)."""
 
     share_steps: bool = True  # concurrent streams of a model step in one call (continuous batching)
     max_batch: int = 64  # streams in one decoding call; more make more groups (calls) per step
     max_streams: int = 256  # text generations of one model at once; beyond: RESOURCE_EXHAUSTED
     max_streams_per_client: int = 64  # of them, one client's (0: no share)
+    memory_bytes: int = 1 << 62  # every stream's cache and state together; beyond: RESOURCE_EXHAUSTED
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Decoding:
+    def from_settings(cls, settings: Settings) -> GenerationSettings:
         return cls(
             settings.step_batching,
             settings.generation_max_batch,
             settings.generation_max_streams,
             settings.generation_max_streams_per_client,
+            int(settings.generation_memory_mb * 2**20),
         )
 
 
-DECODING = Decoding()
+@dataclass(frozen=True)
+class _Admitted:
+    """What a stream was let in with: its group's cache capacity, the bytes it reserved, its client."""
+
+    capacity: int
+    reserved: int
+    client: str
 
 
-async def generate_text(
-    model: OnnxModel,
-    prompt: str,
-    sampling: Sampling,
-    budget: MemoryBudget | None = None,
-    decoding_settings: Decoding = DECODING,
-    *,
-    limits: Limits | None = None,
-) -> AsyncIterator[TextPiece | Finished]:
-    """The text `model` writes after `prompt`; with `limits`, the prompt and sampling are checked against them."""
+class Generations:
+    """Every text generation of this process: admission (a model's streams, each client's share of them,
+    the memory budget), the prompt, and the model's decoding groups that the stream then joins. The server
+    owns one for both APIs; how many run is counted by the groups, never kept beside them."""
+
+    def __init__(self, settings: GenerationSettings = GenerationSettings()) -> None:
+        self.settings = settings
+        self.budget = MemoryBudget(settings.memory_bytes)
+        self.groups: weakref.WeakKeyDictionary[OnnxModel, decoding.Groups] = weakref.WeakKeyDictionary()
+
+    @property
+    def running(self) -> int:
+        """Text generations running, from their prompt to their end (the streams gauge; more than one:
+        pieces are coalesced)."""
+        return sum(groups.streams for groups in self.groups.values())
+
+    async def text(
+        self, model: OnnxModel, prompt: str, sampling: Sampling, *, limits: Limits | None = None
+    ) -> AsyncIterator[TextPiece | Finished]:
+        """The text `model` writes after `prompt`; with `limits`, the prompt and sampling are checked against them."""
+        spec, tokens = _prompt(model, prompt, sampling, limits)
+        groups = self.groups.get(model)
+        if groups is None:
+            max_batch = model.config.generation_max_batch or self.settings.max_batch
+            groups = self.groups[model] = decoding.Groups(model, spec, max_batch)
+        shared = self.settings.share_steps and _batchable(model, spec)
+        record = CURRENT.get()
+        state = _initial_state(model, spec)
+        admitted = self._admit(model, spec, groups, tokens.shape[1], sampling, shared, record, state)
+        stream = decoding.Stream(sampling, record)
+        try:
+            cache = None
+            if spec.cache is not None:
+                cache = PromptBuffers(spec.cache, _cache_shapes(model, spec.cache, tokens.shape[1]))
+            logits, state = await _prefill(model, spec, tokens, state, cache)
+            (token,) = sample(logits, [stream]).tolist()
+            stream.take(spec.vocabulary[token])
+            if not stream.done:
+                rows = _rows(model, spec, admitted.capacity)
+                group = groups.group(admitted.capacity, rows) if shared else groups.alone(rows)
+                group.join(stream, cache if cache is not None else state, token)
+            del cache, state  # the group has copied what it needs
+            async for event in self._events(stream, len(prompt)):
+                yield event
+        finally:
+            stream.left = True
+            if stream.group is not None:
+                stream.group.resume.set()  # a group waiting on parked streams drops this one's row now
+            groups.leave(admitted.client)
+            self.budget.release(admitted.reserved)
+
+    def _admit(
+        self,
+        model: OnnxModel,
+        spec: ModelSpec,
+        groups: decoding.Groups,
+        prompt_tokens: int,
+        sampling: Sampling,
+        shared: bool,
+        record: RequestRecord | None,
+        state: dict[str, np.ndarray],
+    ) -> _Admitted:
+        """Let one more stream of `model` in, or refuse it (Overloaded, InvalidInput) before anything is
+        allocated: the model's streams, the client's share of them, the cache's size, the memory budget."""
+        config = model.config  # the model's config.pbtxt may set its own limits over the server's
+        max_streams = config.generation_max_streams or self.settings.max_streams
+        if groups.streams >= max_streams:
+            knob = (
+                "generation_max_streams in its config.pbtxt"
+                if config.generation_max_streams
+                else "--generation-max-streams"
+            )
+            raise Overloaded(
+                f"model '{model.name}' is generating {groups.streams} texts, as many as this server runs at once "
+                f"({knob}); retry later"
+            )
+        client = record.client() if record is not None else ""
+        share = self.settings.max_streams_per_client
+        if share and client and groups.by_client[client] >= share:
+            raise Overloaded(
+                f"model '{model.name}' is generating {groups.by_client[client]} texts for {client}, its share of "
+                f"the server (--generation-max-streams-per-client {share}); retry when one ends"
+            )
+        capacity, reserved = _cache_room(model, spec, prompt_tokens, sampling, shared)
+        if not reserved:  # a recurrent model: its state
+            reserved = sum(a.nbytes for a in state.values())
+        self.budget.reserve(reserved, model.name, self.running)  # before the cache exists: nothing was allocated
+        groups.enter(client)
+        return _Admitted(capacity, reserved, client)
+
+    async def _events(self, stream: decoding.Stream, prompt_tokens: int) -> AsyncIterator[TextPiece | Finished]:
+        pieces = stream.pieces
+        while True:
+            if pieces and stream.due():
+                parked = stream.parked
+                if len(pieces) > 1 and self.running > 1:  # others run too: what piled up leaves at once
+                    text = "".join(pieces)
+                    pieces.clear()
+                else:
+                    text = pieces.popleft()
+                if parked:
+                    stream.took_pieces()
+                yield TextPiece(text)
+                continue
+            if stream.failure is not None:
+                raise stream.failure
+            if stream.end:
+                yield Finished(stream.end, prompt_tokens, stream.count)
+                return
+            stream.ready.clear()
+            await stream.ready.wait()
+
+
+def _prompt(model: OnnxModel, prompt: str, sampling: Sampling, limits: Limits | None) -> tuple[ModelSpec, np.ndarray]:
+    """The model's spec and the prompt's tokens [1, n]; InvalidInput for what cannot be generated."""
     if limits is not None:
         if len(prompt) > limits.max_text_chars:
             raise InvalidInput(f"the prompt has {len(prompt)} characters; at most {limits.max_text_chars}")
@@ -178,101 +293,42 @@ async def generate_text(
         )
     if not prompt:
         raise InvalidInput("the prompt is empty; give at least one character")
-    tokens = character_codec(spec.vocabulary).encode(prompt)[np.newaxis]
-    state = _initial_state(model, spec)
-    shared = decoding_settings.share_steps and _batchable(model, spec)
-    config = model.config  # the model's config.pbtxt may set its own limits over the server's
-    groups = _groups.get(model)
-    if groups is None:
-        max_batch = config.generation_max_batch or decoding_settings.max_batch
-        groups = _groups[model] = decoding.Groups(model, spec, max_batch)
-    max_streams = config.generation_max_streams or decoding_settings.max_streams
-    if groups.streams >= max_streams:
-        knob = (
-            "generation_max_streams in its config.pbtxt"
-            if config.generation_max_streams
-            else "--generation-max-streams"
-        )
-        raise Overloaded(
-            f"model '{model.name}' is generating {groups.streams} texts, as many as this server runs at once "
-            f"({knob}); retry later"
-        )
-    record = CURRENT.get()
-    client = record.client() if record is not None else ""
-    share = decoding_settings.max_streams_per_client
-    if share and client and groups.by_client[client] >= share:
-        raise Overloaded(
-            f"model '{model.name}' is generating {groups.by_client[client]} texts for {client}, its share of the "
-            f"server (--generation-max-streams-per-client {share}); retry when one ends"
-        )
+    return spec, character_codec(spec.vocabulary).encode(prompt)[np.newaxis]
+
+
+def _cache_room(
+    model: OnnxModel, spec: ModelSpec, prompt_tokens: int, sampling: Sampling, shared: bool
+) -> tuple[int, int]:
+    """For a cache model: the capacity of the group its stream joins, and the bytes of its row there and
+    of its prompt's own buffers; (0, 0) for a recurrent model. InvalidInput past MAX_STREAM_CACHE_BYTES."""
+    if spec.cache is None:
+        return 0, 0
+    cache = spec.cache
+
+    def size(positions: int) -> int:
+        return sum(4 * math.prod(shape) for shape in _cache_shapes(model, cache, positions).values())
+
     # The last token sampled is never fed back: the cache holds the prompt and max_tokens - 1.
-    positions = tokens.shape[1] + sampling.max_tokens - 1
-    capacity, reserved = 0, sum(a.nbytes for a in state.values())  # a recurrent model: one group
-    if spec.cache is not None:
-        cache_spec = spec.cache
-
-        def cache_bytes(positions: int) -> int:
-            return sum(4 * math.prod(shape) for shape in _cache_shapes(model, cache_spec, positions).values())
-
-        size = cache_bytes(positions)
-        if size > MAX_CACHE_BYTES:
-            raise InvalidInput(
-                f"a {tokens.shape[1]}-character prompt and {sampling.max_tokens} tokens need a {size >> 20} MiB "
-                f"cache for model '{model.name}'; at most {MAX_CACHE_BYTES >> 20} MiB: shorten the prompt or "
-                "ask for fewer tokens"
-            )
-        capacity = decoding.capacity_class(positions) if shared else positions  # the row it takes in its group
-        if cache_bytes(capacity) > MAX_CACHE_BYTES:
-            capacity = positions
-        reserved = cache_bytes(capacity) + cache_bytes(tokens.shape[1])  # its row, and its prompt's own cache
-    if budget is not None:
-        budget.reserve(reserved, model.name)  # before the cache exists: refused, nothing was allocated
-    global _generations
-    _generations += 1
-    groups.streams += 1
-    groups.by_client[client] += 1
-    stream = decoding.Stream(sampling, record)
-    try:
-        cache = None
-        if spec.cache is not None:
-            cache = _Cache(spec.cache, _cache_shapes(model, spec.cache, tokens.shape[1]))
-        logits, state = await _prefill(model, spec, tokens, state, cache)
-        (token,) = sample(logits, [stream]).tolist()
-        stream.take(spec.vocabulary[token])
-        if not stream.done:
-            rows = _rows(model, spec, capacity)
-            group = groups.group(capacity, rows) if shared else groups.alone(rows)
-            group.join(stream, cache if cache is not None else state, token)
-        del cache, state  # the group has copied what it needs
-        async for event in _events(stream, len(prompt)):
-            yield event
-    finally:
-        stream.left = True
-        if stream.group is not None:
-            stream.group.resume.set()  # a group waiting on parked streams drops this one's row now
-        _generations -= 1
-        groups.streams -= 1
-        groups.by_client[client] -= 1
-        if not groups.by_client[client]:
-            del groups.by_client[client]
-        if budget is not None:
-            budget.release(reserved)
+    positions = prompt_tokens + sampling.max_tokens - 1
+    if size(positions) > MAX_STREAM_CACHE_BYTES:
+        raise InvalidInput(
+            f"a {prompt_tokens}-character prompt and {sampling.max_tokens} tokens need a {size(positions) >> 20} MiB "
+            f"cache for model '{model.name}'; at most {MAX_STREAM_CACHE_BYTES >> 20} MiB: shorten the prompt or "
+            "ask for fewer tokens"
+        )
+    capacity = decoding.capacity_class(positions) if shared else positions  # the row it takes in its group
+    if size(capacity) > MAX_STREAM_CACHE_BYTES:
+        capacity = positions
+    return capacity, size(capacity) + size(prompt_tokens)
 
 
 # Prompt tokens per call: a 2,000-character prompt in one call scored 2,000 x 2,000 attention weights per
 # head and layer at once (tens of MiB outside the memory budget, kept by onnxruntime's arena).
 PREFILL_CHUNK = 256
-_generations = 0  # text generations running in this process (more than one: pieces are coalesced)
-_groups: weakref.WeakKeyDictionary[OnnxModel, decoding.Groups] = weakref.WeakKeyDictionary()
-
-
-def running() -> int:
-    """Text generations running in this process (for the streams gauge and the budget's message)."""
-    return _generations
 
 
 async def _prefill(
-    model: OnnxModel, spec: ModelSpec, tokens: np.ndarray, state: dict[str, np.ndarray], cache: _Cache | None
+    model: OnnxModel, spec: ModelSpec, tokens: np.ndarray, state: dict[str, np.ndarray], cache: PromptBuffers | None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The prompt, alone, into the stream's own state or cache: the last position's logits [1, vocab],
     and the state after it. A long prompt goes in chunks (bounded activations, and an await each)."""
@@ -304,36 +360,8 @@ def _rows(model: OnnxModel, spec: ModelSpec, capacity: int) -> Callable[[], deco
     """How to make the rows of a new group: recurrent states, or key/value buffers of `capacity` positions."""
     if spec.cache is not None:
         cache = spec.cache
-        return lambda: decoding.Caches(cache, _cache_shapes(model, cache, capacity))
-    return lambda: decoding.States(model, spec)
-
-
-def _groups_of(model: OnnxModel) -> decoding.Groups | None:
-    """The model's shared decoding groups, once a stream used them (tests, the curious)."""
-    return _groups.get(model)
-
-
-async def _events(stream: decoding.Stream, prompt_tokens: int) -> AsyncIterator[TextPiece | Finished]:
-    pieces = stream.pieces
-    while True:
-        if pieces and stream.due():
-            parked = stream.parked
-            if _generations > 1 and len(pieces) > 1:  # others run too: what piled up leaves at once
-                text = "".join(pieces)
-                pieces.clear()
-            else:
-                text = pieces.popleft()
-            if parked:
-                stream.took_pieces()
-            yield TextPiece(text)
-            continue
-        if stream.failure is not None:
-            raise stream.failure
-        if stream.end:
-            yield Finished(stream.end, prompt_tokens, stream.count)
-            return
-        stream.ready.clear()
-        await stream.ready.wait()
+        return lambda: decoding.CacheRows(cache, _cache_shapes(model, cache, capacity))
+    return lambda: decoding.StateRows(model, spec)
 
 
 async def generate_images(

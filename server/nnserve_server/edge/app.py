@@ -21,9 +21,9 @@ from prometheus_client import CollectorRegistry
 
 from nnserve_contract.stubs import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from nnserve_server import __version__
-from nnserve_server.core import generation, logs
+from nnserve_server.core import logs
 from nnserve_server.core.errors import StartupError
-from nnserve_server.core.generation import Decoding, MemoryBudget
+from nnserve_server.core.generation import Generations, GenerationSettings
 from nnserve_server.core.metrics import MetricsEndpoint, ServerMetrics
 from nnserve_server.core.repository import ModelRepository
 from nnserve_server.core.runtime import Runtime
@@ -138,8 +138,8 @@ def create_server(
     )
     state = ServerState(repository.all_ready if settings.strict_readiness else None)
     shared_memory = _shared_memory(settings, bool(grants))
-    budget = MemoryBudget(int(settings.generation_memory_mb * 2**20))  # one for both APIs' generations
-    metrics.stats.generation = lambda: (generation.running(), budget.used)
+    generations = Generations(GenerationSettings.from_settings(settings))  # one for both APIs
+    metrics.stats.generation = lambda: (generations.running, generations.budget.used)
     guard.register(
         server,
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
@@ -151,8 +151,7 @@ def create_server(
             shared_memory,
             guard,
             max_stream_requests=settings.max_stream_requests,
-            budget=budget,
-            decoding=Decoding.from_settings(settings),
+            generations=generations,
         ),
     )
     transport.serve_bursts(
@@ -160,7 +159,7 @@ def create_server(
         MODEL_INFER,
         InferBurst(repository, guard, auth, settings.max_message_bytes),
     )
-    guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings, budget))
+    guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings, generations))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if settings.reflection:

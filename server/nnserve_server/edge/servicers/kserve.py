@@ -19,7 +19,7 @@ from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
 from nnserve_server import __version__
 from nnserve_server.core import classification
 from nnserve_server.core.errors import InvalidInput, Unsupported
-from nnserve_server.core.generation import DECODING, Decoding, MemoryBudget
+from nnserve_server.core.generation import Generations
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.repository import ModelRepository
 from nnserve_server.core.session import MAX_REMEMBERED_SIGNATURES
@@ -203,11 +203,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         shared_memory: SharedMemoryRegions | None = None,
         guard: StatusGuard | None = None,
         max_stream_requests: int = 256,
-        budget: MemoryBudget | None = None,
-        decoding: Decoding = DECODING,
+        generations: Generations | None = None,
     ) -> None:
-        self._budget = budget
-        self._decoding = decoding
+        self._generations = generations or Generations()
         self._max_stream_requests = max_stream_requests
         self._repository = repository
         self._guard = guard
@@ -275,7 +273,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, model: OnnxModel, request: pb.ModelInferRequest, streamed: bool
     ) -> AsyncIterator[pb.ModelInferResponse]:
         asked = streaming.llm_request(decode_inputs(request), request.parameters)
-        return streaming.llm_responses(model, request, asked, streamed, self._limits, self._budget, self._decoding)
+        return streaming.llm_responses(model, request, asked, streamed, self._limits, self._generations)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context

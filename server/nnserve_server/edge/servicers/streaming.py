@@ -156,11 +156,10 @@ async def llm_responses(
     asked: LlmRequest,
     streaming: bool,
     limits: Limits,
-    budget: generation.MemoryBudget | None = None,
-    decoding: generation.Decoding = generation.DECODING,
+    generations: generation.Generations,
 ) -> AsyncIterator[pb.ModelInferResponse]:
     """The responses to one LLM-convention request: one per piece when streamed, else the whole text."""
-    pieces = generation.generate_text(model, asked.prompt, asked.sampling, budget, decoding, limits=limits)
+    pieces = generations.text(model, asked.prompt, asked.sampling, limits=limits)
     if not (streaming and asked.stream):
         text = "".join([event.text async for event in pieces if isinstance(event, generation.TextPiece)])
         yield _text_response(model, request.id, text, final=True)

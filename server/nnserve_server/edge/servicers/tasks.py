@@ -109,12 +109,11 @@ def _task_input(spec: ModelSpec) -> pb.TaskInput:
 
 class TasksServicer(pb_grpc.TasksServicer):
     def __init__(
-        self, repository: ModelRepository, settings: Settings, budget: generation.MemoryBudget | None = None
+        self, repository: ModelRepository, settings: Settings, generations: generation.Generations | None = None
     ) -> None:
         self._repository = repository
         self._limits = tasks.Limits.from_settings(settings)
-        self._decoding = generation.Decoding.from_settings(settings)
-        self._budget = budget
+        self._generations = generations or generation.Generations(generation.GenerationSettings.from_settings(settings))
 
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         model = self._repository.get(request.model_name, request.model_version)
@@ -126,9 +125,7 @@ class TasksServicer(pb_grpc.TasksServicer):
         events: AsyncIterator[Any]
         if request.prompt:
             sampling = _sampling(request)
-            events = generation.generate_text(
-                model, request.prompt, sampling, self._budget, self._decoding, limits=self._limits
-            )
+            events = self._generations.text(model, request.prompt, sampling, limits=self._limits)
         else:
             latent = codec.from_tensor(request.latent) if request.HasField("latent") else None
             label = request.label if request.HasField("label") else None
