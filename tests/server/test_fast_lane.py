@@ -171,15 +171,49 @@ def test_the_decoupled_flag_perf_analyzer_always_sends_keeps_the_lane(repository
         request = _digits(2)
         inputs = {"input": np.frombuffer(request.raw_input_contents[0], np.float32).reshape(2, 64)}
         names = list(model.outputs)
-        plain.remember(model, request, inputs, dict(zip(names, model.session.run(names, inputs), strict=True)))
-        expected = plain.answer(model, request)
+        shapes = plain.ShapeCache()
+        shapes.remember(model, request, inputs, dict(zip(names, model.session.run(names, inputs), strict=True)))
+        expected = shapes.answer(model, request)
         assert expected is not None  # the plan exists
         flagged = _digits(2)
         flagged.parameters["triton_enable_empty_final_response"].bool_param = True
-        assert plain.answer(model, flagged) == expected
+        assert shapes.answer(model, flagged) == expected
         asked = _digits(2)
         asked.parameters["triton_enable_empty_final_response"].bool_param = True
         asked.parameters["priority"].int64_param = 5
-        assert plain.answer(model, asked) is None
+        assert shapes.answer(model, asked) is None
     finally:
         model.close()
+
+
+def test_remembered_shapes_are_capped_per_version_and_go_with_it(repository: Path) -> None:
+    """The edge's ShapeCache keeps at most MAX_SHAPES plans per model version, and nothing of a version
+    once the version is gone (the core holds no edge state that would keep it)."""
+    import gc
+
+    from nnserve_server.core.model import OnnxModel
+    from nnserve_server.core.runtime import Runtime
+    from nnserve_server.core.serving_config import serving_config
+    from nnserve_server.edge.servicers import plain
+    from nnserve_server.settings import Settings
+
+    folder = repository / "digits-fnn"
+    settings = Settings()
+    runtime = Runtime.from_settings(settings)
+    config = serving_config(folder, settings, 2)
+    model = OnnxModel("digits-fnn", "1", folder / "1" / "model.onnx", runtime, config, settings.inline_run_us)
+    shapes = plain.ShapeCache()
+    names = list(model.outputs)
+    for rows in range(1, plain.MAX_SHAPES + 2):
+        request = _digits(rows)
+        inputs = {"input": np.frombuffer(request.raw_input_contents[0], np.float32).reshape(rows, 64)}
+        results = dict(zip(names, model.session.run(names, inputs), strict=True))
+        shapes.remember(model, request, inputs, results)
+        assert shapes.output_metadata(model, results)[0].shape == [rows, 10]
+        assert shapes.answer(model, request) is not None  # the plan of this shape answers it
+    assert shapes.answer(model, _digits(plain.MAX_SHAPES)) is None  # forgotten when the cap was reached
+    assert len(shapes) == 1
+    model.close()
+    del model
+    gc.collect()
+    assert len(shapes) == 0  # the version's plans went with it

@@ -99,8 +99,6 @@ class OnnxModel:
         self.providers = session.providers
         self.instances = config.instances
         self.stats.queue_depth = lambda: self.batcher.depth
-        # What the serving edge keeps per model version (its fast lane's plans): freed with the version.
-        self.edge_cache: dict[object, object] = {}
 
     def _warm_up(self, session: ModelSession) -> None:
         """Runs on zeros: pages the weights in, times a run for the inline decision."""

@@ -34,6 +34,7 @@ from nnserve_server.edge.guard import InFlight, StatusGuard
 from nnserve_server.edge.security import BearerTokenAuth, read_grants, server_credentials
 from nnserve_server.edge.servicers.infer_burst import InferBurst
 from nnserve_server.edge.servicers.kserve import KServeServicer, ServerState
+from nnserve_server.edge.servicers.plain import ShapeCache
 from nnserve_server.edge.servicers.tasks import TasksServicer
 from nnserve_server.edge.tracing import Tracing
 from nnserve_server.settings import Settings
@@ -140,6 +141,7 @@ def create_server(
     shared_memory = _shared_memory(settings, bool(grants))
     generations = Generations(GenerationSettings.from_settings(settings))  # one for both APIs
     metrics.stats.generation = lambda: (generations.running, generations.budget.used)
+    shapes = ShapeCache()  # ModelInfer's remembered shapes, for the general path and the burst lane
     guard.register(
         server,
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
@@ -152,12 +154,13 @@ def create_server(
             guard,
             max_stream_requests=settings.max_stream_requests,
             generations=generations,
+            shapes=shapes,
         ),
     )
     transport.serve_bursts(
         server,
         MODEL_INFER,
-        InferBurst(repository, guard, auth, settings.max_message_bytes),
+        InferBurst(repository, guard, auth, settings.max_message_bytes, shapes),
     )
     guard.register(server, tasks_pb2_grpc.add_TasksServicer_to_server, TasksServicer(repository, settings, generations))
     health_servicer = health.aio.HealthServicer()

@@ -65,8 +65,10 @@ class InferBurst:
         guard: StatusGuard,
         auth: BearerTokenAuth | None,
         send_limit: int,
+        shapes: plain.ShapeCache,
     ) -> None:
         self._repository = repository
+        self._shapes = shapes  # the plans, shared with the general path (which makes them)
         self._guard = guard
         self._auth = auth  # None: no token needed
         self._send_limit = send_limit
@@ -108,7 +110,7 @@ class InferBurst:
             model = self._repository.get(request.model_name, request.model_version)
         except Exception:  # the general path says what is wrong
             return
-        prepared = plain.prepare(model, request)
+        prepared = self._shapes.prepare(model, request)
         if prepared is None:
             return
         plan, feed = prepared

@@ -22,7 +22,6 @@ from nnserve_server.core.errors import InvalidInput, Unsupported
 from nnserve_server.core.generation import Generations
 from nnserve_server.core.model import OnnxModel
 from nnserve_server.core.repository import ModelRepository
-from nnserve_server.core.session import MAX_REMEMBERED_SIGNATURES
 from nnserve_server.core.shared_memory import Region, SharedMemoryRegions
 from nnserve_server.core.tasks import Limits
 from nnserve_server.edge.guard import StatusGuard
@@ -31,7 +30,6 @@ from nnserve_server.edge.servicers import plain, streaming
 from nnserve_server.edge.servicers.deadline import Context, deadline_of
 from nnserve_server.edge.servicers.model_views import PLATFORM, model_config, model_statistics
 
-_OutputTensor = pb.ModelInferResponse.InferOutputTensor
 EXTENSIONS = ("classification", "model_repository", "model_configuration", "statistics")
 SHARED_MEMORY_EXTENSION = "system_shared_memory"
 REGION, OFFSET, BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
@@ -204,8 +202,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         guard: StatusGuard | None = None,
         max_stream_requests: int = 256,
         generations: Generations | None = None,
+        shapes: plain.ShapeCache | None = None,
     ) -> None:
         self._generations = generations or Generations()
+        self._shapes = shapes or plain.ShapeCache()
         self._max_stream_requests = max_stream_requests
         self._repository = repository
         self._guard = guard
@@ -214,7 +214,6 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._repository_control = repository_control
         self._shared_memory = shared_memory
         self._extensions = (*EXTENSIONS, SHARED_MEMORY_EXTENSION) if shared_memory is not None else EXTENSIONS
-        self._metadata: dict[object, list[pb.ModelInferResponse.InferOutputTensor]] = {}
 
     def _regions(self) -> SharedMemoryRegions:
         if self._shared_memory is None:
@@ -258,7 +257,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse | bytes:
         model = self._repository.get(request.model_name, request.model_version)
-        answer = plain.answer(model, request)  # a shape served before, run at once: bytes, built from its plan
+        answer = self._shapes.answer(model, request)  # a shape served before, run at once: bytes, built from its plan
         if answer is not None:
             return answer
         shared = region_names(request)
@@ -314,7 +313,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         names, classes = requested_outputs(request)
         results, _ = await model.infer_timed(inputs, names, deadline)
         if regions is None and not classes:
-            plain.remember(model, request, inputs, results)
+            self._shapes.remember(model, request, inputs, results)
         if classes:
             labels = model.spec.labels if model.spec is not None else ()
             batched = bool(model.max_batch_size)
@@ -324,26 +323,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             model_name=model.name,
             model_version=model.version,
             id=request.id,
-            outputs=self._output_metadata(results),
+            outputs=self._shapes.output_metadata(model, results),
             raw_output_contents=[codec.to_raw(array) for array in results.values()]
             if regions is None
             else _write_shared_outputs(request, results, regions),
         )
-
-    def _output_metadata(self, results: dict[str, np.ndarray]) -> list[pb.ModelInferResponse.InferOutputTensor]:
-        """The outputs' names, datatypes and shapes, built once per signature (a stream of same-shaped
-        answers then costs a dict lookup; the cache is capped like the validation cache)."""
-        key = tuple((name, array.dtype, array.shape) for name, array in results.items())
-        metadata = self._metadata.get(key)
-        if metadata is None:
-            metadata = [
-                _OutputTensor(name=name, datatype=codec.datatype_of(array.dtype), shape=array.shape)
-                for name, array in results.items()
-            ]
-            if len(self._metadata) >= MAX_REMEMBERED_SIGNATURES:
-                self._metadata.clear()
-            self._metadata[key] = metadata
-        return metadata
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         return pb.ModelConfigResponse(config=model_config(self._repository.get(request.name, request.version)))
