@@ -227,7 +227,28 @@ async def check_repository(settings: Settings) -> bool:
     return bool(names) and len(ready) == len(names)
 
 
+@dataclass
+class Running:
+    """What `start_up` made and `shut_down` takes apart."""
+
+    server: Server
+    repository: ModelRepository
+    endpoint: MetricsEndpoint
+    tracing: Tracing | None
+
+
 async def serve(settings: Settings) -> None:
+    """The server's life: start-up, then serving until SIGTERM or SIGINT (polling the repository if
+    asked), then the shutdown that drains what is in flight."""
+    running = await start_up(settings)
+    stop = _stop_on_signals()
+    await _until(stop, running, settings)
+    await shut_down(running, settings)
+
+
+async def start_up(settings: Settings) -> Running:
+    """Metrics, the repository, the gRPC server (its port bound first: refused now if busy), the models
+    loaded, then SERVING and the start-up line."""
     runtime = Runtime.from_settings(settings)
     registry = CollectorRegistry()
     metrics = ServerMetrics(registry)
@@ -244,18 +265,25 @@ async def serve(settings: Settings) -> None:
         )
     repository = ModelRepository(settings.model_repository, runtime, settings, metrics)
     tracing = Tracing.from_settings(settings.tracing)
-    # Binds the gRPC port: refused now if busy.
     server = create_server(settings, repository, metrics, tracing, runtime.cpus)
     endpoint = MetricsEndpoint(settings.metrics_host, settings.metrics_port, registry)
     await repository.load_all()
     await server.grpc_server.start()
     await set_serving(server, repository, True)
+    running = Running(server, repository, endpoint, tracing)
+    _announce(running, settings)
+    return running
+
+
+def _announce(running: Running, settings: Settings) -> None:
+    """The start-up line: where it listens, what is ready and training, which transport serves and why."""
+    server, repository = running.server, running.repository
     ready = [n for n in repository.names() if repository.is_ready(n)]
     training = sorted(repository.training())
     banner = listening.line(
         settings.host,
         server.port,
-        endpoint.address,
+        running.endpoint.address,
         f"{_count(len(ready), 'model')} ready: {', '.join(ready) or 'none'}"
         + (f"; {len(training)} training: {', '.join(training)}" if training else "")
         + f"; transport {server.transport.name} ({server.transport.reason})"
@@ -268,29 +296,39 @@ async def serve(settings: Settings) -> None:
     logs.announce(banner, settings.log_format)
     logs.announce(f"try: nnserve-client --target {settings.host}:{server.port} models", settings.log_format)
 
+
+def _stop_on_signals() -> asyncio.Event:
+    """An event that SIGTERM or SIGINT sets."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    polling = None
-    if settings.poll_interval_s > 0:
-        polling = asyncio.create_task(repository.poll(settings.poll_interval_s, stop))
-    await stop.wait()
-    if polling is not None:
-        await polling
+    return stop
 
+
+async def _until(stop: asyncio.Event, running: Running, settings: Settings) -> None:
+    """Serve until `stop` is set, polling the repository meanwhile when --poll-interval-s asks."""
+    if settings.poll_interval_s > 0:
+        await running.repository.poll(settings.poll_interval_s, stop)
+    else:
+        await stop.wait()
+
+
+async def shut_down(running: Running, settings: Settings) -> None:
+    """NOT_SERVING, the requests in flight drained for up to the grace period, then everything closed."""
+    server = running.server
     log.info(
         "shutting down: NOT_SERVING, draining %d requests for up to %.1f s",
         server.in_flight.count,
         settings.grace_period_s,
     )
-    await set_serving(server, repository, False)
+    await set_serving(server, running.repository, False)
     if not await server.drain(settings.grace_period_s):
         log.warning("grace period over: requests still in flight were cancelled")
-    await repository.close()
+    await running.repository.close()
     if server.shared_memory is not None:
         server.shared_memory.close()
-    if tracing is not None:
-        tracing.shutdown()
-    endpoint.shutdown()
+    if running.tracing is not None:
+        running.tracing.shutdown()
+    running.endpoint.shutdown()
     log.info("stopped")
