@@ -45,7 +45,7 @@ for providers in (["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecut
 PY
 
 serve() {  # serve PROVIDERS -> sets PORT and SERVER_PID
-  "$PY" -m nnserve_server.cli serve --model-repository "$REPO" --port 0 --metrics-port -1 \
+  "$PY" -m nnserve_server.process.cli serve --model-repository "$REPO" --port 0 --metrics-port -1 \
       --providers "$1" --log-level WARNING > "$OUT/server-$1.log" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 600); do grep -q "listening on" "$OUT/server-$1.log" && break; sleep 0.1; done

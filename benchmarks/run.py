@@ -313,7 +313,7 @@ class Bench:
 
 def _nnserve(repository: Path, *flags: str) -> list[str]:
     return [
-        sys.executable, "-m", "nnserve_server.cli", "serve", "--model-repository", str(repository),
+        sys.executable, "-m", "nnserve_server.process.cli", "serve", "--model-repository", str(repository),
         "--port", "0", "--metrics-port", "-1", "--log-level", "WARNING",
         # perf_analyzer's --shared-memory system names its objects after the tensors ('/input', '/logits')
         "--shared-memory", "--shared-memory-keys", "*", *flags,

@@ -124,7 +124,7 @@ def main() -> None:
     log_path = args.out / "server.log"
     with log_path.open("wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "nnserve_server.cli", "serve", "--model-repository", str(args.repository),
+            [sys.executable, "-m", "nnserve_server.process.cli", "serve", "--model-repository", str(args.repository),
              "--port", "0", "--metrics-port", "-1"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip

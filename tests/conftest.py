@@ -106,7 +106,7 @@ def start_server(
     repository: Path, *flags: str, env: dict[str, str] | None = None, within_s: float = 60
 ) -> RunningServer:
     command = [
-        sys.executable, "-m", "nnserve_server.cli", "serve",
+        sys.executable, "-m", "nnserve_server.process.cli", "serve",
         "--model-repository", str(repository), "--port", "0", "--metrics-port", "0", *flags,
     ]  # fmt: skip
     return start_command(command, env, within_s)

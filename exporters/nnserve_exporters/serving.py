@@ -26,7 +26,7 @@ def complete(repository: Path) -> bool:
 
 
 def serve(repository: Path, server_flags: list[str], jobs: int = 2, fast: bool = False) -> int:
-    command = [sys.executable, "-m", "nnserve_server.cli", "serve", "--model-repository", str(repository)]
+    command = [sys.executable, "-m", "nnserve_server.process.cli", "serve", "--model-repository", str(repository)]
     if complete(repository):
         os.execv(command[0], [*command, *server_flags])  # the server itself, in this process: starts in seconds
     repository.mkdir(parents=True, exist_ok=True)

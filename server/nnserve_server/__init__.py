@@ -9,8 +9,8 @@ The package has two parts and the process around them; the folder of a module sa
   the status guard, auth, TLS, tracing, health, the start-up line (`listening`), and `app`, which
   assembles them into a server. It imports the core, never the other way round.
 - `settings.py`: the one typed settings object; it imports nothing of nnserve's, and everyone may import it.
-- the process: `cli` (the `nnserve` command), `workers` and `worker_metrics` (several server processes on
-  one port), `event_loop`; they may import anything.
+- `process/`: `cli` (the `nnserve` command), `workers` and `worker_metrics` (several server processes on
+  one port), `event_loop`, `allocator`; they may import anything, and nothing but them imports them.
 """
 
 __version__ = "0.1.0"

@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "NNSERVE_"
+# The values a setting with choices takes: declared here once; the flags, the checks and the code that acts
+# on them (edge/transport.py, process/event_loop.py, core/logs.py) take them from here.
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+TRANSPORTS = ("auto", "native", "grpcio")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,9 @@ class VersionPolicy:
         return versions
 
 
-def _setting(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, choices: tuple[str, ...] = ()) -> Any:
+    """A field: its default and help, and the values it may take (any case; kept as spelled here)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -99,12 +106,13 @@ class Settings:
         "cost a page fault each",
     )
     event_loop: str = _setting(
-        "auto", "asyncio, uvloop (faster per call; a server dependency), or auto: uvloop when installed"
+        "auto", "asyncio, uvloop (faster per call; a server dependency), or auto: uvloop when installed", EVENT_LOOPS
     )
     transport: str = _setting(
         "auto",
         "the gRPC server: native (pygrpc-native: HTTP/2 in Rust, outside the GIL), grpcio (grpc.aio: TLS and "
         "connection age), or auto: native unless TLS or a connection age is set",
+        TRANSPORTS,
     )
     native_io_threads: int = _setting(
         0, "threads of the native transport's HTTP/2 front end; 0: one per two CPUs the server may use (--cpus)"
@@ -200,8 +208,10 @@ class Settings:
     shared_memory_with_auth: bool = _setting(
         False, "serve shared memory on a server with an auth token (any caller may then map the allowed objects)"
     )
-    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR")
-    log_format: str = _setting("text", "text (for terminals) or json (one object per line, for log collectors)")
+    log_level: str = _setting("INFO", "DEBUG, INFO, WARNING or ERROR", LOG_LEVELS)
+    log_format: str = _setting(
+        "text", "text (for terminals) or json (one object per line, for log collectors)", LOG_FORMATS
+    )
     access_log_sample: float = _setting(
         0.0, "fraction of successful requests written to the access log (logger nnserve.access); 0: none, 1: all"
     )
@@ -216,7 +226,7 @@ class Settings:
         return VersionPolicy.parse(self.version_policy)
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = self._choose()
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not in 0..65535")
         if not -1 <= self.metrics_port <= 65535:
@@ -279,22 +289,29 @@ class Settings:
             problems.append("grace period must be >= 0")
         if not self.providers:
             problems.append("name at least one provider")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            problems.append(f"log level {self.log_level!r} is not DEBUG, INFO, WARNING or ERROR")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             problems.append("give both --tls-cert-file and --tls-key-file, or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
             problems.append("--tls-client-ca-file (mutual TLS) needs the server's --tls-cert-file and --tls-key-file")
-        if self.event_loop not in ("auto", "asyncio", "uvloop"):
-            problems.append(f"event loop {self.event_loop!r} is not auto, asyncio or uvloop")
-        if self.transport not in ("auto", "native", "grpcio"):
-            problems.append(f"transport {self.transport!r} is not auto, native or grpcio")
-        if self.log_format not in ("text", "json"):
-            problems.append(f"log format {self.log_format!r} is not text or json")
         if not 0.0 <= self.access_log_sample <= 1.0:
             problems.append(f"access log sample {self.access_log_sample} is not in 0..1")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def _choose(self) -> list[str]:
+        """Each setting with choices set to its choice as declared (`info` is INFO); what is none of them."""
+        problems = []
+        for f in dataclasses.fields(self):
+            choices = f.metadata["choices"]
+            if not choices:
+                continue
+            value = getattr(self, f.name)
+            chosen = next((c for c in choices if c.lower() == str(value).lower()), None)
+            if chosen is None:
+                problems.append(f"{f.name.replace('_', ' ')} {value!r} is not one of {', '.join(choices)}")
+            else:
+                object.__setattr__(self, f.name, chosen)  # frozen: set once, here, before anyone reads it
+        return problems
 
     @classmethod
     def load(cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:

@@ -339,7 +339,7 @@ def test_probes_and_health_command_against_a_real_server(own_server: Callable[..
     # A probe every few seconds imports none of the server: no onnxruntime (0.4-0.5 s a probe, and its
     # warnings on a read-only root), no numpy.
     probe = (
-        "import sys; from nnserve_server.cli import main; main(sys.argv[1:]); "
+        "import sys; from nnserve_server.process.cli import main; main(sys.argv[1:]); "
         "print(sorted(set(sys.modules) & {'onnxruntime', 'numpy'}))"
     )
     imported = subprocess.run(

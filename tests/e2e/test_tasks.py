@@ -431,7 +431,8 @@ def test_the_sdk_takes_images_as_people_hold_them_and_errors_carry_the_request_i
 
 
 def test_health_for_an_unknown_name_says_what_it_is(zoo_server: RunningServer) -> None:
-    command = [sys.executable, "-m", "nnserve_server.cli", "health", "--target", zoo_server.target, "--service", "nope"]
+    health = [sys.executable, "-m", "nnserve_server.process.cli", "health"]
+    command = [*health, "--target", zoo_server.target, "--service", "nope"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1
     assert "NOT_FOUND: the server has no health status named 'nope' (a model or gRPC service name)" in done.stdout

@@ -11,7 +11,7 @@ import pytest
 _PROBE = """
 import os, sys
 import numpy as np
-from nnserve_server import allocator
+from nnserve_server.process import allocator
 if sys.argv[1] != "0":
     assert allocator.retain_freed_memory(int(sys.argv[1]) << 20)
 def resident():
@@ -39,6 +39,6 @@ def test_freed_memory_is_kept_for_reuse_instead_of_unmapped() -> None:
 
 
 def test_zero_leaves_the_allocator_alone() -> None:
-    from nnserve_server import allocator
+    from nnserve_server.process import allocator
 
     assert allocator.retain_freed_memory(0) is False

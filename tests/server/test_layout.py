@@ -4,7 +4,7 @@
 - nnserve_server/settings.py: nothing of nnserve's.
 - nnserve_server/core/: the core, settings and the contract; no gRPC (grpc, the *_grpc stubs) and no edge.
 - nnserve_server/edge/: the core, the edge, settings and the contract.
-- the process (cli, workers, event_loop, allocator, ...): anything.
+- nnserve_server/process/ (cli, workers, worker_metrics, event_loop, allocator): anything.
 - outside the SDK, nothing imports the SDK's private modules (nnserve_client._*).
 """
 
@@ -103,10 +103,14 @@ def test_nothing_outside_the_sdk_imports_its_private_modules() -> None:
 
 def test_the_server_has_its_two_parts_and_the_process_beside_them() -> None:
     top = {p.name for p in SERVER.iterdir() if p.suffix == ".py" or (p.is_dir() and p.name != "__pycache__")}
-    assert top == {
-        "__init__.py", "core", "edge", "settings.py", "cli.py", "workers.py", "worker_metrics.py", "event_loop.py",
-        "allocator.py",
-    }  # fmt: skip
+    assert top == {"__init__.py", "core", "edge", "process", "settings.py"}
+
+
+def test_nothing_but_the_process_imports_the_process() -> None:
+    for top in ("core", "edge"):
+        for path in _modules(SERVER / top):
+            process = {n for n in _imports(path) if n.startswith("nnserve_server.process")}
+            assert not process, f"{path.relative_to(ROOT)} imports {sorted(process)}"
 
 
 def test_the_sdk_and_the_exporters_never_import_the_server() -> None:

@@ -94,7 +94,7 @@ def test_missing_provider_refuses_to_start(model_repository: Path) -> None:
 
 def _refused_start(*flags: str) -> str:
     """`nnserve serve` that must refuse: one line on stderr, exit 1, no traceback, before any model loads."""
-    command = [sys.executable, "-m", "nnserve_server.cli", "serve", "--log-level", "INFO", *flags]
+    command = [sys.executable, "-m", "nnserve_server.process.cli", "serve", "--log-level", "INFO", *flags]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 1, (done.returncode, done.stderr)
     assert "Traceback" not in done.stderr, done.stderr
@@ -125,8 +125,8 @@ def test_a_busy_port_or_a_missing_repository_refuses_to_start_in_one_line(
 @pytest.mark.parametrize(
     ("command", "message"),
     [
-        (["nnserve_server.cli", "serve", "--port", "abc"], "nnserve serve: argument --port: invalid"),
-        (["nnserve_server.cli", "serve", "--workers", "0"], "workers is 0; use 1..64"),
+        (["nnserve_server.process.cli", "serve", "--port", "abc"], "nnserve serve: argument --port: invalid"),
+        (["nnserve_server.process.cli", "serve", "--workers", "0"], "workers is 0; use 1..64"),
         (["nnserve_exporters.cli", "zoo", "--jobs", "x"], "nnserve-export zoo: argument --jobs: invalid int value"),
         (["nnserve_exporters.cli", "zoo", "--only", "nope"], "argument --only: invalid choice: 'nope'"),
     ],

@@ -8,7 +8,7 @@ import sys
 
 IMPORT_THE_SERVER = """
 import json, sys
-import nnserve_server.edge.app, nnserve_server.cli, nnserve_server.core.generation, nnserve_server.core.tasks
+import nnserve_server.edge.app, nnserve_server.process.cli, nnserve_server.core.generation, nnserve_server.core.tasks
 import nnserve_server.edge.servicers.kserve, nnserve_server.edge.servicers.tasks, nnserve_client.cli
 print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "nnserve_exporters", "transformers"))))
 """

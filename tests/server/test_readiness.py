@@ -85,7 +85,7 @@ def test_without_strict_readiness_a_started_server_is_ready_whatever_loaded(
 
 def _check(repo: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nnserve_server.cli", "check", "--model-repository", str(repo)],
+        [sys.executable, "-m", "nnserve_server.process.cli", "check", "--model-repository", str(repo)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -53,6 +53,14 @@ def test_invalid_values_are_refused_with_a_reason(argv: list[str], message: str)
         Settings.load(argv, environ={})
 
 
+def test_a_choice_is_taken_in_any_case_and_kept_as_declared() -> None:
+    """The choices are declared once, on the field: the check and the canonical spelling come from them."""
+    settings = Settings.load(["--log-level", "debug", "--transport", "GRPCIO"], environ={"NNSERVE_LOG_FORMAT": "Json"})
+    assert (settings.log_level, settings.transport, settings.log_format) == ("DEBUG", "grpcio", "json")
+    with pytest.raises(ValueError, match="event loop 'trio' is not one of auto, asyncio, uvloop"):
+        Settings(event_loop="trio")
+
+
 def test_bad_environment_value_names_the_setting() -> None:
     with pytest.raises(ValueError, match="reflection"):
         Settings.load([], environ={"NNSERVE_REFLECTION": "perhaps"})

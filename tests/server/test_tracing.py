@@ -109,7 +109,7 @@ def _end(span: object) -> int:
 
 def test_tracing_off_imports_no_opentelemetry() -> None:
     code = (
-        "import json, sys, nnserve_server.edge.app, nnserve_server.cli; "
+        "import json, sys, nnserve_server.edge.app, nnserve_server.process.cli; "
         "print(json.dumps([m for m in sys.modules if m.startswith('opentelemetry')]))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

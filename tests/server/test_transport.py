@@ -61,7 +61,7 @@ def test_native_refuses_what_only_grpcio_serves(flags: list[str]) -> None:
 
 @pytest.mark.fast
 def test_an_unknown_transport_is_refused() -> None:
-    with pytest.raises(ValueError, match="transport 'h3' is not auto, native or grpcio"):
+    with pytest.raises(ValueError, match="transport 'h3' is not one of auto, native, grpcio"):
         Settings.load(["--transport", "h3"], environ={})
 
 

@@ -97,7 +97,7 @@ def test_worker_metrics_sum_counters_and_combine_gauges_by_mode() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from nnserve_server.core.metrics import ServerMetrics
-    from nnserve_server.worker_metrics import WorkerMetrics, _read
+    from nnserve_server.process.worker_metrics import WorkerMetrics, _read
 
     def exposition(requests: int, ready: int, in_flight: int) -> str:
         metrics = ServerMetrics(CollectorRegistry(), process=False)

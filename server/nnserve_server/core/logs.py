@@ -14,6 +14,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nnserve_server.core.request_record import CURRENT
+from nnserve_server.settings import LOG_FORMATS
+
+JSON = LOG_FORMATS[1]  # one object per line; the other, text, for terminals
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -60,7 +63,7 @@ def configure(level: str, log_format: str) -> None:
     """Replace the root logger's handlers with one on stderr in the chosen format."""
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if log_format == JSON else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -69,7 +72,7 @@ def configure(level: str, log_format: str) -> None:
 def announce(text: str, log_format: str) -> None:
     """A line for the person (or supervisor) watching stdout: the start-up banner. In json mode it is a
     JSON log object like every other line, so a collector reading the terminal sees one format."""
-    if log_format == "json":
+    if log_format == JSON:
         record = logging.LogRecord("nnserve", logging.INFO, __file__, 0, text, None, None)
         text = JsonFormatter().format(record)
     print(text, flush=True)

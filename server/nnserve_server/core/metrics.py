@@ -5,7 +5,7 @@ Every metric is declared once in `METRICS`; docs/operations.md's table is genera
 across pods. Figures counted per request (requests, latencies, inferences, batch sizes, ...) live in
 `stats.py` as plain integers and become families only when the endpoint is scraped; the rest (model
 state, load failures, providers) are ordinary prometheus-client gauges and counters, set rarely.
-With `--workers N` the supervisor adds up its workers' expositions (`worker_metrics.py`); each gauge says how
+With `--workers N` the supervisor adds up its workers' expositions (`process/worker_metrics.py`); each gauge says how
 (`multiprocess_mode`).
 """
 

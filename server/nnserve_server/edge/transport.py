@@ -24,11 +24,11 @@ import grpc
 import grpc.aio
 
 from nnserve_server.core.errors import StartupError
-from nnserve_server.settings import Settings
+from nnserve_server.settings import TRANSPORTS, Settings
 
 log = logging.getLogger(__name__)
 
-NATIVE, GRPCIO = "native", "grpcio"
+_, NATIVE, GRPCIO = TRANSPORTS
 NATIVE_PACKAGE = "pygrpc_native"
 
 

@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry
 from nnserve_server.core.errors import StartupError
 from nnserve_server.core.metrics import MetricsEndpoint
 from nnserve_server.edge import listening
+from nnserve_server.process.worker_metrics import WorkerMetrics
 from nnserve_server.settings import Settings
-from nnserve_server.worker_metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _worker_command(argv: list[str], port: int) -> list[str]:
 
     Shared memory is off in workers: a region registered through one would be unknown to the others."""
     return [
-        sys.executable, "-m", "nnserve_server.cli", "serve", *argv,
+        sys.executable, "-m", "nnserve_server.process.cli", "serve", *argv,
         "--workers", "1", "--reuse-port", "--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", "0",
         "--no-shared-memory",
     ]  # fmt: skip

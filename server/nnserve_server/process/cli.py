@@ -25,12 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: list[str]) -> int:
     import logging
 
-    from nnserve_server import allocator, event_loop
     from nnserve_server.core import logs
     from nnserve_server.core.errors import StartupError
     from nnserve_server.edge.app import serve
+    from nnserve_server.process import allocator, event_loop
+    from nnserve_server.process.workers import supervise
     from nnserve_server.settings import Settings, build_parser
-    from nnserve_server.workers import supervise
 
     if not args or args[0] in ("-h", "--help"):
         print(
