@@ -37,6 +37,9 @@ class Family(Protocol):
     def NEEDS(self) -> tuple[str, ...]: ...  # families trained first, whose models `train` gets in `zoo` by key
 
     @property
+    def TRAIN_S(self) -> int: ...  # about how long it trains here (seconds, one thread)
+
+    @property
     def QUALITY_BAR(self) -> Mapping[str, float]: ...  # held-out figures a trained model must reach
 
     def build(self, fast: bool = False) -> nn.Module: ...

@@ -45,15 +45,12 @@ class ZooRow:
     train_seconds: float
 
 
-# Roughly how long each family trains here (seconds, one thread): the ETA a server gives for a model
-# still training, and the order of the work (quickest first, so a first model answers within seconds).
-EXPECTED_S = {
-    "fnn": 6, "rnn": 9, "minilm": 14, "resnet": 25, "cnn": 28, "lstm": 28, "vae": 30, "gru": 30,
-    "transformer_lm": 115, "unet": 100, "gan": 90,
-}  # fmt: skip
+# Roughly how long each family trains here (its TRAIN_S): the ETA a server gives for a model still training,
+# and the order of the work (quickest first, so a first model answers within seconds).
+EXPECTED_S = {key: family.TRAIN_S for key, family in FAMILIES.items()}
 # The order the jobs take the work, from EXPECTED_S: the quickest family first (a first model answers within
 # seconds), then the longest one on its own job while the other job takes the rest, quickest first.
-_BY_TIME = sorted(EXPECTED_S, key=EXPECTED_S.__getitem__)  # ties in EXPECTED_S's order
+_BY_TIME = sorted(EXPECTED_S, key=EXPECTED_S.__getitem__)  # ties in build order
 WORK_ORDER = [_BY_TIME[0], _BY_TIME[-1], *_BY_TIME[1:-1]]
 TRAINING_FILE = ".training.json"  # what a server reads to say "being trained, ready in about N s"
 TORCH_DIR = ".torch"  # trained PyTorch weights a later family needs (the CNN that judges digits)
@@ -190,7 +187,7 @@ def _expected_finish(chosen: list[str], jobs: int, fast: bool) -> dict[str, floa
     finish = {}
     for key in chosen:
         worker = free.index(min(free))
-        free[worker] += 3 if fast else EXPECTED_S.get(key, 60)
+        free[worker] += 3 if fast else EXPECTED_S[key]
         finish[key] = free[worker]
     return finish
 

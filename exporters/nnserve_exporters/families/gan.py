@@ -26,6 +26,7 @@ MODEL_NAMES = (NAME,)
 FAMILY = "gan"
 TASK = "generate"
 NEEDS = ("cnn",)
+TRAIN_S = 90  # about how long it trains here (seconds, one thread): ETAs and the zoo's work order
 LATENT = 32
 EMA_DECAY = 0.995
 QUALITY_BAR = {"confident_fraction": 0.80, "rarest_class_fraction": 0.04}

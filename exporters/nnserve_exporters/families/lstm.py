@@ -15,6 +15,7 @@ MODEL_NAMES = (NAME,)
 FAMILY = "lstm"
 TASK = "generate"
 NEEDS: tuple[str, ...] = ()
+TRAIN_S = 28  # about how long it trains here (seconds, one thread): ETAs and the zoo's work order
 QUALITY_BAR = {"bits_below_unigram": 1.0}  # held-out bits per character at least 1.0 below a unigram model's
 
 

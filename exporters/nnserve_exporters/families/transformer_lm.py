@@ -30,6 +30,7 @@ MODEL_NAMES = (NAME,)
 FAMILY = "transformer"
 TASK = "generate"
 NEEDS: tuple[str, ...] = ()
+TRAIN_S = 115  # about how long it trains here (seconds, one thread): ETAs and the zoo's work order
 QUALITY_BAR = {"bits_below_unigram": 1.0}
 
 

@@ -20,6 +20,7 @@ MODEL_NAMES = (NAME,)
 FAMILY = "unet"
 TASK = "segment"
 NEEDS: tuple[str, ...] = ()
+TRAIN_S = 100  # about how long it trains here (seconds, one thread): ETAs and the zoo's work order
 QUALITY_BAR = {"mean_iou": 0.90}
 STRIDE = 8  # three 2x poolings: height and width must be multiples of this
 

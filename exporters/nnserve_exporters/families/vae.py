@@ -21,6 +21,7 @@ MODEL_NAMES = (NAME, NAME + "-encoder")  # the models this family installs
 FAMILY = "vae"
 TASK = "generate"
 NEEDS = ("cnn",)
+TRAIN_S = 30  # about how long it trains here (seconds, one thread): ETAs and the zoo's work order
 LATENT = 8
 BETA = 0.5  # weight of the KL term: below 1 the decoder draws sharper digits
 QUALITY_BAR = {"reconstruction_accuracy": 0.90, "sample_confident_fraction": 0.60}
