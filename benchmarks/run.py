@@ -63,6 +63,7 @@ class Cell:
     server_us: float = float("nan")  # server CPU (all its processes) per inference answered, microseconds
     stack: str = ""  # grpcio and event loop the server ran on (Python servers)
     note: str = ""
+    pair: int = 0  # the round of the close targets' interleaved pairs it belongs to (0: none)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -169,11 +170,12 @@ class Bench:
         )
         return cell
 
-    def raw(self, model: str, path: Path, concurrency: int, threads: int, batch: int = 1) -> Cell:
+    def raw(self, model: str, path: Path, concurrency: int, threads: int, batch: int = 1, pair: int = 0) -> Cell:
         result = self._load(
             ["raw", "--model-path", str(path), "--threads", str(threads), "--batch", str(batch)], concurrency
         )
-        cell = Cell(model, "raw onnxruntime", "in-process", concurrency, note=f"{threads} thread(s), batch {batch}")
+        note = f"{threads} thread(s), batch {batch}" + (f", pair {pair}" if pair else "")
+        cell = Cell(model, "raw onnxruntime", "in-process", concurrency, note=note, pair=pair)
         return self._record(self._fill(cell, result))
 
     def sdk(self, model: str, system: str, port: int, server_pid: int, concurrency: int, stack: str = PINNED) -> Cell:
@@ -217,15 +219,18 @@ class Bench:
         counted: bool = True,
         shared_memory: bool = False,
         streaming: bool = False,
+        pair: int = 0,
     ) -> Cell:
         """`counted`: the server's ModelStatistics covers all its processes (not so with --workers).
-        `shared_memory`: inputs and outputs in system shared memory (perf_analyzer registers the regions)."""
+        `shared_memory`: inputs and outputs in system shared memory (perf_analyzer registers the regions).
+        `pair`: the round of the close targets' pairs it is measured in."""
         client = SHM_CLIENT if shared_memory else STREAM_CLIENT if streaming else "perf_analyzer"
-        cell = Cell(model, system, client, concurrency, stack=stack)
+        cell = Cell(model, system, client, concurrency, stack=stack, note=f"pair {pair}" if pair else "", pair=pair)
         if self.perf_analyzer is None:
             cell.note = "perf_analyzer unavailable"
             return self._record(cell)
-        csv = self.out / f"pa-{model}-{system.replace(' ', '_')}-{client.replace(' ', '_')}-{concurrency}.csv"
+        name = f"{model}-{system}-{client}-{concurrency}" + (f"-pair{pair}" if pair else "")
+        csv = self.out / f"pa-{name.replace(' ', '_')}.csv"
         command = [
             self.perf_analyzer, "-m", model, "-i", "grpc", "-u", f"127.0.0.1:{port}",
             "--concurrency-range", str(concurrency), "-p", str(int(self.seconds * 1000 / 2)),
@@ -384,9 +389,7 @@ def run(out: Path, seconds: float, quick: bool, generation_only: bool = False) -
     print("raw onnxruntime (in-process):", flush=True)
     bench.raw(mlp, paths[mlp], 1, 1)
     bench.raw(mlp, paths[mlp], 2, 1)
-    bench.raw(resnet, paths[resnet], 1, 2)
-    bench.raw(resnet, paths[resnet], 2, 1)
-    bench.raw(resnet, paths[resnet], 1, 2, batch=4)
+    raw_resnet = {config: bench.raw(resnet, paths[resnet], *config) for config in RAW_RESNET}
 
     print("bare KServe server (no model) on each transport:", flush=True)
     transports: tuple[tuple[tuple[str, ...], str], ...] = ((("--native",), NATIVE), ((), PINNED))
@@ -428,18 +431,51 @@ def run(out: Path, seconds: float, quick: bool, generation_only: bool = False) -
     print("nnserve --workers 2:", flush=True)
     with _server(_nnserve(classify_repo, "--workers", "2"), "workers", out) as (port, pid):
         bench.pa(mlp, "nnserve --workers 2", port, pid, 32, stack=NATIVE, counted=False)
-    # The targets compare close figures (c=1 latency, CPU per inference, c=32 rate): each is measured once
-    # more on fresh servers, interleaved with the first runs, and judged from the mean of both.
-    with _server(_bare(classify_repo, "--event-loop", "uvloop", "--native"), "bare-again", out) as (port, pid):
-        bench.pa(mlp, f"{BARE} (again)", port, pid, 32, stack=NATIVE)
-    with _server(_nnserve(classify_repo), "nnserve-again", out) as (port, pid):
-        bench.pa(mlp, "nnserve (again)", port, pid, 1, stack=NATIVE)
-        bench.pa(mlp, "nnserve (again)", port, pid, 32, stack=NATIVE)
-        bench.pa(resnet, "nnserve (again)", port, pid, 4, stack=NATIVE)
-    _triton(bench, paths, out, f"{TRITON} (again)", (1, 32))
+    best_raw = max(raw_resnet, key=lambda config: raw_resnet[config].throughput)
+    _pairs(bench, classify_repo, paths, out, best_raw, 1 if quick else PAIRS)
 
     generation, concurrent = _generation(bench, repository, paths, out)
     return {"cells": [asdict(c) for c in bench.cells], "generation": generation, "streams": concurrent}
+
+
+RAW_RESNET = ((1, 2, 1), (2, 1, 1), (1, 2, 4))  # (concurrency, threads, batch): raw onnxruntime's configurations
+PAIRS = 3  # rounds of the close targets' interleaved pairs
+
+
+def _pairs(
+    bench: Bench, classify_repo: Path, paths: dict[str, Path], out: Path, raw: tuple[int, int, int], rounds: int
+) -> None:
+    """The close targets' cells in `rounds` rounds, with every server up at once: in each round nnserve's cell
+    and its reference's (Triton, the bare native server, raw onnxruntime's best configuration `raw`) run back to
+    back, so a slow moment of the shared machine hits both; `targets.py` judges the median ratio of the rounds.
+    Idle servers wait in epoll and cost the one measured nothing."""
+    mlp, resnet = models.MLP, models.RESNET
+    print(f"the close targets, {rounds} rounds of interleaved pairs:", flush=True)
+    with contextlib.ExitStack() as servers:
+        port, pid = servers.enter_context(_server(_nnserve(classify_repo), "nnserve-pairs", out))
+        bare = servers.enter_context(
+            _server(_bare(classify_repo, "--event-loop", "uvloop", "--native"), "bare-pairs", out)
+        )
+        triton: tuple[int, int] | None = None
+        try:
+            repository = out / "triton-repository"
+            triton_peer.make_repository({mlp: (paths[mlp], 64, [64], [10])}, repository)
+            triton = servers.enter_context(
+                triton_peer.serve(ROOT / ".cache" / "triton", repository, out / "triton-pairs.log")
+            )
+        except (RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            print(f"Triton could not be run ({str(error)[:300]}); its pairs are skipped", flush=True)
+        for pair in range(1, rounds + 1):
+            bench.pa(mlp, "nnserve", port, pid, 32, stack=NATIVE, pair=pair)
+            if triton is not None:
+                bench.pa(mlp, TRITON, *triton, 32, stack="C++ front end", pair=pair)
+            bench.pa(mlp, BARE, *bare, 32, stack=NATIVE, pair=pair)
+            bench.pa(mlp, "nnserve", port, pid, 1, stack=NATIVE, pair=pair)
+            if triton is not None:
+                bench.pa(mlp, TRITON, *triton, 1, stack="C++ front end", pair=pair)
+            bench.raw(resnet, paths[resnet], *raw, pair=pair)
+            bench.pa(resnet, "nnserve", port, pid, 4, stack=NATIVE, pair=pair)
+            bench.pa(resnet, "nnserve", port, pid, 4, stack=NATIVE, shared_memory=True, pair=pair)
 
 
 def _generation(

@@ -124,6 +124,31 @@ def test_targets_are_judged_from_ratios_of_the_same_run() -> None:
     assert verdicts[shared] == (True, "0.96x (nnserve)")
 
 
+def test_close_targets_are_judged_from_the_median_of_interleaved_pairs() -> None:
+    """Where the run has pairs (nnserve's cell and its reference's back to back, in rounds), the close
+    targets read the median ratio of the rounds, not the mean of cells measured minutes apart."""
+
+    def cell(system: str, concurrency: int, throughput: float, pair: int, **extra: object) -> dict[str, object]:
+        return {"model": models.MLP, "system": system, "client": "perf_analyzer", "concurrency": concurrency,
+                "throughput": throughput, "p50_ms": 1.0, "p99_ms": 2.0, "server_us": 50.0, "stack": NATIVE,
+                "errors": 0, "pair": pair, **extra}  # fmt: skip
+
+    resnet = {"model": models.RESNET}
+    cells = [
+        cell("nnserve", 32, 1000.0, 0),  # unpaired: 1000 vs 2000 would say 0.5x
+        cell(TRITON, 32, 2000.0, 0),
+        *(cell("nnserve", 32, rate, pair) for pair, rate in ((1, 1600.0), (2, 1400.0), (3, 2000.0))),
+        *(cell(TRITON, 32, 1000.0, pair) for pair in (1, 2, 3)),  # ratios 1.6, 1.4, 2.0: median 1.6
+        *(cell("nnserve", 4, rate, pair, **resnet) for pair, rate in ((1, 90.0), (2, 99.0), (3, 80.0))),
+        *(cell("raw onnxruntime", 2, 100.0, pair, client="in-process", **resnet) for pair in (1, 2, 3)),
+    ]
+    verdicts = {name: (met, value) for name, met, value in targets({"cells": cells, "generation": {}})}
+    rate = verdicts["MLP c=32, one server process: >= 1.5x Triton's inferences/s"]
+    assert rate == (True, "1.60x (median of 3 interleaved pairs, 1.40-2.00)")
+    resnet_verdict = verdicts["ResNet-18 c=4 >= 0.95x raw onnxruntime's best"]
+    assert resnet_verdict == (False, "0.90x (median of 3 interleaved pairs, 0.80-0.99)")
+
+
 def test_stream_targets_are_judged_from_interleaved_pairs() -> None:
     """The 16-stream targets read the pairs measured side by side, not the lone stream's own cell
     (run seconds apart, so a slow moment of the machine there would pass or fail them)."""
