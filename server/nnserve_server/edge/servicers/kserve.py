@@ -204,8 +204,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         generations: Generations | None = None,
         shapes: plain.ShapeCache | None = None,
     ) -> None:
-        self._generations = generations or Generations()
-        self._shapes = shapes or plain.ShapeCache()
+        self._generations = generations if generations is not None else Generations()
+        self._shapes = shapes if shapes is not None else plain.ShapeCache()  # one the burst lane shares
         self._max_stream_requests = max_stream_requests
         self._repository = repository
         self._guard = guard

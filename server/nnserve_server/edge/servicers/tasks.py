@@ -113,7 +113,9 @@ class TasksServicer(pb_grpc.TasksServicer):
     ) -> None:
         self._repository = repository
         self._limits = tasks.Limits.from_settings(settings)
-        self._generations = generations or generation.Generations(generation.GenerationSettings.from_settings(settings))
+        if generations is None:  # a servicer of its own (tests); the app shares one with KServe's
+            generations = generation.Generations(generation.GenerationSettings.from_settings(settings))
+        self._generations = generations
 
     async def Classify(self, request: pb.ClassifyRequest, context: Context) -> pb.ClassifyResponse:
         model = self._repository.get(request.model_name, request.model_version)
