@@ -169,9 +169,14 @@ def test_graceful_shutdown_finishes_requests_in_flight(own_server: Callable[...,
 
     async def load() -> list[object]:
         async with AsyncClient(running.target, timeout=60) as client:
-            x = np.ones((256, 1024), np.float32)  # about 13 GFLOP a request: seconds for all eight
-            calls = [asyncio.ensure_future(client.infer("slow", {"x": x})) for _ in range(8)]
-            await asyncio.sleep(0.3)  # all eight sent, most still queued or running
+            # About 13 GFLOP a request: eight of them took 0.4 s here, so a fixed sleep before the signal
+            # sometimes came after the last answer; 24 of them, and the signal once the server counts them.
+            x = np.ones((256, 1024), np.float32)
+            calls = [asyncio.ensure_future(client.infer("slow", {"x": x})) for _ in range(24)]
+            for _ in range(200):  # the signal once the server says requests are in flight
+                if await asyncio.to_thread(lambda: sample(running.metrics(), "nnserve_in_flight_requests")):
+                    break
+                await asyncio.sleep(0.01)
             running.process.send_signal(signum)
             return await asyncio.gather(*calls, return_exceptions=True)
 
