@@ -118,3 +118,19 @@ def test_the_sdk_and_the_exporters_never_import_the_server() -> None:
         for path in _modules(ROOT / top):
             server = {n for n in _imports(path) if n.startswith("nnserve_server")}
             assert not server, f"{path.relative_to(ROOT)} imports {sorted(server)}"
+
+
+@pytest.mark.parametrize("distribution", ["server", "clients", "exporters"])
+def test_every_package_folder_is_in_its_distribution(distribution: str) -> None:
+    """setuptools installs the packages its pyproject lists, no more: a folder left out is missing from a
+    built wheel and from the image (an editable install still finds it, so only the image check said so)."""
+    import tomllib
+
+    root = ROOT / distribution
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        ".".join(init.parent.relative_to(root).parts)
+        for init in root.rglob("__init__.py")
+        if not any(part.endswith(".egg-info") or part == "build" for part in init.parts)
+    }
+    assert folders == listed
