@@ -310,16 +310,18 @@ def _cache_room(
 
     # The last token sampled is never fed back: the cache holds the prompt and max_tokens - 1.
     positions = prompt_tokens + sampling.max_tokens - 1
-    if size(positions) > MAX_STREAM_CACHE_BYTES:
+    needed = size(positions)
+    if needed > MAX_STREAM_CACHE_BYTES:
         raise InvalidInput(
-            f"a {prompt_tokens}-character prompt and {sampling.max_tokens} tokens need a {size(positions) >> 20} MiB "
+            f"a {prompt_tokens}-character prompt and {sampling.max_tokens} tokens need a {needed >> 20} MiB "
             f"cache for model '{model.name}'; at most {MAX_STREAM_CACHE_BYTES >> 20} MiB: shorten the prompt or "
             "ask for fewer tokens"
         )
     capacity = decoding.capacity_class(positions) if shared else positions  # the row it takes in its group
-    if size(capacity) > MAX_STREAM_CACHE_BYTES:
-        capacity = positions
-    return capacity, size(capacity) + size(prompt_tokens)
+    row = size(capacity)
+    if row > MAX_STREAM_CACHE_BYTES:  # the class rounds up past the cap: exactly what it needs instead
+        capacity, row = positions, needed
+    return capacity, row + size(prompt_tokens)
 
 
 # Prompt tokens per call: a 2,000-character prompt in one call scored 2,000 x 2,000 attention weights per
