@@ -9,6 +9,8 @@ ModelInfer calls that arrive together share one onnxruntime run (`servicers/infe
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -41,6 +43,9 @@ PIXELS = np.random.default_rng(7).random((1, 64), dtype=np.float32)
         (["--max-connection-age-s", "30"], "grpcio", "auto: the native front end has no connection age"),
         (["--tls-cert-file", "c.pem", "--tls-key-file", "k.pem"], "grpcio", "auto: the native front end has no TLS"),
         (["--transport", "native"], "native", "--transport native"),
+        (["--auth-token-file", "t"], "grpcio", "auto: with bearer tokens only grpcio refuses a tokenless call"),
+        (["--access-file", "a.toml"], "grpcio", "auto: with bearer tokens only grpcio refuses a tokenless call"),
+        (["--transport", "native", "--auth-token-file", "t"], "native", "--transport native; tokens checked by"),
     ],
 )
 @pytest.mark.fast
@@ -185,10 +190,11 @@ def test_health_check_watch_and_reflection(served: RunningServer) -> None:
 
 
 @pytest.mark.parametrize("name", ["native", "grpcio"])
-def test_a_token_guards_every_rpc_but_health_on_both_paths(
+def test_a_token_guards_every_rpc_on_both_paths_and_health_on_native(
     own_server: Callable[..., RunningServer], tmp_path: Path, name: str
 ) -> None:
-    """Also once ModelInfer's plan exists: on native, calls that reach the burst lane are checked there."""
+    """Also once ModelInfer's plan exists. On native the front end checks the token at the headers, for
+    health checks too (`nnserve health --token-file` sends it); grpcio keeps health open."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     running = own_server("--transport", name, "--auth-token-file", str(token_file))
@@ -205,7 +211,20 @@ def test_a_token_guards_every_rpc_but_health_on_both_paths(
                 list(stub.ModelStreamInfer(iter([_infer_request(PIXELS)]), metadata=metadata))
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert health.Check(health_pb2.HealthCheckRequest(), metadata=good).status == serving
+        if name == "grpcio":
+            assert health.Check(health_pb2.HealthCheckRequest()).status == serving
+        else:
+            with pytest.raises(grpc.RpcError) as refused:
+                health.Check(health_pb2.HealthCheckRequest())
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "needs 'authorization: Bearer <token>'" in str(refused.value.details())
+    probe = [sys.executable, "-m", "nnserve_server.process.cli", "health", "--target", running.target]
+    with_token = subprocess.run([*probe, "--token-file", str(token_file)], capture_output=True, text=True)
+    assert with_token.returncode == 0, with_token.stdout
+    without = subprocess.run(probe, capture_output=True, text=True)
+    assert without.returncode == (1 if name == "native" else 0), without.stdout
 
 
 def _burst(target: str, inputs: list[np.ndarray]) -> list[bytes]:

@@ -136,6 +136,7 @@ def create_server(
             *_connection_age(settings),
         ],
         transport.io_threads(settings, cpus),
+        [grant.token_sha256 for grant in grants.values()] if grants else (),
     )
     state = ServerState(repository.all_ready if settings.strict_readiness else None)
     shared_memory = _shared_memory(settings, bool(grants))

@@ -2,7 +2,8 @@
 
 Both are off unless configured, and then cost nothing: no interceptor is installed without a token.
 Health checks stay open (Kubernetes probes carry no token), everything else, reflection included,
-needs `authorization: Bearer <token>`. One token (`--auth-token-file`) opens everything; an access
+needs `authorization: Bearer <token>`; on the native transport the front end checks tokens first, on
+health checks too (`edge/transport.py`). One token (`--auth-token-file`) opens everything; an access
 file (`--access-file`) gives each token a label, the models it may name (fnmatch patterns) and the
 API groups it may call (`GROUPS`). A token the server does not know is UNAUTHENTICATED and a method
 outside its groups PERMISSION_DENIED, both before the request is read; a model outside its patterns
@@ -54,6 +55,7 @@ class Grant:
     label: str
     models: tuple[str, ...]  # fnmatch patterns of model names
     groups: frozenset[str]
+    token_sha256: bytes  # of the bare token: what the native front end checks at the headers
 
     def may_see(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -112,7 +114,8 @@ def read_access_file(path: str) -> dict[bytes, Grant]:
         if digest in grants:
             raise StartupError(f"{where} ('{label}'): the same token as '{grants[digest].label}'")
         labels.add(label)
-        grants[digest] = Grant(label, tuple(map(str, models)), frozenset(map(str, groups)))
+        bare = _digest(token.strip().encode())
+        grants[digest] = Grant(label, tuple(map(str, models)), frozenset(map(str, groups)), bare)
     if not grants:
         raise StartupError(f"the access file {path} names no [[token]]")
     return grants
@@ -125,7 +128,7 @@ def read_grants(settings: Settings) -> dict[bytes, Grant] | None:
     token = read_token(settings)
     if token is None:
         return None
-    return {_digest(f"Bearer {token}".encode()): Grant("token", ("*",), frozenset(GROUPS))}
+    return {_digest(f"Bearer {token}".encode()): Grant("token", ("*",), frozenset(GROUPS), _digest(token.encode()))}
 
 
 def _read(path: str, what: str) -> bytes:

@@ -8,6 +8,13 @@
 - `auto` (the default): native unless a setting needs what only grpcio has; the reason is kept and
   the start-up line and the `nnserve_transport_info` gauge say which transport serves and why.
 
+Bearer tokens (`--auth-token-file`, `--access-file`): pygrpc-native 0.5.0 hands Python a call only with
+its whole request read, so a Python check refuses a tokenless call after its body is in memory. Its
+front end checks tokens itself, at the headers, but for every method, health checks included, which
+Kubernetes' probes cannot pass. So `auto` takes grpcio with tokens (refused unread, health open), and
+`--transport native` with tokens has the front end check them: bodies of tokenless calls are never
+read, and health checks need the token too (`nnserve health --token-file`).
+
 Nothing outside this module knows which one serves: both are `grpc.aio.Server`s to the app.
 """
 
@@ -48,6 +55,16 @@ def _needs_grpcio(settings: Settings) -> list[str]:
     return needs
 
 
+def _tokens(settings: Settings) -> bool:
+    return bool(settings.auth_token_file or settings.access_file)
+
+
+TOKENS_ON_GRPCIO = (
+    "auto: with bearer tokens only grpcio refuses a tokenless call before reading it and keeps health open"
+)
+TOKENS_AT_THE_FRONT = "tokens checked by the front end at the headers, health checks included"
+
+
 def native_installed() -> bool:
     return importlib.util.find_spec(NATIVE_PACKAGE) is not None
 
@@ -64,9 +81,11 @@ def choose(settings: Settings) -> Transport:
             )
         if not native_installed():
             raise StartupError("--transport native, but pygrpc-native is not installed: pip install pygrpc-native")
-        return Transport(NATIVE, "--transport native")
+        return Transport(NATIVE, "--transport native" + (f"; {TOKENS_AT_THE_FRONT}" if _tokens(settings) else ""))
     if needs:
         return Transport(GRPCIO, f"auto: the native front end has no {' and no '.join(needs)}")
+    if _tokens(settings):
+        return Transport(GRPCIO, TOKENS_ON_GRPCIO)
     if not native_installed():
         # A dependency of nnserve-server: missing only in a hand-made environment. Said in the banner.
         log.warning("pygrpc-native is not installed: serving on grpcio")
@@ -102,10 +121,12 @@ def build(
     interceptors: Sequence[grpc.aio.ServerInterceptor],
     options: Sequence[tuple[str, Any]],
     native_io_threads: int = 1,
+    token_digests: Sequence[bytes] = (),
 ) -> grpc.aio.Server:
-    """An unstarted server of the chosen transport, with grpc.aio's interface."""
+    """An unstarted server of the chosen transport, with grpc.aio's interface. `token_digests`: the
+    SHA-256 of each bearer token, which the native front end then checks at the headers (module doc)."""
     if transport.name == NATIVE:
-        return _native_server(interceptors, options, native_io_threads)
+        return _native_server(interceptors, options, native_io_threads, token_digests)
     return grpc.aio.server(interceptors=interceptors or None, options=options)
 
 
@@ -119,8 +140,16 @@ class _Methods(grpc.GenericRpcHandler):  # type: ignore[misc]
         return self._handlers.get(details.method)
 
 
+UNAUTHENTICATED_AT_THE_FRONT = (
+    "this server needs 'authorization: Bearer <token>' metadata with a token it knows (health checks too)"
+)
+
+
 def _native_server(
-    interceptors: Sequence[grpc.aio.ServerInterceptor], options: Sequence[tuple[str, Any]], io_threads: int
+    interceptors: Sequence[grpc.aio.ServerInterceptor],
+    options: Sequence[tuple[str, Any]],
+    io_threads: int,
+    token_digests: Sequence[bytes],
 ) -> grpc.aio.Server:
     # `import pygrpc_native.aio`, not `from pygrpc_native import aio`: in 0.5.0 the package's lazy
     # __getattr__ answers the latter by importing it the same way, and recurses until RecursionError.
@@ -130,7 +159,7 @@ def _native_server(
     class NativeServer(native_aio.Server):  # type: ignore[misc]
         """The package's asyncio server, with two changes made here (the package is pinned: both use its
         internals, `_dispatch`, `_on_events`, `_table`, `_front`, `_loop` and `_stopping`, as 0.5.0 has
-        them; a test of each fails if they move).
+        them, and `_native_server` its `_front_args`; a test of each fails if they move).
 
         Bursts: the package's dispatch thread hands each batch of calls from its front end to the event
         loop (`_on_events`), which makes a task and a context per call. A burst handler gets the calls of
@@ -217,4 +246,8 @@ def _native_server(
             if streamed:
                 self.add_generic_rpc_handlers([_Methods(service, streamed)])
 
-    return NativeServer(interceptors=interceptors or None, options=list(options), io_threads=io_threads)
+    server = NativeServer(interceptors=interceptors or None, options=list(options), io_threads=io_threads)
+    if token_digests:  # arguments of the front end that 0.5.0's server takes from no option
+        server._front_args["bearer_token_sha256"] = list(token_digests)
+        server._front_args["unauthenticated_message"] = UNAUTHENTICATED_AT_THE_FRONT
+    return server

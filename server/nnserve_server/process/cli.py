@@ -35,7 +35,7 @@ def _serve(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(
             "usage: nnserve serve [flags]\n       nnserve check [flags]\n"
-            "       nnserve health [--target HOST:PORT] [--service NAME]\n"
+            "       nnserve health [--target HOST:PORT] [--service NAME] [--token-file PATH]\n"
         )
         build_parser().print_help()
         return 0 if args else 2
