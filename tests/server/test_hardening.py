@@ -143,21 +143,38 @@ def test_a_compressed_bomb_is_refused_before_it_is_inflated(
     far less than the bomb's size), and the server answers on."""
     running = own_server("--transport", transport)
     before = _peak_rss_kb(running.process.pid)
-    rows = (256 << 20) // 256
-    request = pb.ModelInferRequest(model_name="digits-fnn", raw_input_contents=[bytes(256 << 20)])
-    request.inputs.add(name="input", datatype="FP32", shape=[rows, 64])
-    options = [("grpc.max_send_message_length", -1)]
-    gzip = grpc.Compression.Gzip
-    with (
-        grpc.insecure_channel(running.target, compression=gzip, options=options) as channel,
-        pytest.raises(grpc.RpcError) as caught,
-    ):
-        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "Compression algorithm 'gzip' is disabled" in str(caught.value.details())
+    refused = _send_bomb(running.target)
+    assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "Compression algorithm 'gzip' is disabled" in str(refused.details())
     assert _peak_rss_kb(running.process.pid) - before < 64 << 10  # KiB: well under the bomb's 256 MiB
     with Client(running.target) as client:
         assert client.infer("digits-fnn", {"input": np.zeros((1, 64), np.float32)})["logits"].shape == (1, 10)
+
+
+def test_a_tokenless_compressed_bomb_is_refused_uninflated_on_native_with_tokens(
+    own_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    """The native front end checks tokens before it inflates: without a token the bomb is refused at the
+    headers (it took +529 MiB when Python checked the token after the front end had inflated it)."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    running = own_server("--transport", "native", "--auth-token-file", str(token))
+    before = _peak_rss_kb(running.process.pid)
+    assert _send_bomb(running.target).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _peak_rss_kb(running.process.pid) - before < 64 << 10  # KiB
+
+
+def _send_bomb(target: str) -> grpc.RpcError:
+    """A ModelInfer of 256 MiB of zeros, gzip-compressed to about 260 KiB; the error it ends with."""
+    request = pb.ModelInferRequest(model_name="digits-fnn", raw_input_contents=[bytes(256 << 20)])
+    request.inputs.add(name="input", datatype="FP32", shape=[(256 << 20) // 256, 64])
+    options = [("grpc.max_send_message_length", -1)]
+    with (
+        grpc.insecure_channel(target, compression=grpc.Compression.Gzip, options=options) as channel,
+        pytest.raises(grpc.RpcError) as caught,
+    ):
+        pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+    return caught.value
 
 
 def _rapid_reset(target: str, streams: int) -> str:
