@@ -25,6 +25,7 @@ import grpc.aio
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.load import example_inputs
 from nnserve_contract.codec import datatype_of
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
 from nnserve_contract.stubs import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -68,7 +69,7 @@ class _Model:
         )
         self._responses: dict[int, pb.ModelInferResponse] = {}
         self.inferences = 0
-        self.feed = {n: np.zeros([1, *(d if d > 0 else 1 for d in s[1:])], t) for n, t, s in self.inputs}
+        self.feed = example_inputs(session.get_inputs())  # what the clients send
         self.output_names = [n for n, _, _ in self.outputs]
 
     def response(self, batch: int) -> pb.ModelInferResponse:

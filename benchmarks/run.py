@@ -41,7 +41,7 @@ from typing import Any
 
 import grpc
 
-from benchmarks import models, triton_peer
+from benchmarks import load, models, triton_peer
 from benchmarks.targets import BARE, NATIVE, RUN_ONLY, SHM_CLIENT, TRITON, best, paired, targets
 from nnserve_server.edge import listening
 
@@ -161,6 +161,7 @@ class Bench:
         self.seconds = seconds
         self.perf_analyzer = perf_analyzer
         self.cells: list[Cell] = []
+        self._written: set[str] = set()  # models whose perf_analyzer input data this run wrote
 
     def _record(self, cell: Cell) -> Cell:
         self.cells.append(cell)
@@ -236,6 +237,7 @@ class Bench:
         csv = self.out / f"pa-{name.replace(' ', '_')}.csv"
         command = [
             self.perf_analyzer, "-m", model, "-i", "grpc", "-u", f"127.0.0.1:{port}",
+            "--input-data", str(self._input_data(model)),
             "--concurrency-range", str(concurrency), "-p", str(int(self.seconds * 1000 / 2)),
             "-s", "100", "--max-trials", "4", "-f", str(csv),
             *(["--shared-memory", "system"] if shared_memory else []),
@@ -275,6 +277,15 @@ class Bench:
         after = _served(port, model) if counted else None
         cell.server_us = _per_inference(server_cpu, served, after, cell.throughput * wall)
         return self._record(cell)
+
+    def _input_data(self, model: str) -> Path:
+        """perf_analyzer's input folder for `model`: one file per input, a batch-1 request's raw bytes, of
+        the values raw onnxruntime runs (`load.example_inputs`), not perf_analyzer's random bytes."""
+        folder = self.out / "input-data" / model
+        if model not in self._written:  # once per run: the models may have been rebuilt since the last
+            write_input_data(ROOT / ".cache" / "bench-models" / model / "1" / "model.onnx", folder)
+            self._written.add(model)
+        return folder
 
     def streams(self, model: str, port: int, concurrency: int, batching: bool, versus: int = 0) -> dict[str, Any]:
         """`concurrency` streams at once, five bursts; with `versus`, seven, each paired with a burst of
@@ -324,6 +335,18 @@ class Bench:
                 flush=True,
             )
         return results
+
+
+def write_input_data(model_path: Path, folder: Path) -> None:
+    """perf_analyzer's `--input-data` folder for a model: a file per input, named after it, holding a
+    batch-1 request's raw bytes of `load.example_inputs`."""
+    import onnxruntime as ort
+
+    specs = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).get_inputs()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, array in load.example_inputs(specs).items():
+        (folder / name).write_bytes(array.tobytes())
 
 
 def _nnserve(repository: Path, *flags: str) -> list[str]:

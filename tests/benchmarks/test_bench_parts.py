@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import bare_server, models
-from benchmarks.run import PINNED, ROOT
+from benchmarks import bare_server, load, models
+from benchmarks.run import PINNED, ROOT, write_input_data
 from benchmarks.targets import BARE, NATIVE, SHM_CLIENT, TRITON, targets
 from nnserve_contract import codec
 from nnserve_contract.model_spec import ModelSpec
@@ -38,6 +38,21 @@ def mlp_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         output_names=("logits",),
     )
     return repo
+
+
+def test_perf_analyzer_is_given_the_values_raw_onnxruntime_runs(mlp_repository: Path, tmp_path: Path) -> None:
+    """Not its own random bytes (NaNs, denormals, |x| up to 3.4e38), which models run slower on."""
+    import onnxruntime as ort
+
+    path = mlp_repository / models.MLP / "1" / "model.onnx"
+    write_input_data(path, tmp_path / "data")
+    inputs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()
+    written = np.frombuffer((tmp_path / "data" / "input").read_bytes(), np.float32)
+    assert [f.name for f in (tmp_path / "data").iterdir()] == ["input"]
+    np.testing.assert_array_equal(written, load.example_inputs(inputs)["input"].ravel())
+    assert written.size == 64
+    assert written.min() >= 0
+    assert written.max() < 1
 
 
 @pytest.mark.parametrize("flags", [[], ["--run-model"], ["--sync", "2"]])
