@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import RunningServer, run_tritonclient, start_server
+from test_health_reflection_metrics import sample
 
 from nnserve_client import Client
 from nnserve_client.errors import PermissionDenied, Unauthenticated
@@ -57,6 +58,8 @@ def test_a_token_reaches_its_models_and_no_others(guarded: RunningServer) -> Non
                 client.infer("echo", {"in_FP32": np.zeros((1, 3), np.float32)})
         with pytest.raises(PermissionDenied, match="may not use model 'slow'"):
             client.metadata("slow")
+        denied = {"model": "echo", "version": "", "rpc": "ModelInfer"}
+        assert sample(guarded.metrics(), "nnserve_request_failures_total", **denied, reason="permission_denied") == 3
         assert {m.name for m in client.models()} == {"digits-fnn"}  # ListModels shows only what it may use
     with grpc.insecure_channel(guarded.target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)

@@ -22,6 +22,7 @@ import pytest
 from conftest import SHARED_MEMORY, RunningServer, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from test_health_reflection_metrics import sample
 
 from nnserve_client import Client
 from nnserve_contract.stubs import grpc_predict_v2_pb2 as pb
@@ -225,6 +226,15 @@ def test_a_token_guards_every_rpc_on_both_paths_and_health_on_native(
     assert with_token.returncode == 0, with_token.stdout
     without = subprocess.run(probe, capture_output=True, text=True)
     assert without.returncode == (1 if name == "native" else 0), without.stdout
+    # Refused calls name no model. On native the front end refused them before Python saw them, and it
+    # names only the methods it serves itself (not the bidirectional ModelStreamInfer).
+    metrics = running.metrics()
+    for rpc in ("ModelInfer", "ModelStreamInfer" if name == "grpcio" else "other"):
+        refused = {"model": "", "version": "", "rpc": rpc}
+        assert sample(metrics, "nnserve_requests_total", **refused, code="UNAUTHENTICATED") == 2, rpc
+        assert sample(metrics, "nnserve_request_failures_total", **refused, reason="unauthenticated") == 2, rpc
+    health = {"model": "", "version": "", "rpc": "Check", "code": "UNAUTHENTICATED"}
+    assert sample(metrics, "nnserve_requests_total", **health) == (2 if name == "native" else 0)
 
 
 def _burst(target: str, inputs: list[np.ndarray]) -> list[bytes]:

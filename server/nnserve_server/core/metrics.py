@@ -39,6 +39,8 @@ FAILURE_REASONS = {
     "UNIMPLEMENTED": "unimplemented",
     "INTERNAL": "internal",
     "UNKNOWN": "internal",
+    "UNAUTHENTICATED": "unauthenticated",
+    "PERMISSION_DENIED": "permission_denied",
 }
 
 
@@ -61,7 +63,7 @@ METRICS = (
                "Time from a request's arrival to its answer (a stream: to its end)", per_request=True),
     MetricSpec("failures", "nnserve_request_failures", Counter, (*MODEL, "rpc", "reason"),
                "Failed requests by reason: rejected (queue full), deadline, cancelled, invalid, not_found, "
-               "unavailable, unimplemented, internal", per_request=True),
+               "unavailable, unimplemented, unauthenticated, permission_denied, internal", per_request=True),
     MetricSpec("inferences", "nnserve_inferences", Counter, MODEL,
                "Rows (batch items) inferred; with nnserve_batch_size_count, the runs they took", per_request=True),
     MetricSpec("queue_wait", "nnserve_queue_wait_seconds", Histogram, MODEL,
@@ -175,12 +177,17 @@ class StatsCollector:
         stats = self._stats
         requests, durations, failures = _family("requests"), _family("request_duration"), _family("failures")
         failed: dict[tuple[str, str, str, str], int] = {}
-        for (model, version, rpc, code), entry in list(stats.requests.items()):
-            requests.add_metric([model, version, rpc, code], entry.count)
-            _add_histogram(durations, [model, version, rpc, code], entry.duration)
+        counts: dict[tuple[str, str, str, str], int] = {}
+        for labels, entry in list(stats.requests.items()):
+            counts[labels] = entry.count
+            _add_histogram(durations, list(labels), entry.duration)
+        for (rpc, code), count in stats.refused_by_transport().items():
+            counts[("", "", rpc, code)] = counts.get(("", "", rpc, code), 0) + count
+        for (model, version, rpc, code), count in counts.items():
+            requests.add_metric([model, version, rpc, code], count)
             if code != "OK":
                 key = (model, version, rpc, FAILURE_REASONS.get(code, "internal"))
-                failed[key] = failed.get(key, 0) + entry.count
+                failed[key] = failed.get(key, 0) + count
         for key, count in failed.items():
             failures.add_metric(list(key), count)
         yield from (requests, durations, failures)

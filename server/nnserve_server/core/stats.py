@@ -213,6 +213,9 @@ class ServerStats:
         self.in_flight: Callable[[], int] = lambda: 0  # the guard sets it: read at scrape time
         # Text generations running now and the cache and state bytes they hold (the app sets it).
         self.generation: Callable[[], tuple[int, int]] = lambda: (0, 0)
+        # Calls the transport's front end refused itself, by RPC and code (the app sets it): no request
+        # of ours saw them, and they count under no model.
+        self.refused_by_transport: Callable[[], dict[tuple[str, str], int]] = dict
 
     def count(self, model: str, version: str, rpc: str, code: str, seconds: float) -> None:
         key = (model, version, rpc, code)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 from dataclasses import dataclass
@@ -109,7 +110,8 @@ def create_server(
     """Build the gRPC server with every service registered, bound but not started."""
     grants = read_grants(settings)
     chosen = transport.choose(settings)
-    auth = BearerTokenAuth(grants, unread=chosen.name == transport.GRPCIO) if grants else None
+    refused = functools.partial(metrics.stats.count, "", "", seconds=0.0)  # refused calls name no model
+    auth = BearerTokenAuth(grants, unread=chosen.name == transport.GRPCIO, counted=refused) if grants else None
     guard = StatusGuard(
         metrics,
         repository.knows,
@@ -138,6 +140,7 @@ def create_server(
         transport.io_threads(settings, cpus),
         [grant.token_sha256 for grant in grants.values()] if grants else (),
     )
+    metrics.stats.refused_by_transport = functools.partial(transport.refused_by_front, server)
     state = ServerState(repository.all_ready if settings.strict_readiness else None)
     shared_memory = _shared_memory(settings, bool(grants))
     generations = Generations(GenerationSettings.from_settings(settings))  # one for both APIs

@@ -162,9 +162,13 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     token's groups. `unread`: refuse before the request is read (grpcio); pygrpc-native 0.5.0 has read the
     whole request before Python sees the call, and answers a unary method given a streaming handler INTERNAL."""
 
-    def __init__(self, grants: dict[bytes, Grant], unread: bool = False) -> None:
+    def __init__(
+        self, grants: dict[bytes, Grant], unread: bool = False, counted: Callable[[str, str], None] | None = None
+    ) -> None:
+        """`counted(rpc, code)`: told of each call refused here (the guard never sees them)."""
         self._grants = grants
         self._unread = unread
+        self._counted = counted
 
     def grant_of(self, metadata: Any) -> Grant | None:
         """The grant of the call's token; None when it has none the server knows (a digest's dict lookup:
@@ -183,19 +187,26 @@ class BearerTokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         grant = self.grant_of(details.invocation_metadata)
+        method = details.method.rsplit("/", 1)[-1]
         if grant is None:
             given = _given_token(details.invocation_metadata)
             reason = "wrong bearer token" if given else "this server needs 'authorization: Bearer <token>' metadata"
-            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, reason, self._unread)
-        method = details.method.rsplit("/", 1)[-1]
+            return self._refusal(handler, method, grpc.StatusCode.UNAUTHENTICATED, reason)
         group = _GROUP_OF.get(method)
         if group not in grant.groups:
             reason = (
                 f"token '{grant.label}' may not call {method} (API group {group or 'none'}); "
                 f"it may call {sorted(grant.groups)}"
             )
-            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, reason, self._unread)
+            return self._refusal(handler, method, grpc.StatusCode.PERMISSION_DENIED, reason)
         return handler
+
+    def _refusal(
+        self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode, reason: str
+    ) -> grpc.RpcMethodHandler:
+        if self._counted is not None:
+            self._counted(method, code.name)
+        return _refusal(handler, code, reason, self._unread)
 
 
 def visible_models(names: Iterable[str]) -> list[str]:

@@ -108,6 +108,14 @@ def serve_bursts(server: grpc.aio.Server, method: str, handler: BurstHandler) ->
     return True
 
 
+def refused_by_front(server: grpc.aio.Server) -> dict[tuple[str, str], int]:
+    """Calls the native front end refused before Python saw them (tokenless, when it checks tokens), by
+    RPC and code. The front end names only the methods it serves itself: the bidirectional ones, which
+    it passes to the grpc.aio server behind it, and unknown ones count under the RPC "other"."""
+    refused = getattr(server, "refused_by_front", None)
+    return refused() if refused is not None else {}
+
+
 def io_threads(settings: Settings, cpus: int) -> int:
     """The native front end's tokio threads: --native-io-threads, or one per two CPUs the server may use.
     On two CPUs one thread answered the bench MLP faster than the package's default of two (c=1 p50
@@ -156,6 +164,8 @@ def _native_server(
     import pygrpc_native.aio as native_aio
     from pygrpc_native import EVENT_CALL, STREAM_CLOSED, STREAM_FULL
 
+    unauthenticated = grpc.StatusCode.UNAUTHENTICATED.value[0]
+
     class NativeServer(native_aio.Server):  # type: ignore[misc]
         """The package's asyncio server, with two changes made here (the package is pinned: both use its
         internals, `_dispatch`, `_on_events`, `_table`, `_front`, `_loop` and `_stopping`, as 0.5.0 has
@@ -174,6 +184,20 @@ def _native_server(
         _burst_method = ""
         _burst: BurstHandler | None = None
         _burst_id = -1
+
+        def refused_by_front(self) -> dict[tuple[str, str], int]:
+            """From the front end's own counters (on when it checks tokens): UNAUTHENTICATED is the
+            only code it gives before Python sees a call."""
+            figures = self._front.metrics() if self._front is not None else None
+            if not figures:
+                return {}
+            methods = figures.get("methods", {})
+            counts = {
+                (path.rsplit("/", 1)[-1], "UNAUTHENTICATED"): int(method["status"][unauthenticated]["count"])
+                for path, method in methods.items()
+                if unauthenticated in method.get("status", {})
+            }
+            return {key: count for key, count in counts.items() if count}
 
         def set_burst_handler(self, method: str, handler: BurstHandler) -> None:
             self._burst_method, self._burst = method, handler
@@ -250,4 +274,5 @@ def _native_server(
     if token_digests:  # arguments of the front end that 0.5.0's server takes from no option
         server._front_args["bearer_token_sha256"] = list(token_digests)
         server._front_args["unauthenticated_message"] = UNAUTHENTICATED_AT_THE_FRONT
+        server._front_args["metrics"] = True  # for `refused_by_front`
     return server
