@@ -140,7 +140,7 @@ def create_server(
         transport.io_threads(settings, cpus),
         [grant.token_sha256 for grant in grants.values()] if grants else (),
     )
-    metrics.stats.refused_by_transport = functools.partial(transport.refused_by_front, server)
+    metrics.stats.refused_by_transport = transport.refusals(server)
     state = ServerState(repository.all_ready if settings.strict_readiness else None)
     shared_memory = _shared_memory(settings, bool(grants))
     generations = Generations(GenerationSettings.from_settings(settings))  # one for both APIs

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -108,12 +109,21 @@ def serve_bursts(server: grpc.aio.Server, method: str, handler: BurstHandler) ->
     return True
 
 
-def refused_by_front(server: grpc.aio.Server) -> dict[tuple[str, str], int]:
-    """Calls the native front end refused before Python saw them (tokenless, when it checks tokens), by
-    RPC and code. The front end names only the methods it serves itself: the bidirectional ones, which
-    it passes to the grpc.aio server behind it, and unknown ones count under the RPC "other"."""
-    refused = getattr(server, "refused_by_front", None)
-    return refused() if refused is not None else {}
+def refusals(server: grpc.aio.Server) -> Callable[[], dict[tuple[str, str], int]]:
+    """What reads the calls the native front end refused before Python saw them (tokenless, when it
+    checks tokens), by RPC and code; the front end names only the methods it serves itself: the
+    bidirectional ones, which it passes to the grpc.aio server behind it, and unknown ones count under
+    the RPC "other". It holds the server weakly: the metrics that keep it must not keep the server,
+    whose front end would then go with whichever thread the cyclic collector ran on."""
+    if getattr(server, "refused_by_front", None) is None:
+        return dict
+    held = weakref.ref(server)
+
+    def read() -> dict[tuple[str, str], int]:
+        alive = held()
+        return alive.refused_by_front() if alive is not None else {}  # type: ignore[attr-defined]
+
+    return read
 
 
 def io_threads(settings: Settings, cpus: int) -> int:
